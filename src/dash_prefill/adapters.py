@@ -1,0 +1,133 @@
+"""Per-family adapters: the only place where model architectures differ.
+
+An adapter splits a decoder layer into its attention update U (the attention sublayer output
+that is added to the residual stream) and its feed-forward step, and knows how the family
+embeds tokens, builds rotary tables and turns the last hidden state into logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@functools.cache
+def _cache_keyword(attention_class: type) -> str:
+    # transformers renamed `past_key_values` to `cache` during 5.x; accept both.
+    parameters = inspect.signature(attention_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class PreNormAdapter:
+    """Llama-style pre-norm layer: h' = h + Attn(Norm(h)); h'' = h' + MLP(Norm(h'))."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.layers
+
+    def layer_types(self) -> list[str]:
+        """Attention type of every layer ("full_attention" or "sliding_attention")."""
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return list(types)
+        sliding = getattr(self.config, "sliding_window", None) is not None
+        return [SLIDING if sliding else FULL] * self.config.num_hidden_layers
+
+    def window(self, layer_type: str) -> int | None:
+        return self.config.sliding_window if layer_type == SLIDING else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str):
+        """(cos, sin) for tokens at original ``positions`` (batch, seq)."""
+        return self.base.rotary_emb(hidden, positions)
+
+    def _attention(self, layer: nn.Module, normed: torch.Tensor, rotary, mask, cache) -> torch.Tensor:
+        attention = layer.self_attn
+        output, _ = attention(
+            hidden_states=normed, position_embeddings=rotary, attention_mask=mask,
+            **{_cache_keyword(type(attention)): cache},
+        )
+        return output
+
+    def attention_update(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
+        """U = Attn(Norm(h)), the update added to the residual: (batch, seq, hidden)."""
+        return self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
+
+    def feed_forward(self, layer, hidden) -> torch.Tensor:
+        """h + MLP(Norm(h)) for the tokens in ``hidden``."""
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position from its hidden state (batch, hidden) -> (batch, vocab)."""
+        norm, head = self.base.norm, self.model.lm_head
+        normed = norm(last_hidden.to(norm.weight.device))
+        return head(normed.to(head.weight.device)).float()
+
+
+class Phi3Adapter(PreNormAdapter):
+    """Phi-3: fused qkv inside attention (no change needed) and residual dropouts."""
+
+    def attention_update(self, layer, hidden, rotary, mask, cache):
+        return layer.resid_attn_dropout(super().attention_update(layer, hidden, rotary, mask, cache))
+
+    def feed_forward(self, layer, hidden):
+        return hidden + layer.resid_mlp_dropout(layer.mlp(layer.post_attention_layernorm(hidden)))
+
+
+class Gemma3Adapter(PreNormAdapter):
+    """Gemma-3 text: sandwich norms, per-layer-type rotary tables, final logit soft-capping."""
+
+    def rotary(self, hidden, positions, layer_type):
+        return self.base.rotary_emb(hidden, positions, layer_type)
+
+    def attention_update(self, layer, hidden, rotary, mask, cache):
+        update = self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
+        return layer.post_attention_layernorm(update)
+
+    def feed_forward(self, layer, hidden):
+        update = layer.mlp(layer.pre_feedforward_layernorm(hidden))
+        return hidden + layer.post_feedforward_layernorm(update)
+
+    def logits(self, last_hidden):
+        logits = super().logits(last_hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+ADAPTERS = {
+    "llama": PreNormAdapter,
+    "mistral": PreNormAdapter,
+    "qwen2": PreNormAdapter,
+    "qwen3": PreNormAdapter,
+    "phi3": Phi3Adapter,
+    "gemma3_text": Gemma3Adapter,
+}
+
+
+def adapter_for(model: nn.Module) -> PreNormAdapter:
+    """The adapter of ``model``'s family; ValueError naming the supported ones otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS or not hasattr(model, "lm_head"):
+        raise ValueError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); dash_prefill supports "
+            f"causal LMs of the families {sorted(ADAPTERS)} (load them with AutoModelForCausalLM)"
+        )
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; load the model with "
+            "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
+        )
+    return ADAPTERS[model_type](model)

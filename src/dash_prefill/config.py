@@ -1,0 +1,81 @@
+"""DashConfig: the hyper-parameters of DASH prefill, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("dash", "random", "none")
+SCORES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class DashConfig:
+    """Settings of Delta Attention Selective Halting (Chen et al., arXiv 2604.18103).
+
+    Parameters
+    ----------
+    halt_ratio : float
+        ρ in [0, 1): fraction of each row's prompt tokens halted at the start layer.
+    start_layer : int or float
+        Layer whose attention update ||U_t|| decides the halting. An int is a layer index;
+        a float in (0, 1) is a fraction of depth (``int(start_layer * num_layers)``).
+    protect_first : int
+        The first prompt tokens (attention sinks) are always kept active.
+    protect_last : int
+        The last prompt tokens (usually the question) are always kept active. The very last
+        token is kept whatever this value is: its logits start decoding.
+    policy : {"dash", "random", "none"}
+        "dash" ranks tokens by their attention update; "random" halts the same number of
+        tokens at random (the control); "none" is plain prefill.
+    score : {"absolute", "relative"}
+        "absolute" is ||U_t||₂ (the paper); "relative" is ||U_t||₂ / ||h_t||₂.
+    seed : int
+        Seed of the random policy.
+    """
+
+    halt_ratio: float = 0.5
+    start_layer: int | float = 0.4
+    protect_first: int = 4
+    protect_last: int = 64
+    policy: str = "dash"
+    score: str = "absolute"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
+            raise ValueError(f"halt_ratio must be a number in [0, 1); got {self.halt_ratio!r}")
+        if not 0.0 <= self.halt_ratio < 1.0:
+            raise ValueError(f"halt_ratio must be in [0, 1); got {self.halt_ratio}")
+        start = self.start_layer
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise ValueError(f"start_layer must be an int layer index or a float in (0, 1); got {start!r}")
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start_layer must be >= 0; got {start}")
+        if isinstance(start, float) and not 0.0 < start < 1.0:
+            raise ValueError(
+                f"start_layer as a float is a fraction of depth and must be in (0, 1); got {start}"
+            )
+        for name in ("protect_first", "protect_last", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}; got {self.policy!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
+
+    @property
+    def halts(self) -> bool:
+        """Whether this configuration runs a halting gate at all."""
+        return self.policy != "none"
+
+    def resolve_start_layer(self, num_layers: int) -> int:
+        """The start layer as an index for a model with ``num_layers`` decoder layers."""
+        if isinstance(self.start_layer, float):
+            return int(self.start_layer * num_layers)
+        if self.start_layer >= num_layers:
+            raise ValueError(
+                f"start_layer={self.start_layer} is beyond the model, which has {num_layers} layers; "
+                f"use an index in [0, {num_layers - 1}] or a fraction of depth such as 0.4"
+            )
+        return self.start_layer

@@ -1,0 +1,69 @@
+"""The cost model of method.md with a model's real dimensions: what speedup to expect.
+
+Linear work (QKV, O, MLP) is proportional to the tokens a layer runs; attention work to the
+(query, key) pairs it scores. The start layer itself runs attention on every token (its
+update U is the score) and its MLP on the active tokens only.
+"""
+
+from __future__ import annotations
+
+
+def _dims(config) -> dict[str, int]:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    return {
+        "hidden": config.hidden_size,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "mlp": config.intermediate_size,
+        "vocab": config.vocab_size,
+        "layers": config.num_hidden_layers,
+    }
+
+
+def attended_pairs(num_tokens: int, window: int | None) -> int:
+    """Causal (query, key) pairs of a sequence, limited to a sliding window if given."""
+    if window is None or num_tokens <= window:
+        return num_tokens * (num_tokens + 1) // 2
+    return window * (window + 1) // 2 + (num_tokens - window) * window
+
+
+def _layer_windows(config) -> list[int | None]:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not types:
+        return [window] * config.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0) -> float:
+    """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``.
+
+    ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill.
+    """
+    d = _dims(config)
+    projections = 2 * d["hidden"] * d["head_dim"] * (2 * d["heads"] + 2 * d["kv_heads"])
+    mlp = 2 * 3 * d["hidden"] * d["mlp"]
+    per_pair = 4 * d["heads"] * d["head_dim"]
+    kept = max(1, round(kept_fraction * seq_len))
+    total = 2.0 * d["hidden"] * d["vocab"]  # logits of the last position only
+    for layer, window in enumerate(_layer_windows(config)):
+        full_pairs = attended_pairs(seq_len, window)
+        if layer < start_layer:
+            total += (projections + mlp) * seq_len + per_pair * full_pairs
+        elif layer == start_layer:
+            total += projections * seq_len + per_pair * full_pairs + mlp * kept
+        else:
+            # Survivors are spread over the original positions: pairs thin out quadratically.
+            pairs = attended_pairs(kept, None) if window is None else full_pairs * kept_fraction**2
+            total += (projections + mlp) * kept + per_pair * pairs
+    return total
+
+
+def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float) -> float:
+    """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
+    num_layers = _dims(config)["layers"]
+    full = prefill_flops(config, seq_len, num_layers)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction)

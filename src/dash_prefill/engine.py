@@ -1,0 +1,259 @@
+"""The DASH prefill engine: one visible loop over the decoder layers.
+
+Layers before the start layer run on every prompt token. At the start layer the attention
+update U of every token is scored, the sequence is compacted ONCE to the active tokens, and
+every later layer runs on the active tokens only, at their original positions. Halted tokens
+are never copied back: only the cache and the last position's logits are read afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .adapters import PreNormAdapter, adapter_for
+from .config import DashConfig
+from .cost import ideal_speedup
+from .masks import KeyLayout, attention_mask
+from .policy import Selection, delta_norm, random_scores, select_active
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """What DASH did to one prefill (all host-side numbers, per row where it says so)."""
+
+    prompt_tokens: list[int]
+    kept_tokens: list[int]
+    start_layer: int
+    num_layers: int
+    kv_tokens_per_layer: list[int]
+    ideal_speedup: float
+
+    @property
+    def halted_tokens(self) -> list[int]:
+        return [n - k for n, k in zip(self.prompt_tokens, self.kept_tokens)]
+
+    @property
+    def kv_saved_fraction(self) -> float:
+        """Fraction of KV-cache entries that plain prefill would hold and DASH does not."""
+        full = sum(self.prompt_tokens) * self.num_layers
+        return 1.0 - sum(self.kv_tokens_per_layer) / full
+
+
+@dataclass
+class PrefillResult:
+    """The output of :func:`prefill`, and the state decoding continues from.
+
+    cache : transformers.DynamicCache
+        Layers >= start_layer hold only the active tokens.
+    logits : (batch, vocab) float32
+        Logits of the last prompt position.
+    stats : PrefillStats
+    active_index : (batch, kept) LongTensor or None
+        Original indices of the active tokens (None when nothing was halted).
+    scores : (batch, seq) float32 or None
+        The policy's scores at the start layer.
+    key_layouts : list[KeyLayout]
+        Original positions of every layer's cached keys (shared by layers of a group).
+    next_positions : (batch,) LongTensor
+        Position of each row's next token: decoding continues at position T.
+    """
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    stats: PrefillStats
+    active_index: torch.Tensor | None
+    scores: torch.Tensor | None
+    key_layouts: list[KeyLayout] = field(repr=False)
+    next_positions: torch.Tensor = field(repr=False)
+
+
+class _LayerInputs:
+    """Rotary tables and masks for queries of one key layout, built once per layer type and
+    moved once per device: the one place that lets layers live on different devices."""
+
+    def __init__(self, adapter: PreNormAdapter, hidden: torch.Tensor, queries: torch.Tensor,
+                 keys: KeyLayout):
+        self.adapter, self.hidden, self.queries, self.keys = adapter, hidden, queries, keys
+        self.built: dict[tuple[str, torch.device], tuple] = {}
+
+    def get(self, layer_type: str, device: torch.device):
+        if (layer_type, device) not in self.built:
+            home = self.hidden.device
+            if (layer_type, home) not in self.built:
+                rotary = self.adapter.rotary(self.hidden, self.queries, layer_type)
+                mask = attention_mask(self.adapter.config._attn_implementation, self.queries,
+                                      self.keys, self.adapter.window(layer_type), self.hidden.dtype)
+                self.built[layer_type, home] = (rotary, mask)
+            rotary, mask = self.built[layer_type, home]
+            self.built[layer_type, device] = (
+                tuple(t.to(device) for t in rotary), None if mask is None else mask.to(device))
+        return self.built[layer_type, device]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``tensor`` (batch, seq, dim) at ``index`` (batch, kept)."""
+    return tensor.gather(1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _keep_cached(cache: DynamicCache, layer_idx: int, index: torch.Tensor) -> None:
+    """Drop the halted tokens' keys and values from one cache layer (batch, heads, seq, dim)."""
+    layer = cache.layers[layer_idx]
+    slots = index[:, None, :, None]
+    for name in ("keys", "values"):
+        states = getattr(layer, name)
+        setattr(layer, name, states.gather(2, slots.expand(-1, states.shape[1], -1, states.shape[3])))
+
+
+def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """Checks at the boundary; returns 2-D ids, the mask (None without padding), row lengths."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, seq); got {tuple(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    if seq_len == 0 or batch == 0:
+        raise ValueError("the prompt is empty: pass at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ValueError(
+            f"the prompt has {seq_len} tokens but the model's context is {limit}; shorten the prompt"
+        )
+    if attention_mask is None:
+        return input_ids, None, [seq_len] * batch
+    attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(-1).tolist()  # the one host sync, before any layer runs
+    if min(lengths) == 0:
+        raise ValueError("a row of the batch is empty (all padding): remove it")
+    expected = torch.arange(seq_len, device=attention_mask.device)[None] >= seq_len - attention_mask.new_tensor(lengths)[:, None]
+    if not torch.equal(attention_mask.bool(), expected):
+        raise ValueError(
+            "rows must be left-padded (padding first, prompt last); set tokenizer.padding_side = 'left'")
+    if min(lengths) == seq_len:
+        return input_ids, None, lengths
+    return input_ids, attention_mask.bool(), lengths
+
+
+def _policy_scores(config: DashConfig, update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    if config.policy == "random":
+        return random_scores(update.shape[0], update.shape[1], config.seed, update.device)
+    return delta_norm(update, hidden if config.score == "relative" else None)
+
+
+@torch.no_grad()
+def prefill(model, input_ids, config: DashConfig | None = None,
+            attention_mask: torch.Tensor | None = None) -> PrefillResult:
+    """Prefill a prompt with Delta Attention Selective Halting.
+
+    Parameters
+    ----------
+    model : a supported ``*ForCausalLM`` (see ``adapters.ADAPTERS``).
+    input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
+    config : DashConfig, default ``DashConfig()``.
+    attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
+
+    Returns
+    -------
+    PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
+    """
+    config = config or DashConfig()
+    adapter = adapter_for(model)
+    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
+    batch, seq_len = input_ids.shape
+    num_layers = len(adapter.layers)
+    start = config.resolve_start_layer(num_layers) if config.halts else num_layers
+    layer_types = adapter.layer_types()
+
+    hidden = adapter.embed(input_ids.to(adapter.base.embed_tokens.weight.device))
+    device = hidden.device
+    offsets = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
+    positions = (torch.arange(seq_len, device=device)[None] - offsets).clamp_min(0)
+    layout = KeyLayout(positions, None if padding_mask is None else padding_mask.to(device), seq_len)
+    inputs = _LayerInputs(adapter, hidden, positions, layout)
+    cache = DynamicCache()
+    selection: Selection | None = None
+    scores = None
+    layouts = []
+    for idx, layer in enumerate(adapter.layers):
+        layer_device = _device_of(layer)
+        hidden = hidden.to(layer_device)
+        rotary, mask = inputs.get(layer_types[idx], layer_device)
+        update = adapter.attention_update(layer, hidden, rotary, mask, cache)
+        if idx == start:
+            # The halting decision: score, select, compact once.
+            scores = _policy_scores(config, update, hidden)
+            selection = select_active(scores, lengths, config.halt_ratio,
+                                      config.protect_first, config.protect_last)
+            hidden = hidden + update
+            if selection.index.shape[1] < seq_len or selection.valid is not None:
+                index = selection.index.to(layer_device)
+                hidden = _gather_tokens(hidden, index)
+                _keep_cached(cache, idx, index)
+                home = layout.positions.device
+                valid = None if selection.valid is None else selection.valid.to(home)
+                layout = layout.gather(index.to(home), valid)
+                inputs = _LayerInputs(adapter, hidden, layout.positions.to(layer_device), layout)
+        else:
+            hidden = hidden + update
+        hidden = adapter.feed_forward(layer, hidden)
+        layouts.append(layout)
+
+    logits = adapter.logits(hidden[:, -1])
+    kept = selection.kept_per_row if selection is not None else lengths
+    halted_any = selection is not None and kept != lengths
+    kv_tokens = [sum(lengths)] * min(start, num_layers) + [sum(kept)] * (num_layers - min(start, num_layers))
+    stats = PrefillStats(
+        prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
+        kv_tokens_per_layer=kv_tokens,
+        ideal_speedup=ideal_speedup(model.config, seq_len, start, kept_fraction=max(kept) / seq_len),
+    )
+    return PrefillResult(
+        cache=cache, logits=logits, stats=stats,
+        active_index=selection.index if halted_any else None, scores=scores,
+        key_layouts=layouts, next_positions=torch.tensor(lengths, device=device),
+    )
+
+
+@torch.no_grad()
+def decode_step(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.Tensor:
+    """Run one token per row (batch, 1) at the next original positions; advance ``state``.
+
+    Decoding is ordinary attention over the DASH cache; every layer sees every new token.
+    Returns the logits (batch, vocab) of the new position.
+    """
+    adapter = adapter_for(model)
+    layer_types = adapter.layer_types()
+    hidden = adapter.embed(token_ids.to(adapter.base.embed_tokens.weight.device))
+    positions = state.next_positions[:, None].to(hidden.device)
+    grown: dict[int, tuple[KeyLayout, _LayerInputs]] = {}
+    layouts = []
+    for idx, layer in enumerate(adapter.layers):
+        old = state.key_layouts[idx]
+        if id(old) not in grown:
+            new = old.append(positions.to(old.positions.device), old.span + 1)
+            grown[id(old)] = (new, _LayerInputs(adapter, hidden, positions, new))
+        layout, inputs = grown[id(old)]
+        layer_device = _device_of(layer)
+        hidden = hidden.to(layer_device)
+        rotary, mask = inputs.get(layer_types[idx], layer_device)
+        hidden = adapter.feed_forward(layer, hidden + adapter.attention_update(layer, hidden, rotary, mask, state.cache))
+        layouts.append(layout)
+    state.key_layouts = layouts
+    state.next_positions = state.next_positions + 1
+    return adapter.logits(hidden[:, -1])

@@ -1,0 +1,84 @@
+"""Where survivors get their positions: the key layout of a cache and the masks built from it.
+
+Every cached key keeps the ORIGINAL position of its token. Masks compare original positions,
+never compacted indices, so causal order, sliding windows and padding stay exact after the
+sequence is compacted at the start layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Original positions and validity of the keys one group of layers holds.
+
+    positions : LongTensor (batch, keys)
+    valid : BoolTensor (batch, keys) or None (every key real)
+    span : int
+        One past the largest position of any row, known on the host (no device sync).
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    span: int
+
+    @property
+    def num_keys(self) -> int:
+        return self.positions.shape[1]
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor | None) -> KeyLayout:
+        """The layout of the keys at ``index`` (batch, kept), ``valid`` marking filler slots."""
+        positions = self.positions.gather(1, index)
+        old = None if self.valid is None else self.valid.gather(1, index)
+        if old is None:
+            merged = valid
+        else:
+            merged = old if valid is None else old & valid
+        return KeyLayout(positions, merged, self.span)
+
+    def append(self, positions: torch.Tensor, span: int) -> KeyLayout:
+        """The layout after real keys at ``positions`` (batch, new) are appended."""
+        valid = self.valid
+        if valid is not None:
+            valid = torch.cat([valid, valid.new_ones(positions.shape)], dim=1)
+        return KeyLayout(torch.cat([self.positions, positions], dim=1), valid, span)
+
+
+def attention_mask(implementation: str, query_positions: torch.Tensor, keys: KeyLayout,
+                   window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask for queries at ``query_positions`` (batch, q), the last q entries of ``keys``.
+
+    Returns None where plain causal attention is already exact (no padding, no window that can
+    bite), so SDPA and FlashAttention keep their fused causal kernels. Otherwise a mask of shape
+    (batch, 1, q, keys): bool (True = attend) for sdpa, additive float for eager.
+    """
+    window_bites = window is not None and keys.span > window
+    if keys.valid is None and not window_bites and implementation != "eager":
+        return None
+    if implementation == "flash_attention_2":
+        raise NotImplementedError(
+            "flash_attention_2 supports DASH only without padding and without sliding-window "
+            "layers longer than the window; use attn_implementation='sdpa' for this input"
+        )
+    key_pos = keys.positions[:, None, :]
+    query_pos = query_positions[:, :, None]
+    allowed = key_pos <= query_pos
+    if window_bites:
+        allowed &= query_pos - key_pos < window
+    if keys.valid is not None:
+        allowed &= keys.valid[:, None, :]
+    # Each query may always see itself, so padding and filler rows stay finite (never NaN).
+    num_queries = query_positions.shape[1]
+    diagonal = torch.arange(keys.num_keys - num_queries, keys.num_keys, device=allowed.device)
+    allowed[:, torch.arange(num_queries, device=allowed.device), diagonal] = True
+    allowed = allowed[:, None]
+    if implementation == "eager":
+        blocked = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, blocked)
+    return allowed

@@ -1,0 +1,103 @@
+"""Halting policies: pure functions from tensors to a selection of active tokens.
+
+A policy scores every prompt token at the start layer; ``select_active`` turns scores into
+the active set. The engine never knows which policy produced the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The active set chosen at the start layer.
+
+    Attributes
+    ----------
+    index : LongTensor (batch, kept)
+        Original sequence indices of the active tokens, ascending in each row.
+    valid : BoolTensor (batch, kept) or None
+        False for filler slots (rows that keep fewer tokens than the widest row, padding).
+        Filler slots are computed but never attended to. None when every slot is real.
+    kept_per_row : list[int]
+        Real tokens kept in each row.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor | None
+    kept_per_row: list[int]
+
+
+def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The DASH score Δ_t = ||U_t||₂, or ||U_t||₂ / ||h_t||₂ when ``hidden`` is given.
+
+    update, hidden: (batch, seq, hidden_size) -> (batch, seq) float32.
+    """
+    norm = update.float().norm(dim=-1)
+    if hidden is None:
+        return norm
+    return norm / hidden.float().norm(dim=-1).clamp_min(1e-6)
+
+
+def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Uniform scores from a seeded CPU generator (same draw on every device): (batch, seq)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, seq_len, generator=generator).to(device)
+
+
+def kept_count(num_tokens: int, halt_ratio: float, num_protected: int) -> int:
+    """Tokens kept in a row of ``num_tokens``: T - int(ρ·T), or more when protection forces it."""
+    return min(num_tokens, max(num_tokens - int(halt_ratio * num_tokens), num_protected))
+
+
+def protected_mask(lengths: list[int], seq_len: int, protect_first: int, protect_last: int,
+                   device: torch.device) -> torch.Tensor:
+    """Tokens that may never halt: first and last windows of each row, and the last token.
+
+    Rows are left-padded: row ``b`` holds its ``lengths[b]`` tokens at the end. -> (batch, seq) bool.
+    """
+    position = torch.arange(seq_len, device=device)
+    starts = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
+    first = (position >= starts) & (position < starts + protect_first)
+    last = position >= seq_len - max(protect_last, 1)
+    return first | last
+
+
+def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
+                  protect_first: int, protect_last: int) -> Selection:
+    """Keep the highest-scoring tokens of every row; halt the rest.
+
+    Parameters
+    ----------
+    scores : (batch, seq) float
+        Higher means more worth computing further.
+    lengths : list[int]
+        Real (non-padding) tokens per row; rows are left-padded. Padding is halted first.
+    halt_ratio, protect_first, protect_last :
+        As in :class:`DashConfig`.
+
+    Every row keeps ``kept_count`` of its own tokens, exactly as it would alone; rows keeping
+    fewer than the widest row get filler slots marked invalid, so the batch stays rectangular.
+    """
+    batch, seq_len = scores.shape
+    device = scores.device
+    protect = protected_mask(lengths, seq_len, protect_first, protect_last, device)
+    padding = torch.arange(seq_len, device=device)[None, :] < torch.tensor(
+        [seq_len - n for n in lengths], device=device)[:, None]
+    protect &= ~padding
+    num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
+    kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
+    width = max(kept)
+    ranked = scores.float().masked_fill(protect, float("inf")).masked_fill(padding, float("-inf"))
+    if width == seq_len and min(lengths) == seq_len:
+        # Nothing halts: the identity selection needs no ranking.
+        index = torch.arange(seq_len, device=device).expand(batch, seq_len)
+        return Selection(index=index, valid=None, kept_per_row=kept)
+    top = ranked.topk(width, dim=-1, sorted=True).indices
+    real = torch.arange(width, device=device)[None, :] < torch.tensor(kept, device=device)[:, None]
+    index, order = top.sort(dim=-1)
+    valid = real.gather(1, order)
+    return Selection(index=index, valid=None if min(kept) == width else valid, kept_per_row=kept)
