@@ -1,0 +1,145 @@
+"""generate(): DASH prefill, then ordinary decoding from the DASH cache, timed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .config import DashConfig
+from .engine import PrefillStats, decode_step, prefill
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Texts and token ids per prompt, the prefill stats and the measured times (seconds)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    stats: PrefillStats
+    time_to_first_token: float
+    decode_seconds: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_prompts(tokenizer, prompts, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention_mask) from a string, strings, token ids or lists of them."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a string, a list of strings, or token ids; got nothing")
+    if all(isinstance(p, int) for p in prompts):
+        prompts = [list(prompts)]
+    if all(isinstance(p, str) for p in prompts):
+        if any(not p.strip() for p in prompts):
+            raise ValueError("a prompt is empty: pass some text")
+        rows = [tokenizer(p)["input_ids"] for p in prompts]
+    elif all(isinstance(p, (list, tuple)) for p in prompts):
+        rows = [list(p) for p in prompts]
+    else:
+        raise ValueError("prompts must be all strings or all token-id lists, not a mix")
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt is empty: pass at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _stop_ids(model, tokenizer, eos_token_id) -> set[int]:
+    value = eos_token_id
+    if value is None:
+        value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        value = tokenizer.eos_token_id
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | list[int] | None = None) -> GenerationResult:
+    """Answer ``prompts`` with DASH prefill and ordinary decoding.
+
+    Parameters
+    ----------
+    prompts : str, list[str], list[int], list[list[int]] or (batch, seq) tensor
+        Batches are left-padded here; token ids are used as given (no special tokens added).
+    config : DashConfig, default ``DashConfig()``.
+    max_new_tokens : tokens generated per prompt at most (stops early at the EOS token).
+    do_sample, temperature, top_k, top_p, seed : sampling as in HF ``generate``; greedy by default.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids, mask = encode_prompts(tokenizer, prompts, pad_id)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for, "
+            f"but the model's context is {limit}; shorten the prompt or lower max_new_tokens")
+    warpers = LogitsProcessorList()
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
+        warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    generator = None
+    stop = _stop_ids(model, tokenizer, eos_token_id)
+    device = model.get_input_embeddings().weight.device
+    if do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def choose(logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = warpers(generated, logits).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    ids, mask = ids.to(device), mask.to(device)
+    _synchronize(device)
+    started = time.perf_counter()
+    state = prefill(model, ids, config, attention_mask=mask)
+    token = choose(state.logits.to(device), ids)
+    _synchronize(device)
+    first_token_at = time.perf_counter()
+    tokens = [token]
+    finished = torch.zeros_like(token, dtype=torch.bool)
+    stop_tensor = torch.tensor(sorted(stop), device=device, dtype=token.dtype)
+    for _ in range(max_new_tokens - 1):
+        finished |= torch.isin(token, stop_tensor)
+        if bool(finished.all()):
+            break
+        logits = decode_step(model, state, token[:, None]).to(device)
+        token = choose(logits, torch.cat([ids, torch.stack(tokens, 1)], 1))
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+    _synchronize(device)
+    rows = torch.stack(tokens, 1).tolist()
+    trimmed = []
+    for row in rows:
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        trimmed.append(row[:cut])
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in trimmed]
+    return GenerationResult(texts=texts, token_ids=trimmed, stats=state.stats,
+                            time_to_first_token=first_token_at - started,
+                            decode_seconds=time.perf_counter() - first_token_at)

@@ -1,0 +1,65 @@
+"""Tiny random models of every supported family, built offline in milliseconds."""
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+FAMILIES = {
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**COMMON)),
+    # Mistral with a window shorter than the test prompts, so the window bites after compaction.
+    "mistral": (MistralForCausalLM, lambda: MistralConfig(**COMMON, sliding_window=12)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**COMMON)),
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**COMMON, head_dim=16)),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**COMMON)),
+    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+}
+IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def build_model(family: str, implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    """A tiny random model of ``family`` in eval mode."""
+    model_class, make_config = FAMILIES[family]
+    config = make_config()
+    config._attn_implementation = implementation
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype).eval()
+    # Random init leaves norms at 1 and updates tiny; spread the weights so scores differ.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request):
+    return request.param
+
+
+def random_ids(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, COMMON["vocab_size"], (batch, seq_len), generator=generator)

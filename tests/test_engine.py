@@ -1,0 +1,144 @@
+"""The engine against the model's own forward pass and against the slow reference."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FAMILIES, build_model, random_ids
+from dash_prefill import DashConfig, decode_step, prefill
+from reference import reference_forward
+
+SEQ = 40
+
+
+def _active_mask(result, batch, seq_len):
+    active = torch.zeros(batch, seq_len, dtype=torch.bool)
+    if result.active_index is None:
+        return ~active
+    return active.scatter(1, result.active_index, True)
+
+
+@pytest.mark.parametrize("policy", ["dash", "none"])
+def test_zero_ratio_matches_plain_forward(family, implementation, policy):
+    model = build_model(family, implementation)
+    ids = random_ids(2, SEQ)
+    expected = model(ids, use_cache=True)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.0, policy=policy))
+    assert_close(result.logits, expected.logits[:, -1].float())
+    for layer, (ours, theirs) in enumerate(zip(result.cache.layers, expected.past_key_values.layers)):
+        # HF keeps only the last window of a sliding layer; we keep every key (masked by position).
+        kept = theirs.keys.shape[2]
+        assert kept == SEQ or kept >= model.config.sliding_window - 1
+        assert_close(ours.keys[:, :, -kept:], theirs.keys, msg=f"keys of layer {layer}")
+        assert_close(ours.values[:, :, -kept:], theirs.values, msg=f"values of layer {layer}")
+
+
+@pytest.mark.parametrize("policy", ["dash", "random"])
+def test_halting_matches_masked_reference(family, implementation, policy):
+    model = build_model(family, implementation)
+    ids = random_ids(2, SEQ)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, policy=policy)
+    result = prefill(model, ids, config)
+    active = _active_mask(result, 2, SEQ)
+    logits, cache = reference_forward(model, ids, start_layer=1, active=active)
+    assert_close(result.logits, logits)
+    for layer in range(1, len(model.model.layers)):
+        index = result.active_index[:, None, :, None]
+        for name in ("keys", "values"):
+            theirs = getattr(cache.layers[layer], name)
+            kept = theirs.gather(2, index.expand(-1, theirs.shape[1], -1, theirs.shape[3]))
+            assert_close(getattr(result.cache.layers[layer], name), kept, msg=f"{name} of layer {layer}")
+
+
+def test_cache_after_start_layer_holds_exactly_the_kept_tokens_in_order(family):
+    model = build_model(family)
+    ids = random_ids(1, SEQ)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_first=1, protect_last=1))
+    kept = SEQ - int(0.5 * SEQ)
+    assert result.active_index.shape == (1, kept)
+    assert torch.all(result.active_index[0, 1:] > result.active_index[0, :-1])
+    for layer, entry in enumerate(result.cache.layers):
+        assert entry.keys.shape[2] == (SEQ if layer < 2 else kept)
+        assert torch.equal(result.key_layouts[layer].positions[0],
+                           torch.arange(SEQ) if layer < 2 else result.active_index[0])
+    assert result.stats.kv_tokens_per_layer == [SEQ, SEQ, kept, kept]
+
+
+def test_dash_halts_the_tokens_with_the_smallest_attention_update():
+    model = build_model("llama")
+    ids = random_ids(1, SEQ)
+    captured = {}
+    handle = model.model.layers[2].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(update=output[0]))
+    model(ids)
+    handle.remove()
+    norms = captured["update"][0].norm(dim=-1)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.25, start_layer=2, protect_first=0, protect_last=1))
+    kept = SEQ - int(0.25 * SEQ)
+    expected = norms[:-1].topk(kept - 1).indices.tolist() + [SEQ - 1]
+    assert sorted(expected) == result.active_index[0].tolist()
+    assert_close(result.scores[0], norms)
+
+
+def test_relative_score_divides_by_the_residual_norm():
+    model = build_model("llama")
+    ids = random_ids(1, SEQ)
+    captured = {}
+    layer = model.model.layers[2]
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, kwargs: captured.update(h=args[0]),
+                                        with_kwargs=True),
+        layer.self_attn.register_forward_hook(lambda module, args, output: captured.update(u=output[0])),
+    ]
+    model(ids)
+    for handle in handles:
+        handle.remove()
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, score="relative"))
+    assert_close(result.scores[0], captured["u"][0].norm(dim=-1) / captured["h"][0].norm(dim=-1))
+
+
+def test_left_padded_batch_equals_each_row_alone(family):
+    model = build_model(family)
+    lengths = [SEQ, 29, 17]
+    rows = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.stack([torch.cat([torch.zeros(SEQ - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(SEQ - len(r)), torch.ones(len(r))]).long() for r in rows])
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2)
+    batch = prefill(model, ids, config, attention_mask=mask)
+    next_token = batch.logits.argmax(-1)
+    batch_step = decode_step(model, batch, next_token[:, None])
+    for i, row in enumerate(rows):
+        alone = prefill(model, row[None], config)
+        assert batch.stats.kept_tokens[i] == alone.stats.kept_tokens[0] == len(row) - int(0.5 * len(row))
+        assert_close(batch.logits[i], alone.logits[0], atol=2e-5, rtol=1e-4)
+        alone_step = decode_step(model, alone, next_token[i, None, None])
+        assert_close(batch_step[i], alone_step[0], atol=2e-5, rtol=1e-4)
+
+
+def test_decoding_after_halting_matches_reference_with_the_new_token_active(family, implementation):
+    model = build_model(family, implementation)
+    ids = random_ids(1, SEQ)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2)
+    result = prefill(model, ids, config)
+    token = result.logits.argmax(-1)
+    logits = decode_step(model, result, token[:, None])
+    active = torch.cat([_active_mask(result, 1, SEQ), torch.ones(1, 1, dtype=torch.bool)], dim=1)
+    expected, _ = reference_forward(model, torch.cat([ids, token[:, None]], 1), start_layer=1, active=active,
+                                   prompt_len=SEQ)
+    assert_close(logits, expected)
+    assert result.next_positions.tolist() == [SEQ + 1]
+
+
+def test_bfloat16_prefill_stays_close_to_float32():
+    ids = random_ids(1, SEQ)
+    config = DashConfig(halt_ratio=0.0)
+    full = prefill(build_model("llama"), ids, config).logits
+    half = prefill(build_model("llama", dtype=torch.bfloat16), ids, config).logits
+    assert half.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([full[0], half[0]]))[0, 1] > 0.99
+
+
+def test_every_family_is_covered_by_the_tiny_models():
+    from dash_prefill.adapters import ADAPTERS
+    types = {FAMILIES[f][1]().model_type for f in FAMILIES}
+    assert types == set(ADAPTERS)
