@@ -1,0 +1,36 @@
+"""The cost model: plain prefill costs 1x, and the method.md fractions in their limits."""
+
+import pytest
+
+from conftest import FAMILIES
+from dash_prefill.cost import attended_pairs, ideal_speedup, prefill_flops
+
+
+def test_plain_prefill_has_unit_speedup():
+    config = FAMILIES["llama"][1]()
+    assert ideal_speedup(config, 1000, 4, kept_fraction=0.5) == 1.0
+    assert ideal_speedup(config, 1000, 1, kept_fraction=1.0) == pytest.approx(1.0)
+
+
+def test_speedup_grows_with_the_halt_ratio_and_with_an_earlier_start():
+    config = FAMILIES["llama"][1]()
+    assert ideal_speedup(config, 4096, 1, 0.25) > ideal_speedup(config, 4096, 1, 0.5) > 1.0
+    assert ideal_speedup(config, 4096, 1, 0.5) > ideal_speedup(config, 4096, 2, 0.5)
+
+
+def test_short_prompts_follow_the_linear_fraction_of_method_md():
+    # With attention negligible and the vocabulary tiny, FLOPs left follow (s + (L-s)(1-rho)) / L,
+    # except that the start layer's attention sublayer runs on every token (it makes the score).
+    config = FAMILIES["llama"][1]()
+    seq_len, start, keep, layers = 8, 1, 0.5, 4
+    full = prefill_flops(config, seq_len, layers)
+    dash = prefill_flops(config, seq_len, start, keep)
+    d = 64
+    attn_share = (2 * d * 16 * (2 * 4 + 2 * 2)) / (2 * d * 16 * (2 * 4 + 2 * 2) + 6 * d * 96)
+    expected = (start + attn_share * (1 - keep) + (layers - start) * keep) / layers
+    assert dash / full == pytest.approx(expected, rel=0.05)
+
+
+def test_sliding_window_limits_attended_pairs():
+    assert attended_pairs(10, None) == 55
+    assert attended_pairs(10, 4) == 10 + 6 * 4

@@ -1,0 +1,70 @@
+"""Bad input gets a clear error that says what to change."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig, prefill
+from dash_prefill.generation import generate
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"halt_ratio": 1.0}, r"halt_ratio must be in \[0, 1\); got 1.0"),
+    ({"halt_ratio": -0.1}, r"halt_ratio must be in \[0, 1\)"),
+    ({"halt_ratio": "half"}, r"halt_ratio must be a number"),
+    ({"start_layer": 1.5}, r"fraction of depth and must be in \(0, 1\)"),
+    ({"start_layer": -1}, r"start_layer must be >= 0"),
+    ({"protect_last": -2}, r"protect_last must be an int >= 0"),
+    ({"policy": "fastv"}, r"policy must be one of"),
+    ({"score": "l1"}, r"score must be one of"),
+])
+def test_invalid_config_is_rejected_with_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DashConfig(**kwargs)
+
+
+def test_start_layer_beyond_the_model_names_the_depth():
+    with pytest.raises(ValueError, match=r"beyond the model, which has 4 layers"):
+        prefill(build_model("llama"), random_ids(1, 10), DashConfig(start_layer=4))
+
+
+def test_empty_prompt_is_rejected():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        prefill(build_model("llama"), torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_over_long_prompt_names_the_context():
+    with pytest.raises(ValueError, match=r"300 tokens but the model's context is 256"):
+        prefill(build_model("llama"), random_ids(1, 300))
+
+
+def test_right_padding_is_rejected_with_the_tokenizer_setting():
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, -3:] = 0
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        prefill(build_model("llama"), random_ids(2, 10), attention_mask=mask)
+
+
+def test_unsupported_architecture_lists_the_supported_families():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama"):
+        prefill(model, random_ids(1, 5))
+
+
+class _Tokenizer:
+    pad_token_id, eos_token_id = 0, 2
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 90 + 3 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_generate_rejects_empty_text_and_too_many_new_tokens():
+    model = build_model("llama")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, _Tokenizer(), "   ")
+    with pytest.raises(ValueError, match="lower max_new_tokens"):
+        generate(model, _Tokenizer(), "x" * 250, max_new_tokens=10)

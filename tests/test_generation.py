@@ -1,0 +1,47 @@
+"""generate(): ordinary decoding from the DASH cache."""
+
+import torch
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig
+from dash_prefill.generation import generate
+from test_errors import _Tokenizer
+
+
+def test_zero_ratio_generation_equals_model_generate(family, implementation):
+    model = build_model(family, implementation)
+    ids = random_ids(1, 30)
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              eos_token_id=None, pad_token_id=0)[0, 30:].tolist()
+    result = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.0), max_new_tokens=12, eos_token_id=[])
+    assert result.token_ids[0] == expected
+
+
+def test_batch_generation_with_left_padding_equals_each_prompt_alone():
+    model = build_model("gemma3")
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (36, 21)]
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2)
+    batch = generate(model, _Tokenizer(), prompts, config, max_new_tokens=8, eos_token_id=[])
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, _Tokenizer(), [prompt], config, max_new_tokens=8, eos_token_id=[])
+        assert batch.token_ids[i] == alone.token_ids[0]
+
+
+def test_generation_stops_at_the_eos_token_and_reports_timing():
+    model = build_model("llama")
+    ids = random_ids(1, 20)
+    free = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.5, protect_last=2), max_new_tokens=6, eos_token_id=[])
+    stop = free.token_ids[0][2]
+    stopped = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.5, protect_last=2), max_new_tokens=6, eos_token_id=stop)
+    assert stopped.token_ids[0] == free.token_ids[0][:free.token_ids[0].index(stop) + 1]
+    assert stopped.time_to_first_token > 0 and stopped.stats.kept_tokens == [10]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = build_model("qwen3")
+    ids = random_ids(1, 20)
+    runs = [generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.25), max_new_tokens=8, do_sample=True,
+                     temperature=1.5, top_k=20, top_p=0.9, seed=7, eos_token_id=[]).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+    greedy = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.25), max_new_tokens=8, eos_token_id=[])
+    assert runs[0] != greedy.token_ids
