@@ -142,3 +142,14 @@ def test_every_family_is_covered_by_the_tiny_models():
     from dash_prefill.adapters import ADAPTERS
     types = {FAMILIES[f][1]().model_type for f in FAMILIES}
     assert types == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
+def test_attention_policy_scores_equal_the_models_own_attention_weights(family):
+    model = build_model(family, "eager")
+    model.config.sliding_window = SEQ  # the baseline scores full causal attention, like a full layer
+    ids = random_ids(1, SEQ)
+    weights = model(ids, output_attentions=True).attentions[2]  # (batch, heads, seq, seq)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="attention"))
+    assert_close(result.scores[0], weights[0, :, -5:].mean(dim=(0, 1)), atol=1e-5, rtol=1e-4)
+    assert result.stats.kept_tokens == [SEQ // 2]

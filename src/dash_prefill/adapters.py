@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
 from torch import nn
@@ -64,6 +65,23 @@ class PreNormAdapter:
     def attention_update(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
         """U = Attn(Norm(h)), the update added to the residual: (batch, seq, hidden)."""
         return self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
+
+    def queries(self, layer, hidden, rotary) -> torch.Tensor:
+        """Rotated attention queries (batch, heads, seq, head_dim) of the residual ``hidden``."""
+        attention = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        if hasattr(attention, "qkv_proj"):  # fused projection (Phi-3): queries come first
+            width = self.config.num_attention_heads * attention.head_dim
+            projected = attention.qkv_proj(normed)[..., :width]
+        else:
+            projected = attention.q_proj(normed)
+        query = projected.view(*hidden.shape[:-1], -1, attention.head_dim)
+        if hasattr(attention, "q_norm"):
+            query = attention.q_norm(query)
+        query = query.transpose(1, 2)
+        cos, sin = rotary
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        return rotate(query, query, cos, sin)[0]
 
     def feed_forward(self, layer, hidden) -> torch.Tensor:
         """h + MLP(Norm(h)) for the tokens in ``hidden``."""

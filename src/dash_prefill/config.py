@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("dash", "random", "none")
+POLICIES = ("dash", "random", "attention", "none")
 SCORES = ("absolute", "relative")
 
 
@@ -24,9 +24,11 @@ class DashConfig:
     protect_last : int
         The last prompt tokens (usually the question) are always kept active. The very last
         token is kept whatever this value is: its logits start decoding.
-    policy : {"dash", "random", "none"}
+    policy : {"dash", "random", "attention", "none"}
         "dash" ranks tokens by their attention update; "random" halts the same number of
-        tokens at random (the control); "none" is plain prefill.
+        tokens at random (the control); "attention" ranks tokens by the attention they receive
+        from the last ``max(protect_last, 1)`` prompt tokens at the start layer (a FastV /
+        LazyLLM / GemFilter-style baseline); "none" is plain prefill.
     score : {"absolute", "relative"}
         "absolute" is ||U_t||₂ (the paper); "relative" is ||U_t||₂ / ||h_t||₂.
     seed : int

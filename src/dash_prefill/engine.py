@@ -18,7 +18,7 @@ from .adapters import PreNormAdapter, adapter_for
 from .config import DashConfig
 from .cost import ideal_speedup
 from .masks import KeyLayout, attention_mask
-from .policy import Selection, delta_norm, random_scores, select_active
+from .policy import Selection, delta_norm, random_scores, received_attention, select_active
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,19 @@ def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Ten
     return input_ids, attention_mask.bool(), lengths
 
 
-def _policy_scores(config: DashConfig, update: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _policy_scores(config: DashConfig, adapter: PreNormAdapter, layer, hidden: torch.Tensor,
+                   update: torch.Tensor, rotary, keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
+    """Scores (batch, seq) of the configured policy at the start layer."""
     if config.policy == "random":
         return random_scores(update.shape[0], update.shape[1], config.seed, update.device)
+    if config.policy == "attention":
+        window = min(max(config.protect_last, 1), hidden.shape[1])
+        last_rotary = tuple(t[:, -window:] for t in rotary)
+        queries = adapter.queries(layer, hidden[:, -window:], last_rotary)
+        positions = layout.positions.to(hidden.device)
+        valid = None if layout.valid is None else layout.valid.to(hidden.device)
+        return received_attention(queries, keys, positions[:, -window:], positions, valid,
+                                  layer.self_attn.scaling)
     return delta_norm(update, hidden if config.score == "relative" else None)
 
 
@@ -197,7 +207,8 @@ def prefill(model, input_ids, config: DashConfig | None = None,
         update = adapter.attention_update(layer, hidden, rotary, mask, cache)
         if idx == start:
             # The halting decision: score, select, compact once.
-            scores = _policy_scores(config, update, hidden)
+            scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
+                                    cache.layers[idx].keys, layout)
             selection = select_active(scores, lengths, config.halt_ratio,
                                       config.protect_first, config.protect_last)
             hidden = hidden + update

@@ -42,6 +42,26 @@ def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torc
     return norm / hidden.float().norm(dim=-1).clamp_min(1e-6)
 
 
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                       key_positions: torch.Tensor, key_valid: torch.Tensor | None,
+                       scaling: float) -> torch.Tensor:
+    """Attention each key receives from the last queries, averaged over heads and queries.
+
+    The FastV / LazyLLM / GemFilter-style baseline. Only the last queries are scored, so the
+    full (seq, seq) attention matrix is never built; causal order follows original positions.
+
+    queries : (batch, heads, n, head_dim); keys : (batch, kv_heads, seq, head_dim);
+    query_positions : (batch, n); key_positions, key_valid : (batch, seq). -> (batch, seq).
+    """
+    groups = queries.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", queries.float(), keys.float()) * scaling
+    allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
+    if key_valid is not None:
+        allowed &= key_valid[:, None, None, :]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(dim=(1, 2))
+
+
 def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
     """Uniform scores from a seeded CPU generator (same draw on every device): (batch, seq)."""
     generator = torch.Generator().manual_seed(seed)
