@@ -153,3 +153,17 @@ def test_attention_policy_scores_equal_the_models_own_attention_weights(family):
     result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="attention"))
     assert_close(result.scores[0], weights[0, :, -5:].mean(dim=(0, 1)), atol=1e-5, rtol=1e-4)
     assert result.stats.kept_tokens == [SEQ // 2]
+
+
+def test_branches_sharing_the_trunk_equal_separate_prefills():
+    from dash_prefill.engine import prefill_branches
+    model = build_model("gemma3")
+    ids = random_ids(1, SEQ)
+    configs = [DashConfig(policy="none"), DashConfig(halt_ratio=0.5, start_layer=2, protect_last=2),
+               DashConfig(halt_ratio=0.25, start_layer=1, protect_last=2, policy="random"),
+               DashConfig(halt_ratio=0.5, start_layer=2, score="relative", protect_last=2)]
+    for config, branch in zip(configs, prefill_branches(model, ids, configs)):
+        alone = prefill(model, ids, config)
+        assert_close(branch.logits, alone.logits)
+        token = alone.logits.argmax(-1)[:, None]
+        assert_close(decode_step(model, branch, token), decode_step(model, alone, token))

@@ -8,6 +8,7 @@ are never copied back: only the cache and the last position's logits are read af
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -166,6 +167,91 @@ def _policy_scores(config: DashConfig, adapter: PreNormAdapter, layer, hidden: t
     return delta_norm(update, hidden if config.score == "relative" else None)
 
 
+class _Pass:
+    """One prefill in flight: the hidden states, the cache and where its keys sit.
+
+    Passes fork after the shared layers, so several policies can reuse the trunk before their
+    common start layer (the evaluation compares policies this way).
+    """
+
+    def __init__(self, adapter: PreNormAdapter, input_ids: torch.Tensor,
+                 padding_mask: torch.Tensor | None, lengths: list[int]):
+        self.adapter, self.lengths = adapter, lengths
+        self.layer_types = adapter.layer_types()
+        self.hidden = adapter.embed(input_ids.to(adapter.base.embed_tokens.weight.device))
+        device = self.hidden.device
+        seq_len = input_ids.shape[1]
+        offsets = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
+        positions = (torch.arange(seq_len, device=device)[None] - offsets).clamp_min(0)
+        valid = None if padding_mask is None else padding_mask.to(device)
+        self.layout = KeyLayout(positions, valid, seq_len)
+        self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout)
+        self.cache = DynamicCache()
+        self.layouts: list[KeyLayout] = []
+        self.selection: Selection | None = None
+        self.scores: torch.Tensor | None = None
+
+    def fork(self) -> _Pass:
+        """A pass that continues from here; shares tensors (nothing is modified in place)."""
+        twin = copy.copy(self)
+        twin.cache = DynamicCache()
+        twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        twin.layouts = list(self.layouts)
+        return twin
+
+    def run(self, layers: range, start: int | None = None, config: DashConfig | None = None) -> None:
+        """Run ``layers``; at ``start``, halt tokens as ``config`` says and compact once."""
+        adapter = self.adapter
+        for idx in layers:
+            layer = adapter.layers[idx]
+            layer_device = _device_of(layer)
+            hidden = self.hidden.to(layer_device)
+            rotary, mask = self.inputs.get(self.layer_types[idx], layer_device)
+            update = adapter.attention_update(layer, hidden, rotary, mask, self.cache)
+            if idx == start:
+                # The halting decision: score, select, compact once.
+                self.scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
+                                             self.cache.layers[idx].keys, self.layout)
+                self.selection = select_active(self.scores, self.lengths, config.halt_ratio,
+                                               config.protect_first, config.protect_last)
+                hidden = hidden + update
+                if self.selection.index.shape[1] < hidden.shape[1] or self.selection.valid is not None:
+                    hidden = self._compact(hidden, idx, layer_device)
+            else:
+                hidden = hidden + update
+            self.hidden = adapter.feed_forward(layer, hidden)
+            self.layouts.append(self.layout)
+
+    def _compact(self, hidden: torch.Tensor, layer_idx: int, device: torch.device) -> torch.Tensor:
+        """Keep only the active tokens: hidden states, this layer's cache and the key layout."""
+        index = self.selection.index.to(device)
+        _keep_cached(self.cache, layer_idx, index)
+        home = self.layout.positions.device
+        valid = None if self.selection.valid is None else self.selection.valid.to(home)
+        self.layout = self.layout.gather(index.to(home), valid)
+        hidden = _gather_tokens(hidden, index)
+        self.inputs = _LayerInputs(self.adapter, hidden, self.layout.positions.to(device), self.layout)
+        return hidden
+
+    def finish(self, model, start: int) -> PrefillResult:
+        lengths, num_layers = self.lengths, len(self.adapter.layers)
+        kept = self.selection.kept_per_row if self.selection is not None else lengths
+        halted_any = self.selection is not None and kept != lengths
+        before = min(start, num_layers)
+        seq_len = self.layout.span
+        stats = PrefillStats(
+            prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
+            kv_tokens_per_layer=[sum(lengths)] * before + [sum(kept)] * (num_layers - before),
+            ideal_speedup=ideal_speedup(model.config, seq_len, start, kept_fraction=max(kept) / seq_len),
+        )
+        return PrefillResult(
+            cache=self.cache, logits=self.adapter.logits(self.hidden[:, -1]), stats=stats,
+            active_index=self.selection.index if halted_any else None, scores=self.scores,
+            key_layouts=self.layouts,
+            next_positions=torch.tensor(lengths, device=self.layout.positions.device),
+        )
+
+
 @torch.no_grad()
 def prefill(model, input_ids, config: DashConfig | None = None,
             attention_mask: torch.Tensor | None = None) -> PrefillResult:
@@ -182,63 +268,27 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    config = config or DashConfig()
+    return prefill_branches(model, input_ids, [config or DashConfig()], attention_mask)[0]
+
+
+@torch.no_grad()
+def prefill_branches(model, input_ids, configs: list[DashConfig],
+                     attention_mask: torch.Tensor | None = None) -> list[PrefillResult]:
+    """Prefill one prompt under several configs, running the layers before their earliest
+    start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
     adapter = adapter_for(model)
     input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
-    batch, seq_len = input_ids.shape
     num_layers = len(adapter.layers)
-    start = config.resolve_start_layer(num_layers) if config.halts else num_layers
-    layer_types = adapter.layer_types()
-
-    hidden = adapter.embed(input_ids.to(adapter.base.embed_tokens.weight.device))
-    device = hidden.device
-    offsets = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
-    positions = (torch.arange(seq_len, device=device)[None] - offsets).clamp_min(0)
-    layout = KeyLayout(positions, None if padding_mask is None else padding_mask.to(device), seq_len)
-    inputs = _LayerInputs(adapter, hidden, positions, layout)
-    cache = DynamicCache()
-    selection: Selection | None = None
-    scores = None
-    layouts = []
-    for idx, layer in enumerate(adapter.layers):
-        layer_device = _device_of(layer)
-        hidden = hidden.to(layer_device)
-        rotary, mask = inputs.get(layer_types[idx], layer_device)
-        update = adapter.attention_update(layer, hidden, rotary, mask, cache)
-        if idx == start:
-            # The halting decision: score, select, compact once.
-            scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
-                                    cache.layers[idx].keys, layout)
-            selection = select_active(scores, lengths, config.halt_ratio,
-                                      config.protect_first, config.protect_last)
-            hidden = hidden + update
-            if selection.index.shape[1] < seq_len or selection.valid is not None:
-                index = selection.index.to(layer_device)
-                hidden = _gather_tokens(hidden, index)
-                _keep_cached(cache, idx, index)
-                home = layout.positions.device
-                valid = None if selection.valid is None else selection.valid.to(home)
-                layout = layout.gather(index.to(home), valid)
-                inputs = _LayerInputs(adapter, hidden, layout.positions.to(layer_device), layout)
-        else:
-            hidden = hidden + update
-        hidden = adapter.feed_forward(layer, hidden)
-        layouts.append(layout)
-
-    logits = adapter.logits(hidden[:, -1])
-    kept = selection.kept_per_row if selection is not None else lengths
-    halted_any = selection is not None and kept != lengths
-    kv_tokens = [sum(lengths)] * min(start, num_layers) + [sum(kept)] * (num_layers - min(start, num_layers))
-    stats = PrefillStats(
-        prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
-        kv_tokens_per_layer=kv_tokens,
-        ideal_speedup=ideal_speedup(model.config, seq_len, start, kept_fraction=max(kept) / seq_len),
-    )
-    return PrefillResult(
-        cache=cache, logits=logits, stats=stats,
-        active_index=selection.index if halted_any else None, scores=scores,
-        key_layouts=layouts, next_positions=torch.tensor(lengths, device=device),
-    )
+    starts = [c.resolve_start_layer(num_layers) if c.halts else num_layers for c in configs]
+    trunk = _Pass(adapter, input_ids, padding_mask, lengths)
+    shared = min(starts)
+    trunk.run(range(shared))
+    results = []
+    for config, start in zip(configs, starts):
+        branch = trunk.fork() if len(configs) > 1 else trunk
+        branch.run(range(shared, num_layers), start, config)
+        results.append(branch.finish(model, start))
+    return results
 
 
 @torch.no_grad()
