@@ -1,7 +1,12 @@
 """dash-prefill: faster long-prompt prefill by Delta Attention Selective Halting (DASH)."""
 
 from .config import DashConfig
-from .engine import PrefillResult, PrefillStats, decode_step, prefill
+from .engine import PrefillResult, PrefillStats, decode_step, prefill, prefill_branches
+from .generation import GenerationResult, generate
+from .models import load_model
 
-__all__ = ["DashConfig", "PrefillResult", "PrefillStats", "decode_step", "prefill"]
+__all__ = [
+    "DashConfig", "GenerationResult", "PrefillResult", "PrefillStats",
+    "decode_step", "generate", "load_model", "prefill", "prefill_branches",
+]
 __version__ = "0.1.0"
