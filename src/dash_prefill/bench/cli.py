@@ -1,0 +1,148 @@
+"""``dash-prefill bench``: time to first token of plain HF, DASH and the hooks press, side by side.
+
+Wire-up: ``add_arguments(subparser)`` adds the options, ``main(args)`` runs and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .report import header, print_table, write_json, write_plot
+from .runner import BenchPlan, Target, run_bench
+from .shapes import ARCHITECTURES, arch_config, build_random_model
+
+logger = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"4k,32k,1000" -> [4096, 32768, 1000]: a k suffix multiplies by 1024."""
+    lengths = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            value = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"lengths are integers with an optional k suffix (4k = 4096); got {item!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"lengths must be positive; got {item!r}")
+        lengths.append(value)
+    return lengths
+
+
+def _number(item: str) -> int | float:
+    """A start layer: "0.4" is a fraction of depth, "12" a layer index."""
+    try:
+        return float(item) if "." in item else int(item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {item!r}") from None
+
+
+def _numbers(kind):
+    return lambda text: [kind(item.strip()) for item in text.split(",")]
+
+
+def parse_settings(text: str) -> list[tuple[int | float, float]]:
+    """"0.4:0.5,12:0.75" -> [(0.4, 0.5), (12, 0.75)]: explicit (start_layer, halt_ratio) pairs."""
+    pairs = []
+    for item in text.split(","):
+        start, sep, ratio = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as 0.4:0.5; got {item!r}")
+        pairs.append((_number(start.strip()), float(ratio)))
+    return pairs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser`` (a subcommand parser)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="registry name, local directory or hub id (real weights)")
+    source.add_argument("--arch", type=lambda t: [a.strip() for a in t.split(",")],
+                        help=f"random-weight model(s) of a real shape: {', '.join(ARCHITECTURES)}")
+    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,32k,128k"),
+                        help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
+    parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
+    parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75])
+    parser.add_argument("--start-layer", type=_numbers(_number), default=[0.4, 0.25],
+                        help="floats are fractions of depth, ints are layer indices")
+    parser.add_argument("--settings", type=parse_settings,
+                        help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-hooks", action="store_true", help="skip the kvpress-style hooks comparison")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="count host synchronisations of one call per method (CUDA only)")
+    parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png")
+
+
+def _check_context(name: str, context: int, lengths: list[int]) -> None:
+    too_long = [n for n in lengths if n > context]
+    if too_long:
+        raise ValueError(f"{name} handles at most {context} tokens; lengths {too_long} are longer: "
+                         f"drop them from --lengths")
+
+
+def _targets(args, dtype: torch.dtype) -> list[Target]:
+    if args.model:
+        def load():
+            from ..models import load_model, max_context  # written alongside; imported when used
+            model, _ = load_model(args.model, dtype=dtype, device=args.device, attn_implementation=args.attn)
+            _check_context(args.model, max_context(model), args.lengths)
+            return model
+        return [Target(args.model, load)]
+    targets = []
+    for arch in args.arch:
+        _check_context(arch, arch_config(arch).max_position_embeddings, args.lengths)
+        targets.append(Target(arch, lambda arch=arch: build_random_model(arch, dtype, args.device, args.attn, args.seed)))
+    return targets
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the table; 0 on success, 2 on bad input."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is visible; pass --device cpu", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    settings = args.settings or [(s, r) for s in args.start_layer for r in args.halt_ratio]
+    try:
+        for start, ratio in settings:
+            if not 0.0 <= ratio < 1.0 or (isinstance(start, float) and not 0.0 < start < 1.0):
+                raise ValueError(f"setting start={start}, ratio={ratio}: ratio must be in [0, 1) and a "
+                                 "fractional start in (0, 1)")
+        plan = BenchPlan(targets=_targets(args, dtype), lengths=args.lengths, batches=args.batch,
+                         settings=settings, device=device, warmup=args.warmup, repeats=args.repeats,
+                         hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed)
+        if args.arch:
+            logger.info("random weights: time to first token depends on the shapes, not the weight values")
+        rows, syncs = run_bench(plan)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_table(rows, syncs)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
+                      warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+        write_json(args.out / "bench.json", head, rows, syncs)
+        write_plot(args.out / "bench.png", rows)
+        logger.info("wrote %s", args.out / "bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="dash-prefill bench", description=__doc__)
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -1,0 +1,116 @@
+"""Benchmark output: a terminal table, a JSON file (header + one record per row), a PNG plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = [("arch", "arch", "{}"), ("batch", "batch", "{}"), ("length", "length", "{}"),
+           ("method", "method", "{}"), ("halt_ratio", "ρ", "{:.2f}"), ("start_layer", "start", "{}"),
+           ("median_s", "median s", "{:.4f}"), ("min_s", "min s", "{:.4f}"), ("max_s", "max s", "{:.4f}"),
+           ("peak_bytes", "peak GiB", "gib"), ("kv_cache_bytes", "KV GiB", "gib"),
+           ("speedup", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
+           ("efficiency", "eff.", "{:.0%}"), ("speedup_over_hooks", "vs hooks", "{:.2f}x")]
+
+
+def header(device: torch.device, argv: list[str] | None = None, **settings) -> dict:
+    """The JSON header record: machine, library versions, exact command line, date, settings."""
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    argv = sys.argv if argv is None else argv
+    return {"record": "header", "machine": machine, "device": str(device), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "command": shlex.join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **settings}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if key == "median_s" and row.get("status") != "ok":
+        return row.get("status", "")
+    if value is None:
+        return "-"
+    if fmt == "gib":
+        return f"{value / 2**30:.2f}"
+    return fmt.format(value)
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The rows as aligned plain-text lines (header first)."""
+    cells = [[title for _, title, _ in COLUMNS]]
+    cells += [[_cell(row, key, fmt) for key, _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+
+
+def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
+    """Print the table to the terminal (rich when installed); the one place that prints."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None
+    if Console is None or not Console().is_terminal:
+        print("\n".join(table_lines(rows)))  # pipes and logs get plain, unwrapped lines
+    else:
+        table = Table(title="DASH prefill: time to first token")
+        for key, title, _ in COLUMNS:
+            table.add_column(title, justify="left" if key in ("arch", "method") else "right")
+        for row in rows:
+            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
+        Console().print(table)
+    for record in syncs:
+        print(f"host syncs: {record['arch']} b={record['batch']} T={record['length']} "
+              f"{record['method']} ρ={record['halt_ratio']}: {record['sync_warnings']}")
+
+
+def write_json(path: Path, head: dict, rows: list[dict], syncs: list[dict] = ()) -> None:
+    """Header record, then one record per row, then the sync-check records."""
+    path.write_text(json.dumps([head, *rows, *syncs], indent=1) + "\n")
+
+
+def write_plot(path: Path, rows: list[dict]) -> bool:
+    """Measured speedup vs context length per setting, the ideal dashed; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return False
+    series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["method"] != "plain" and row["speedup"] is not None:
+            key = (row["arch"], row["batch"], row["method"], row["start_layer"], row["halt_ratio"])
+            series.setdefault(key, []).append(row)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for (arch, batch, method, start, ratio), points in sorted(series.items()):
+        points.sort(key=lambda r: r["length"])
+        lengths = [r["length"] for r in points]
+        label = f"{arch} b={batch} {method} s={start} ρ={ratio}"
+        line, = axes.plot(lengths, [r["speedup"] for r in points], marker="o", label=label)
+        if method == "dash" and ratio > 0:
+            axes.plot(lengths, [r["ideal_speedup"] for r in points], linestyle="--", marker="x",
+                      color=line.get_color())
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("speedup over plain HF forward (time to first token)")
+    axes.set_title("DASH prefill: measured (solid) vs ideal FLOP ratio (dashed)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True

@@ -1,0 +1,184 @@
+"""The benchmark grid: every method on the same inputs, one row per (model, batch, length, method)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cost import ideal_speedup
+from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model to benchmark: its name in the table and how to build or load it."""
+
+    name: str
+    load: Callable[[], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to run. ``settings`` are (start_layer, halt_ratio) pairs; a float start is a fraction."""
+
+    targets: list[Target]
+    lengths: list[int]
+    batches: list[int]
+    settings: list[tuple[int | float, float]]
+    device: torch.device
+    warmup: int = 2
+    repeats: int = 5
+    hooks: bool = True
+    sync_check: bool = False
+    seed: int = 0
+
+
+def resolve_start(start: int | float, num_layers: int) -> int:
+    """A start layer as an index: floats are fractions of depth, ints must lie inside the model."""
+    index = int(start * num_layers) if isinstance(start, float) else start
+    if not 0 <= index < num_layers:
+        raise ValueError(f"start layer {start} is outside the model's {num_layers} layers")
+    return index
+
+
+def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, Callable]]:
+    """(method, halt_ratio, start_layer, fn) in run order: plain, dash at ρ=0, then each setting."""
+    first_start = resolve_start(plan.settings[0][0], num_layers)
+    methods = [("plain", 0.0, num_layers, plain_method),
+               ("dash", 0.0, first_start, dash_method(0.0, first_start))]
+    for start, ratio in plan.settings:
+        index = resolve_start(start, num_layers)
+        methods.append(("dash", ratio, index, dash_method(ratio, index)))
+        if plan.hooks:
+            methods.append(("hooks", ratio, index, hooks_method(ratio, index)))
+    return methods
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _row(name, length, batch, method, ratio, start, timing: Timing | None, status, config) -> dict:
+    row = {"record": "row", "arch": name, "length": length, "batch": batch, "method": method,
+           "halt_ratio": ratio, "start_layer": start, "status": status,
+           "median_s": None, "min_s": None, "max_s": None, "peak_bytes": None,
+           "peak_over_weights_bytes": None, "kv_cache_bytes": None, "kept_fraction": None,
+           "ideal_speedup": None}
+    if timing is not None:
+        row.update({k: getattr(timing, k) for k in ("median_s", "min_s", "max_s", "peak_bytes",
+                                                    "peak_over_weights_bytes", "kv_cache_bytes",
+                                                    "kept_fraction")})
+        row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
+            config, length, start, timing.kept_fraction)
+    return row
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """measured speedup = plain / this; efficiency = measured / ideal; dash over hooks."""
+    plain = {(r["arch"], r["length"], r["batch"]): r["median_s"] for r in rows if r["method"] == "plain"}
+    hooks = {(r["arch"], r["length"], r["batch"], r["halt_ratio"], r["start_layer"]): r["median_s"]
+             for r in rows if r["method"] == "hooks"}
+    for r in rows:
+        base = plain.get((r["arch"], r["length"], r["batch"]))
+        ok = r["median_s"] is not None
+        r["speedup"] = base / r["median_s"] if ok and base else None
+        r["efficiency"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
+        other = hooks.get((r["arch"], r["length"], r["batch"], r["halt_ratio"], r["start_layer"]))
+        r["speedup_over_hooks"] = other / r["median_s"] if r["method"] == "dash" and ok and other else None
+
+
+def _count_syncs(method, model, input_ids) -> int:
+    """Host synchronisations of one call, as reported by CUDA's sync debug mode."""
+    with torch.inference_mode():
+        method(model, input_ids)  # warm-up: lazy one-time initialisation is not the method's cost
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.inference_mode():
+                method(model, input_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _sync_check(name, model, input_ids, methods) -> list[dict]:
+    """One call of every method under CUDA's sync debug mode: how often each syncs the host."""
+    records = []
+    for method, ratio, start, fn in methods:
+        try:
+            count = _count_syncs(fn, model, input_ids)
+        except (torch.cuda.OutOfMemoryError, NotImplementedError) as error:
+            logger.warning("sync check of %s %s skipped: %s", name, method, error)
+            continue
+        finally:
+            _free(input_ids.device)
+        records.append({"record": "sync_check", "arch": name, "length": input_ids.shape[1],
+                        "batch": input_ids.shape[0], "method": method, "halt_ratio": ratio,
+                        "start_layer": start, "sync_warnings": count})
+        logger.info("sync check %s %s ρ=%s: %d host synchronisations", name, method, ratio, count)
+    return records
+
+
+def _measure_or_skip(plan, fn, model, ids, label) -> tuple[Timing | None, str]:
+    """Measure one method; out of memory (or an unsupported input) is a row status, not a crash."""
+    timing, status = None, "ok"
+    try:
+        timing = measure(fn, model, ids, plan.warmup, plan.repeats)
+    except torch.cuda.OutOfMemoryError:
+        status = "oom"
+        logger.warning("out of memory: %s at batch %d, length %d", label, *ids.shape)
+    except NotImplementedError as error:
+        status = "unsupported"
+        logger.warning("%s: %s", label, error)
+    _free(plan.device)  # after the except clause, so the traceback no longer holds tensors
+    return timing, status
+
+
+def run_bench(plan: BenchPlan) -> tuple[list[dict], list[dict]]:
+    """Run every method of ``plan`` on the same seeded inputs.
+
+    Returns
+    -------
+    rows : one dict per (model, batch, length, method, setting), with timings and speedups.
+    sync_records : host synchronisations per method (``plan.sync_check`` on CUDA only).
+    """
+    if plan.sync_check and plan.device.type != "cuda":
+        logger.warning("--sync-check needs CUDA; skipped on %s", plan.device)
+    rows: list[dict] = []
+    syncs: list[dict] = []
+    points = len(plan.targets) * len(plan.batches) * len(plan.lengths)
+    per_point = 2 + len(plan.settings) * (2 if plan.hooks else 1)
+    progress = tqdm(total=points * per_point, desc="bench", unit="run")
+    for target in plan.targets:
+        model = target.load()
+        config = model.config.get_text_config()
+        methods = _methods(plan, config.num_hidden_layers)
+        checked = not (plan.sync_check and plan.device.type == "cuda")
+        for batch in plan.batches:
+            for length in plan.lengths:
+                ids = random_ids(batch, length, config.vocab_size, plan.device, plan.seed)
+                if not checked:
+                    syncs += _sync_check(target.name, model, ids, methods)
+                    checked = True
+                for method, ratio, start, fn in methods:
+                    progress.set_postfix_str(f"{target.name} b={batch} T={length} {method} ρ={ratio}")
+                    timing, status = _measure_or_skip(plan, fn, model, ids, f"{target.name} {method}")
+                    rows.append(_row(target.name, length, batch, method, ratio, start, timing, status, config))
+                    progress.update(1)
+                del ids
+        del model
+        _free(plan.device)
+    progress.close()
+    _add_speedups(rows)
+    return rows, syncs

@@ -1,0 +1,129 @@
+"""Time to first token, measured call by call: prefill plus the first token's logits.
+
+Every method is a function ``(model, input_ids) -> (logits, cache, kept_fraction)`` timed with
+the same discipline: warm-up calls, then repeated calls each bracketed by CUDA events (or
+``time.perf_counter`` on CPU) with a synchronisation after, and the peak memory of each call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import DashConfig, prefill
+from ..policy import kept_count
+from .hooks import cache_of, hooks_prefill
+
+Method = Callable[[torch.nn.Module, torch.Tensor], tuple]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the repeats, and memory of the measured calls (bytes; None on CPU).
+
+    peak_bytes is the largest allocation peak of a call including the weights and inputs;
+    peak_over_weights_bytes subtracts what was allocated before the call (weights, inputs).
+    """
+
+    median_s: float
+    min_s: float
+    max_s: float
+    peak_bytes: int | None
+    peak_over_weights_bytes: int | None
+    kv_cache_bytes: int
+    kept_fraction: float
+
+
+def random_ids(batch: int, length: int, vocab_size: int, device, seed: int = 0) -> torch.Tensor:
+    """Seeded random prompt ids (batch, length), no padding, drawn on the CPU then moved."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of keys plus values over every layer of a transformers cache."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+               if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4)
+
+
+def plain_method(model, input_ids):
+    """The model's own forward, computing only the last position's logits (the fair baseline)."""
+    output = model(input_ids, use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1], cache_of(output), 1.0
+
+
+def dash_method(halt_ratio: float, start_layer: int) -> Method:
+    """This package's engine with the benchmark's protection (first 4, last 64 tokens)."""
+    config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=4, protect_last=64)
+
+    def run(model, input_ids):
+        result = prefill(model, input_ids, config)
+        return result.logits, result.cache, max(result.stats.kept_tokens) / input_ids.shape[1]
+    return run
+
+
+def hooks_method(halt_ratio: float, start_layer: int) -> Method:
+    """The kvpress-style hooks re-implementation with the same selection and protection."""
+    def run(model, input_ids):
+        logits, cache = hooks_prefill(model, input_ids, halt_ratio, start_layer, 4, 64)
+        length = input_ids.shape[1]
+        return logits, cache, kept_count(length, halt_ratio, min(length, 4 + 64)) / length
+    return run
+
+
+class _Clock:
+    """One measured call: CUDA event pair on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.begin = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000.0
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.seconds = time.perf_counter() - self.begin
+            self.peak = self.before = None
+        return False
+
+
+@torch.inference_mode()
+def measure(method: Method, model, input_ids: torch.Tensor, warmup: int = 2, repeats: int = 5) -> Timing:
+    """Median/min/max seconds of ``repeats`` calls after ``warmup`` calls, and their peak memory."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    for _ in range(warmup):
+        method(model, input_ids)  # the output is dropped at once: nothing stays alive between calls
+    seconds, peaks, overs = [], [], []
+    kv_bytes, kept_fraction = 0, 1.0
+    for _ in range(repeats):
+        with _Clock(input_ids.device) as clock:
+            logits, cache, kept_fraction = method(model, input_ids)
+        kv_bytes = cache_bytes(cache)
+        del logits, cache
+        seconds.append(clock.seconds)
+        if clock.peak is not None:
+            peaks.append(clock.peak)
+            overs.append(clock.peak - clock.before)
+    return Timing(
+        median_s=statistics.median(seconds), min_s=min(seconds), max_s=max(seconds),
+        peak_bytes=max(peaks) if peaks else None, peak_over_weights_bytes=max(overs) if overs else None,
+        kv_cache_bytes=kv_bytes, kept_fraction=kept_fraction,
+    )

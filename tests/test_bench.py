@@ -1,0 +1,156 @@
+"""The benchmark: argument parsing, real shapes, the hooks press, measurement, CLI end to end."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import LlamaConfig
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig, prefill
+from dash_prefill.bench import cli, runner, shapes
+from dash_prefill.bench.hooks import cache_of, hooks_prefill
+from dash_prefill.bench.timing import cache_bytes, measure, plain_method
+
+# Published parameter counts (Gemma-3-4B: the language model only).
+REAL_PARAMETERS = {"llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "qwen3-8b": 8.19e9,
+                   "mistral-7b": 7.25e9, "gemma-3-4b": 3.88e9, "smollm2-135m": 1.35e8,
+                   "gemma3-270m": 2.68e8}
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_lengths_parse_k_suffix_as_1024():
+    assert cli.parse_lengths("4k,32k") == [4096, 32768]
+    assert cli.parse_lengths("512, 1K") == [512, 1024]
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_lengths("4kb")
+
+
+def test_start_layer_floats_are_fractions_and_ints_are_indices():
+    args = _parse(["--arch", "smollm2-135m", "--start-layer", "0.4,12", "--settings", "0.25:0.75,3:0.5"])
+    assert args.start_layer == [0.4, 12]
+    assert args.settings == [(0.25, 0.75), (3, 0.5)]
+    assert runner.resolve_start(0.4, 32) == 12 and runner.resolve_start(12, 32) == 12
+    with pytest.raises(ValueError, match="outside"):
+        runner.resolve_start(40, 32)
+
+
+@pytest.mark.parametrize("arch", sorted(REAL_PARAMETERS))
+def test_every_arch_has_the_real_models_parameter_count(arch):
+    model = shapes.build_random_model(arch, device="meta")
+    assert shapes.parameter_count(model) == pytest.approx(REAL_PARAMETERS[arch], rel=0.03)
+
+
+def test_arch_configs_keep_their_long_context_and_layer_patterns():
+    llama = shapes.arch_config("llama-3.1-8b")
+    rope = getattr(llama, "rope_parameters", None) or llama.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    gemma = shapes.arch_config("gemma-3-4b")
+    assert gemma.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert gemma.sliding_window == 1024
+    assert shapes.arch_config("mistral-7b").sliding_window is None
+    for arch in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "gemma-3-4b", "qwen3-8b"):
+        assert shapes.arch_config(arch).max_position_embeddings == 131072
+
+
+def test_random_model_weights_are_finite_and_not_all_equal():
+    model = shapes.build_random_model("tiny", torch.float32, "cpu", config=LlamaConfig(**TINY))
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+        assert parameter.std() > 0, name
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+def test_hooks_at_zero_ratio_match_plain_logits(family):
+    model = build_model(family)
+    ids = random_ids(2, 40)
+    expected = model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    logits, _ = hooks_prefill(model, ids, halt_ratio=0.0, start_layer=1)
+    assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_hooks_at_half_ratio_match_dash_logits_and_cache(family):
+    model = build_model(family)
+    ids = random_ids(2, 160)  # longer than the 4 + 64 protected tokens, so tokens really halt
+    logits, cache = hooks_prefill(model, ids, halt_ratio=0.5, start_layer=1, protect_first=4, protect_last=64)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=1, protect_first=4, protect_last=64))
+    assert_close(logits, result.logits)
+    compared = 0
+    for ours, theirs in zip(result.cache.layers[1:], cache.layers[1:]):
+        if theirs.keys.shape[2] == ours.keys.shape[2] == 80:  # HF's sliding layers keep only a tail
+            assert_close(ours.keys, theirs.keys)
+            assert_close(ours.values, theirs.values)
+            compared += 1
+    assert compared >= 1
+
+
+def test_measure_reports_ordered_times_and_the_cache_size():
+    model = build_model("llama")
+    ids = random_ids(1, 32)
+    timing = measure(plain_method, model, ids, warmup=1, repeats=3)
+    assert 0 < timing.min_s <= timing.median_s <= timing.max_s
+    assert timing.peak_bytes is None  # no CUDA here
+    cache = cache_of(model(ids, use_cache=True))
+    assert timing.kv_cache_bytes == cache_bytes(cache) > 0
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    monkeypatch.setitem(shapes.ARCHITECTURES, "tiny-llama", lambda: LlamaConfig(**TINY))
+    return "tiny-llama"
+
+
+def test_cli_run_writes_json_with_required_fields_and_a_png(tiny_arch, tmp_path, capsys):
+    args = _parse(["--arch", tiny_arch, "--lengths", "96,160", "--device", "cpu", "--warmup", "0",
+                   "--repeats", "1", "--settings", "0.4:0.5", "--out", str(tmp_path)])
+    assert cli.main(args) == 0
+    records = json.loads((tmp_path / "bench.json").read_text())
+    head, rows = records[0], records[1:]
+    assert head["record"] == "header" and {"machine", "torch", "transformers", "command", "date"} <= head.keys()
+    assert [r["method"] for r in rows[:4]] == ["plain", "dash", "dash", "hooks"]
+    assert len(rows) == 8
+    required = {"arch", "length", "batch", "method", "halt_ratio", "start_layer", "median_s", "min_s",
+                "max_s", "peak_bytes", "kv_cache_bytes", "speedup", "ideal_speedup", "efficiency",
+                "speedup_over_hooks"}
+    for row in rows:
+        assert required <= row.keys() and row["status"] == "ok"
+    plain, zero, half, hooks = rows[4:]
+    assert plain["speedup"] == 1.0 and plain["ideal_speedup"] == 1.0
+    assert zero["ideal_speedup"] == pytest.approx(1.0) and zero["halt_ratio"] == 0.0
+    assert half["start_layer"] == 2 and half["ideal_speedup"] > 1.0
+    assert half["speedup_over_hooks"] == pytest.approx(hooks["median_s"] / half["median_s"])
+    assert half["kv_cache_bytes"] < plain["kv_cache_bytes"]
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "plain" in capsys.readouterr().out
+
+
+def test_length_beyond_the_arch_context_is_a_clear_error(capsys):
+    args = _parse(["--arch", "smollm2-135m", "--lengths", "16k", "--device", "cpu"])
+    assert cli.main(args) == 2
+    assert "at most 8192 tokens" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_recorded_and_the_run_continues(tiny_arch, monkeypatch):
+    real = runner.measure
+
+    def measure_or_oom(fn, model, ids, *rest):
+        if fn is runner.plain_method:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return real(fn, model, ids, *rest)
+    monkeypatch.setattr(runner, "measure", measure_or_oom)
+    plan = runner.BenchPlan(targets=[runner.Target(tiny_arch, lambda: build_model("llama"))], lengths=[32],
+                            batches=[1], settings=[(1, 0.5)], device=torch.device("cpu"), warmup=0, repeats=1)
+    rows, _ = runner.run_bench(plan)
+    assert rows[0]["status"] == "oom" and rows[0]["median_s"] is None and rows[0]["speedup"] is None
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows[1:])
