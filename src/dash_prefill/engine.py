@@ -80,7 +80,9 @@ class _LayerInputs:
 
     def __init__(self, adapter: PreNormAdapter, hidden: torch.Tensor, queries: torch.Tensor,
                  keys: KeyLayout):
-        self.adapter, self.hidden, self.queries, self.keys = adapter, hidden, queries, keys
+        self.adapter, self.queries, self.keys = adapter, queries, keys
+        # Only dtype and device are needed: holding ``hidden`` itself would keep it alive.
+        self.hidden = hidden.new_empty(0)
         self.built: dict[tuple[str, torch.device], tuple] = {}
 
     def get(self, layer_type: str, device: torch.device):
@@ -180,10 +182,13 @@ class _Pass:
         self.layer_types = adapter.layer_types()
         self.hidden = adapter.embed(input_ids.to(adapter.base.embed_tokens.weight.device))
         device = self.hidden.device
-        seq_len = input_ids.shape[1]
-        offsets = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
-        positions = (torch.arange(seq_len, device=device)[None] - offsets).clamp_min(0)
-        valid = None if padding_mask is None else padding_mask.to(device)
+        batch, seq_len = input_ids.shape
+        if padding_mask is None:
+            valid = None
+            positions = torch.arange(seq_len, device=device)[None].expand(batch, -1)
+        else:
+            valid = padding_mask.to(device)
+            positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
         self.layout = KeyLayout(positions, valid, seq_len)
         self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout)
         self.cache = DynamicCache()
@@ -212,8 +217,9 @@ class _Pass:
                 # The halting decision: score, select, compact once.
                 self.scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
                                              self.cache.layers[idx].keys, self.layout)
+                padding = None if self.layout.valid is None else ~self.layout.valid.to(layer_device)
                 self.selection = select_active(self.scores, self.lengths, config.halt_ratio,
-                                               config.protect_first, config.protect_last)
+                                               config.protect_first, config.protect_last, padding)
                 hidden = hidden + update
                 if self.selection.index.shape[1] < hidden.shape[1] or self.selection.valid is not None:
                     hidden = self._compact(hidden, idx, layer_device)
@@ -248,7 +254,8 @@ class _Pass:
             cache=self.cache, logits=self.adapter.logits(self.hidden[:, -1]), stats=stats,
             active_index=self.selection.index if halted_any else None, scores=self.scores,
             key_layouts=self.layouts,
-            next_positions=torch.tensor(lengths, device=self.layout.positions.device),
+            # The last token is real in every row (left padding): the next position follows it.
+            next_positions=self.layout.positions[:, -1] + 1,
         )
 
 

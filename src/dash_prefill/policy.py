@@ -73,21 +73,25 @@ def kept_count(num_tokens: int, halt_ratio: float, num_protected: int) -> int:
     return min(num_tokens, max(num_tokens - int(halt_ratio * num_tokens), num_protected))
 
 
-def protected_mask(lengths: list[int], seq_len: int, protect_first: int, protect_last: int,
-                   device: torch.device) -> torch.Tensor:
+def protected_mask(padding: torch.Tensor | None, batch: int, seq_len: int, protect_first: int,
+                   protect_last: int, device: torch.device) -> torch.Tensor:
     """Tokens that may never halt: first and last windows of each row, and the last token.
 
-    Rows are left-padded: row ``b`` holds its ``lengths[b]`` tokens at the end. -> (batch, seq) bool.
+    Rows are left-padded (``padding`` (batch, seq) True at padding, or None): a row's first
+    window starts at its first real token. -> (batch, seq) bool. No host-device copies.
     """
-    position = torch.arange(seq_len, device=device)
-    starts = torch.tensor([seq_len - n for n in lengths], device=device)[:, None]
-    first = (position >= starts) & (position < starts + protect_first)
+    position = torch.arange(seq_len, device=device)[None]
     last = position >= seq_len - max(protect_last, 1)
-    return first | last
+    if padding is None:
+        return (position < protect_first) | last
+    starts = padding.sum(-1, keepdim=True)
+    first = (position >= starts) & (position < starts + protect_first)
+    return (first | last) & ~padding
 
 
 def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
-                  protect_first: int, protect_last: int) -> Selection:
+                  protect_first: int, protect_last: int,
+                  padding: torch.Tensor | None = None) -> Selection:
     """Keep the highest-scoring tokens of every row; halt the rest.
 
     Parameters
@@ -96,6 +100,8 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
         Higher means more worth computing further.
     lengths : list[int]
         Real (non-padding) tokens per row; rows are left-padded. Padding is halted first.
+    padding : (batch, seq) bool, optional
+        True at padding; derived from ``lengths`` when not given.
     halt_ratio, protect_first, protect_last :
         As in :class:`DashConfig`.
 
@@ -104,20 +110,25 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
     """
     batch, seq_len = scores.shape
     device = scores.device
-    protect = protected_mask(lengths, seq_len, protect_first, protect_last, device)
-    padding = torch.arange(seq_len, device=device)[None, :] < torch.tensor(
-        [seq_len - n for n in lengths], device=device)[:, None]
-    protect &= ~padding
+    padded = min(lengths) < seq_len
+    if padded and padding is None:
+        padding = torch.arange(seq_len, device=device)[None, :] < torch.tensor(
+            [seq_len - n for n in lengths], device=device)[:, None]
+    padding = padding if padded else None
+    protect = protected_mask(padding, batch, seq_len, protect_first, protect_last, device)
     num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
     kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
     width = max(kept)
-    ranked = scores.float().masked_fill(protect, float("inf")).masked_fill(padding, float("-inf"))
-    if width == seq_len and min(lengths) == seq_len:
+    if width == seq_len and not padded:
         # Nothing halts: the identity selection needs no ranking.
         index = torch.arange(seq_len, device=device).expand(batch, seq_len)
         return Selection(index=index, valid=None, kept_per_row=kept)
-    top = ranked.topk(width, dim=-1, sorted=True).indices
+    ranked = scores.float().masked_fill(protect, float("inf"))
+    if padded:
+        ranked = ranked.masked_fill(padding, float("-inf"))
+    index, order = ranked.topk(width, dim=-1, sorted=True).indices.sort(dim=-1)
+    if min(kept) == width:
+        return Selection(index=index, valid=None, kept_per_row=kept)
+    # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.
     real = torch.arange(width, device=device)[None, :] < torch.tensor(kept, device=device)[:, None]
-    index, order = top.sort(dim=-1)
-    valid = real.gather(1, order)
-    return Selection(index=index, valid=None if min(kept) == width else valid, kept_per_row=kept)
+    return Selection(index=index, valid=real.gather(1, order), kept_per_row=kept)
