@@ -1,0 +1,168 @@
+"""``dash-prefill eval``: task accuracy and fidelity of halting policies, then a report.
+
+Wire-up: ``add_arguments(subparser)`` adds the options, ``main(args)`` runs and prints a table.
+Everything lands in ``--out``: ``results.jsonl`` (resumable), ``report.md`` and the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .report import text_table, write_report
+from .runner import evaluate, parse_policies, read_records
+from .tasks import OFFLINE_TASKS, TASKS
+
+logger = logging.getLogger(__name__)
+
+QUICK_TASKS = ("niah_single_1", "vt", "fwe")
+MAIN_GRID = ("plain,dash@0.25,dash@0.5,dash@0.75,random@0.25,random@0.5,random@0.75,"
+             "dash-rel@0.5,attention@0.5")
+GEMMA_GRID = "plain,dash@0.5,dash@0.75,random@0.5,random@0.75"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation grid: a model at one length, tasks x samples x policies."""
+
+    model: str
+    length: int
+    tasks: tuple[str, ...]
+    samples: int
+    policies: str
+    start_layer: int | float = 0.4
+
+
+PRESETS: dict[str, tuple[Run, ...]] = {
+    "quick": (Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5,random@0.5"),),
+    "full-smollm2": (
+        Run("smollm2-135m", 4096, TASKS, 10, MAIN_GRID),
+        # Start-layer sweep at rho=0.5 (0.4 is dash@0.5 of the main grid, reused from the file).
+        Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5/s0.25,dash@0.5,dash@0.5/s0.6"),
+    ),
+    "full-gemma": (
+        Run("gemma3-270m", 8192, TASKS, 10, GEMMA_GRID),
+        Run("gemma3-270m", 16384, QUICK_TASKS, 10, GEMMA_GRID),
+    ),
+}
+
+
+def _length(text: str) -> int:
+    text = text.strip().lower()
+    try:
+        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a length is an integer with an optional k suffix (4k); got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"length must be positive; got {text!r}")
+    return value
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    if text in ("all", "offline"):
+        return TASKS if text == "all" else OFFLINE_TASKS
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown tasks {unknown}; valid: all, offline, {', '.join(TASKS)}")
+    return tasks
+
+
+def _start(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"start layer is an index (12) or a fraction (0.4); got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` options to ``parser``."""
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a predefined grid; explicit options below override its values")
+    parser.add_argument("--model", help="registry name (smollm2-135m, gemma3-270m), directory or hub id")
+    parser.add_argument("--tasks", type=_tasks, help="comma-separated task names, 'all' or 'offline'")
+    parser.add_argument("--length", type=_length, help="prompt + answer tokens per sample (4k = 4096)")
+    parser.add_argument("--samples", type=int, help="samples per task")
+    parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
+                        "attention@0.5,dash@0.5/s0.25'")
+    parser.add_argument("--start-layer", type=_start, help="start layer of labels without /s (default 0.4)")
+    parser.add_argument("--seed", type=int, default=42, help="sample generator seed (default 42)")
+    parser.add_argument("--out", type=Path, default=Path("eval_results"),
+                        help="output directory: results.jsonl, report.md, PNGs")
+    parser.add_argument("--fidelity", type=int, default=0, metavar="N",
+                        help="also compare every policy with plain prefill on N prompts (>= 50 advised)")
+    parser.add_argument("--fidelity-tokens", type=int, default=16, help="greedy tokens compared (default 16)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often faster on a busy CPU)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl")
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """The runs the options ask for: a preset's, with explicit options overriding."""
+    overrides = {name: getattr(args, name) for name in
+                 ("model", "tasks", "length", "samples", "policies", "start_layer")
+                 if getattr(args, name, None) is not None}
+    if args.preset:
+        return [replace(run, **overrides) for run in PRESETS[args.preset]]
+    missing = [f"--{n}" for n in ("model", "tasks", "length", "samples", "policies") if n not in overrides]
+    if missing:
+        raise ValueError(f"without --preset, give {', '.join(missing)} (or use --preset quick)")
+    return [Run(**overrides)]
+
+
+def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
+    from ..models import load_model, max_context
+    from .fidelity import evaluate_fidelity
+
+    loaded = {}
+    fidelity_done = set()
+    for run in runs:
+        if run.model not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[run.model] = load_model(run.model)
+        model, tokenizer = loaded[run.model]
+        if run.length > max_context(model):
+            raise ValueError(f"--length {run.length} exceeds {run.model}'s context of {max_context(model)}")
+        policies = parse_policies(run.policies, run.start_layer)
+        started = time.perf_counter()
+        evaluate(model, tokenizer, run.model, run.tasks, run.length, run.samples, policies,
+                 results, seed=args.seed)
+        logger.info("%s at %d: %.0f s", run.model, run.length, time.perf_counter() - started)
+        if args.fidelity and (run.model, run.length) not in fidelity_done:
+            # The first run of each (model, length) defines the fidelity grid.
+            fidelity_done.add((run.model, run.length))
+            evaluate_fidelity(model, tokenizer, run.model, run.tasks, run.length, args.fidelity,
+                              [p for p in policies if p[0] != "plain"], results,
+                              num_tokens=args.fidelity_tokens, seed=args.seed)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the evaluation (unless ``--report-only``), write the report, print a table."""
+    results = args.out / "results.jsonl"
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if not args.report_only:
+            runs = plan(args)
+            started = time.perf_counter()
+            _run_all(runs, args, results)
+            print(f"evaluation took {time.perf_counter() - started:.0f} s")
+        report = write_report(results, args.out)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text_table(read_records(results)))
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m dash_prefill.eval.cli
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _parser = argparse.ArgumentParser(prog="dash-prefill eval", description=__doc__)
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

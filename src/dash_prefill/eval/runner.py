@@ -1,0 +1,283 @@
+"""Task accuracy under halting: the kvpress protocol on the RULER-style tasks, resumable.
+
+Protocol (as in NVIDIA kvpress): a prompt is ``context + question + answer_prefix``; only the
+context may be halted. Each sample's ``protect_last`` is raised to the token count of
+everything after the context (question, answer prefix and any chat-template suffix), so the
+question is never halted. If the tokenizer has a chat template, ``context + question`` is the
+user message and the answer prefix follows the generation prompt; otherwise the raw text is
+used. Decoding is greedy up to the task's ``max_new_tokens`` or EOS; scoring is RULER's.
+
+Every policy of one sample runs from one shared trunk (:func:`prefill_branches`). Results go to
+a JSONL file, one record per (model, length, task, sample, policy label, config, seed), appended
+after every sample; a re-run skips the cells already there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DashConfig
+from ..engine import PrefillResult, decode_step, prefill_branches
+from .tasks import Sample, generate_samples, score
+
+logger = logging.getLogger(__name__)
+
+PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
+_LABEL = re.compile(r"^(dash|random|attention)(-rel)?@([0-9.]+)(?:/s([0-9.]+))?$")
+
+
+def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
+    """The config of a label: ``plain``, ``dash@0.5``, ``dash-rel@0.5``, ``random@0.5``,
+    ``attention@0.5``, ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12).
+
+    ``protect_last`` is 0 here: the evaluation sets it per sample to the question's length.
+    """
+    label = label.strip()
+    if label == "plain":
+        return PLAIN
+    match = _LABEL.match(label)
+    if match is None:
+        raise ValueError(f"cannot read policy label {label!r}; use plain, dash@0.5, dash-rel@0.5, "
+                         "random@0.5, attention@0.5 or dash@0.5/s0.25")
+    policy, relative, ratio, start = match.groups()
+    if start is not None:
+        start_layer = float(start) if "." in start else int(start)
+    return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
+                      policy=policy, score="relative" if relative else "absolute")
+
+
+def parse_policies(text: str, start_layer: int | float = 0.4) -> list[tuple[str, DashConfig]]:
+    """``"plain,dash@0.5"`` -> [(label, config), ...]."""
+    labels = [item.strip() for item in text.split(",") if item.strip()]
+    return [(label, parse_policy(label, start_layer)) for label in labels]
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of a sample's prompt and how many of its last tokens follow the context."""
+
+    ids: list[int]
+    tail_tokens: int
+    chat_template: bool
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, user: str) -> str:
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # A chat template writes its own BOS; the tokenizer must not add a second one.
+    if _has_template(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """``count_tokens(prompt_text)`` for length fitting, chat-template tokens included."""
+    if _has_template(tokenizer):
+        return lambda text: len(_encode(tokenizer, _render(tokenizer, text)))
+    return lambda text: len(_encode(tokenizer, text))
+
+
+def encode_sample(tokenizer, sample: Sample) -> EncodedPrompt:
+    """Tokenize a sample's prompt and count the tokens after its context.
+
+    The tail is found as the tokens after the longest common prefix of the full prompt and the
+    prompt cut right after the context, so merges across the boundary are counted as tail.
+    """
+    templated = _has_template(tokenizer)
+    if templated:
+        text = _render(tokenizer, sample.context + sample.question) + sample.answer_prefix
+    else:
+        text = sample.context + sample.question + sample.answer_prefix
+    at = text.find(sample.context)
+    context = sample.context if at >= 0 else sample.context.strip()
+    at = text.find(context)
+    if at < 0:
+        raise ValueError("the chat template changed the context text; cannot locate the question")
+    ids = _encode(tokenizer, text)
+    head = _encode(tokenizer, text[: at + len(context)])
+    common = 0
+    for a, b in zip(ids, head):
+        if a != b:
+            break
+        common += 1
+    return EncodedPrompt(ids, len(ids) - common, templated)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the generation config, else the tokenizer's."""
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        value = getattr(tokenizer, "eos_token_id", None)
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def greedy_tokens(model, state: PrefillResult, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy continuation of one prefilled row (batch 1), EOS included when reached."""
+    token = state.logits.argmax(-1)
+    tokens = []
+    for step in range(max_new_tokens):
+        tokens.append(int(token[0]))
+        if tokens[-1] in stop or step == max_new_tokens - 1:
+            break
+        token = decode_step(model, state, token[:, None]).argmax(-1)
+    return tokens
+
+
+def sample_configs(policies, sample: Sample, prompt: EncodedPrompt) -> list[DashConfig]:
+    """Per-sample configs: protect the tail; the random control draws anew per sample."""
+    configs = []
+    for _, config in policies:
+        changes = {"protect_last": max(config.protect_last, prompt.tail_tokens)}
+        if config.policy == "random":
+            changes["seed"] = config.seed + sample.index
+        configs.append(dataclasses.replace(config, **changes))
+    return configs
+
+
+# ---------------------------------------------------------------------------- results file
+
+
+def cell_key(kind: str, model_name: str, length: int, task: str, index: int, label: str,
+             config: DashConfig | dict, seed: int, **extra) -> str:
+    """The identity of one result cell, as a canonical JSON string."""
+    fields = dataclasses.asdict(config) if isinstance(config, DashConfig) else config
+    return json.dumps([kind, model_name, length, task, index, label, fields, seed, extra],
+                      sort_keys=True)
+
+
+def record_key(record: dict) -> str:
+    return cell_key(record["kind"], record["model"], record["length"], record["task"],
+                    record["sample"], record["label"], record["config"], record["seed"],
+                    **record.get("key_extra", {}))
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSONL results file; a torn last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s:%d is not valid JSON (interrupted write?); skipped", path, number)
+    return records
+
+
+def append_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append records and flush them to disk (crash-safe)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, tokenizer, model_name: str, tasks, target_length: int, num_samples: int,
+             policies: list[tuple[str, DashConfig]], results_path, seed: int = 42) -> list[dict]:
+    """Score every policy on the same samples of every task; resume from ``results_path``.
+
+    Parameters
+    ----------
+    model, tokenizer : a supported causal LM and its tokenizer.
+    model_name : str
+        Name recorded in the results (part of a cell's key).
+    tasks : sequence of str
+        Task names (see :data:`dash_prefill.eval.tasks.TASKS`).
+    target_length : int
+        Prompt tokens + max new tokens per sample.
+    num_samples : int
+        Samples per task.
+    policies : list of (label, DashConfig)
+        E.g. from :func:`parse_policies`; ``protect_last`` is raised per sample to the tail.
+    results_path : path
+        JSONL file; cells already in it are skipped, new ones appended after every sample.
+    seed : int
+        Seed of the sample generators.
+
+    Returns
+    -------
+    list of dict
+        One record per requested cell (loaded or computed).
+    """
+    labels = [label for label, _ in policies]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"policy labels must be unique; got {labels}")
+    done = {record_key(r): r for r in read_records(results_path)}
+    keys = {(task, i, label): cell_key("task", model_name, target_length, task, i, label, config, seed)
+            for task in tasks for i in range(num_samples) for label, config in policies}
+    missing = {cell for cell, key in keys.items() if key not in done}
+    logger.info("%d of %d cells already in %s", len(keys) - len(missing), len(keys), results_path)
+    stop = stop_token_ids(model, tokenizer)
+    count_tokens = token_counter(tokenizer)
+    progress = tqdm(total=len(tasks) * num_samples, desc=f"{model_name} {target_length}", unit="sample")
+    for task in tasks:
+        todo = [i for i in range(num_samples) if any((task, i, label) in missing for label in labels)]
+        progress.update(num_samples - len(todo))
+        if not todo:
+            continue
+        samples = generate_samples(task, count_tokens, target_length, max(todo) + 1, seed)
+        for i in todo:
+            progress.set_postfix_str(task)
+            chosen = [(label, config) for label, config in policies if (task, i, label) in missing]
+            records = run_sample(model, tokenizer, samples[i], chosen, stop)
+            for record, (label, config) in zip(records, chosen):
+                record.update(model=model_name, length=target_length, seed=seed, label=label,
+                              config=dataclasses.asdict(config))
+                done[keys[task, i, label]] = record
+            append_records(results_path, records)
+            progress.update(1)
+    progress.close()
+    return [done[key] for key in keys.values()]
+
+
+def run_sample(model, tokenizer, sample: Sample, policies, stop: set[int]) -> list[dict]:
+    """Prefill one sample under every policy from one trunk, decode greedily, score."""
+    prompt = encode_sample(tokenizer, sample)
+    configs = sample_configs(policies, sample, prompt)
+    ids = torch.tensor([prompt.ids])
+    records = []
+    for config, state in zip(configs, prefill_branches(model, ids, configs)):
+        tokens = greedy_tokens(model, state, sample.max_new_tokens, stop)
+        prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+        records.append({
+            "kind": "task", "task": sample.task, "sample": sample.index,
+            "prediction": prediction, "references": list(sample.references),
+            "score": score(prediction, sample.references, sample.metric),
+            "prompt_tokens": state.stats.prompt_tokens[0], "kept_tokens": state.stats.kept_tokens[0],
+            "protect_last": config.protect_last, "start_layer_index": state.stats.start_layer,
+            "ideal_speedup": state.stats.ideal_speedup,
+            "kv_saved_fraction": state.stats.kv_saved_fraction,
+            "new_tokens": len(tokens), "chat_template": prompt.chat_template,
+        })
+    return records

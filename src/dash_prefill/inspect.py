@@ -1,0 +1,199 @@
+"""``dash-prefill inspect``: what DASH sees in one prompt and what it halts.
+
+Writes two files:
+
+- ``delta_norms.png``: per layer, the quantiles (5/25/50/75/95 %) over the prompt tokens of the
+  attention update ||U_t|| (absolute) and ||U_t|| / ||h_t|| (relative), side by side. U is the
+  family adapter's attention update (for Gemma-3 the post-attention-normed output), computed by
+  running every layer on every token, exactly as the engine does with policy "none".
+- ``tokens.html``: the prompt's tokens, the halted ones greyed out, for one ``DashConfig``
+  (from ``prefill(...).active_index``), with a legend and the prefill stats.
+
+The prompt is tokenized as given (no chat template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_for
+from .config import DashConfig
+from .engine import PrefillStats, prefill
+from .masks import KeyLayout, attention_mask
+from .policy import delta_norm
+
+logger = logging.getLogger(__name__)
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Paths written by :func:`inspect_prompt`, the per-layer norms and the prefill stats.
+
+    absolute, relative : (layers, seq) float32 — ||U_t|| and ||U_t|| / ||h_t|| per layer.
+    halted : sorted token indices halted under the config.
+    """
+
+    plot_path: Path
+    html_path: Path
+    absolute: torch.Tensor
+    relative: torch.Tensor
+    halted: list[int]
+    stats: PrefillStats
+
+
+@torch.no_grad()
+def delta_norms(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """||U_t|| and ||U_t|| / ||h_t|| of every token at every layer, all tokens computed.
+
+    input_ids : (seq,) -> two (layers, seq) float32 tensors.
+    """
+    adapter = adapter_for(model)
+    hidden = adapter.embed(input_ids[None].to(adapter.base.embed_tokens.weight.device))
+    seq_len = hidden.shape[1]
+    positions = torch.arange(seq_len, device=hidden.device)[None]  # (1, seq)
+    layout = KeyLayout(positions, None, seq_len)
+    implementation = adapter.config._attn_implementation
+    absolute, relative = [], []
+    for layer, layer_type in zip(adapter.layers, adapter.layer_types()):
+        rotary = adapter.rotary(hidden, positions, layer_type)
+        mask = attention_mask(implementation, positions, layout, adapter.window(layer_type), hidden.dtype)
+        update = adapter.attention_update(layer, hidden, rotary, mask, None)
+        absolute.append(delta_norm(update)[0])
+        relative.append(delta_norm(update, hidden)[0])
+        hidden = adapter.feed_forward(layer, hidden + update)
+    return torch.stack(absolute).cpu(), torch.stack(relative).cpu()
+
+
+def plot_norms(absolute: torch.Tensor, relative: torch.Tensor, start_layer: int, path: Path,
+               title: str = "") -> None:
+    """Per-layer quantile bands of both scores, side by side, the start layer marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = torch.tensor(QUANTILES)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, values, name in ((axes[0], absolute, "||U_t||"), (axes[1], relative, "||U_t|| / ||h_t||")):
+        bands = torch.quantile(values.float(), q, dim=1).numpy()  # (quantiles, layers)
+        layers = range(values.shape[0])
+        ax.fill_between(layers, bands[0], bands[4], alpha=0.2, color="C0", label="5-95 %")
+        ax.fill_between(layers, bands[1], bands[3], alpha=0.4, color="C0", label="25-75 %")
+        ax.plot(layers, bands[2], color="C0", label="median")
+        ax.axvline(start_layer, color="C3", linestyle="--", label=f"start layer {start_layer}")
+        ax.set(xlabel="layer", ylabel=name, yscale="log", title=f"{name} per layer")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+_STYLE = """body{font-family:sans-serif;max-width:70em;margin:2em auto}
+.text{font-family:monospace;white-space:pre-wrap;line-height:1.6;border:1px solid #ddd;padding:1em}
+.tok{border-radius:2px}.active{background:#fff3c4}.halted{color:#bbb}
+table{border-collapse:collapse}td{padding:0 1em 0 0}"""
+
+
+def token_html(pieces: list[str], halted: set[int], config: DashConfig, stats: PrefillStats) -> str:
+    """The page: every token a span (class ``halted`` or ``active``, ``data-index``), legend, stats."""
+    spans = []
+    for index, piece in enumerate(pieces):
+        kind = "halted" if index in halted else "active"
+        text = html.escape(piece).replace("\n", "↵\n")
+        spans.append(f'<span class="tok {kind}" data-index="{index}" title="{index}">{text}</span>')
+    rows = {"policy": f"{config.policy} ({config.score})", "halt ratio": config.halt_ratio,
+            "start layer": f"{stats.start_layer} of {stats.num_layers}",
+            "prompt tokens": stats.prompt_tokens[0], "kept tokens": stats.kept_tokens[0],
+            "halted tokens": stats.halted_tokens[0],
+            "protected": f"first {config.protect_first}, last {config.protect_last}",
+            "KV cache saved": f"{stats.kv_saved_fraction:.1%}",
+            "ideal speedup": f"{stats.ideal_speedup:.2f}x"}
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>DASH halting</title>"
+            f"<style>{_STYLE}</style></head><body><h1>DASH halting</h1>"
+            f"<p>Legend: <span class='tok active'>active token</span> "
+            f"<span class='tok halted'>halted token</span> (halted after layer {stats.start_layer}; "
+            f"↵ marks a newline)</p><table>{table}</table>"
+            f"<div class='text'>{''.join(spans)}</div></body></html>\n")
+
+
+def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir) -> Inspection:
+    """Plot the per-layer update norms of ``text`` and render its halted tokens.
+
+    Parameters
+    ----------
+    model, tokenizer : a supported causal LM and its tokenizer.
+    text : str
+        The prompt, tokenized as is.
+    config : DashConfig
+        The halting to show (its policy, ratio, start layer and protection windows).
+    out_dir : path
+        Receives ``delta_norms.png`` and ``tokens.html``.
+    """
+    if not text.strip():
+        raise ValueError("the prompt is empty: pass some text")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    absolute, relative = delta_norms(model, ids)
+    result = prefill(model, ids[None], config)
+    active = set(range(len(ids))) if result.active_index is None else set(result.active_index[0].tolist())
+    halted = sorted(set(range(len(ids))) - active)
+    start = result.stats.start_layer if config.halts else config.resolve_start_layer(len(absolute))
+    plot_path = out_dir / "delta_norms.png"
+    plot_norms(absolute, relative, start, plot_path, f"{len(ids)} prompt tokens")
+    pieces = [tokenizer.decode([i]) for i in ids.tolist()]
+    html_path = out_dir / "tokens.html"
+    html_path.write_text(token_html(pieces, set(halted), config, result.stats), encoding="utf-8")
+    logger.info("wrote %s and %s (%d of %d tokens halted)", plot_path, html_path, len(halted), len(ids))
+    return Inspection(plot_path, html_path, absolute, relative, halted, result.stats)
+
+
+def _start(text: str) -> int | float:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"start layer is an index (12) or a fraction (0.4); got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``inspect`` options to ``parser``."""
+    parser.add_argument("--model", required=True, help="registry name, directory or hub id")
+    parser.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
+    parser.add_argument("--halt-ratio", type=float, default=0.5)
+    parser.add_argument("--start-layer", type=_start, default=0.4)
+    parser.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"))
+    parser.add_argument("--score", default="absolute", choices=("absolute", "relative"))
+    parser.add_argument("--protect-last", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("inspect_out"))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the model, inspect the prompt, print where the files are."""
+    from .models import load_model
+
+    try:
+        text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+        config = DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer, policy=args.policy,
+                            score=args.score, protect_last=args.protect_last)
+        model, tokenizer = load_model(args.model)
+        found = inspect_prompt(model, tokenizer, text, config, args.out)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stats = found.stats
+    print(f"{stats.prompt_tokens[0]} tokens, {len(found.halted)} halted after layer {stats.start_layer}, "
+          f"ideal speedup {stats.ideal_speedup:.2f}x")
+    print(f"plot: {found.plot_path}\npage: {found.html_path}")
+    return 0
