@@ -11,6 +11,19 @@ from reference import reference_forward
 SEQ = 40
 
 
+def _window_keep(model, layer):
+    """Entries a layer's cache keeps at most: window - 1 on sliding layers (as HF), else all."""
+    from dash_prefill.adapters import adapter_for
+    adapter = adapter_for(model)
+    window = adapter.window(adapter.layer_types()[layer])
+    return None if window is None else window - 1
+
+
+def _tail(tensor, count, dim):
+    return tensor if count is None else tensor.narrow(dim, max(0, tensor.shape[dim] - count),
+                                                       min(count, tensor.shape[dim]))
+
+
 def _active_mask(result, batch, seq_len):
     active = torch.zeros(batch, seq_len, dtype=torch.bool)
     if result.active_index is None:
@@ -26,11 +39,10 @@ def test_zero_ratio_matches_plain_forward(family, implementation, policy):
     result = prefill(model, ids, DashConfig(halt_ratio=0.0, policy=policy))
     assert_close(result.logits, expected.logits[:, -1].float())
     for layer, (ours, theirs) in enumerate(zip(result.cache.layers, expected.past_key_values.layers)):
-        # HF keeps only the last window of a sliding layer; we keep every key (masked by position).
-        kept = theirs.keys.shape[2]
-        assert kept == SEQ or kept >= model.config.sliding_window - 1
-        assert_close(ours.keys[:, :, -kept:], theirs.keys, msg=f"keys of layer {layer}")
-        assert_close(ours.values[:, :, -kept:], theirs.values, msg=f"values of layer {layer}")
+        # Sliding-window layers keep only the last window - 1 keys, as in HF's own cache.
+        assert ours.keys.shape == theirs.keys.shape
+        assert_close(ours.keys, theirs.keys, msg=f"keys of layer {layer}")
+        assert_close(ours.values, theirs.values, msg=f"values of layer {layer}")
 
 
 @pytest.mark.parametrize("policy", ["dash", "random"])
@@ -47,6 +59,7 @@ def test_halting_matches_masked_reference(family, implementation, policy):
         for name in ("keys", "values"):
             theirs = getattr(cache.layers[layer], name)
             kept = theirs.gather(2, index.expand(-1, theirs.shape[1], -1, theirs.shape[3]))
+            kept = _tail(kept, _window_keep(model, layer), 2)
             assert_close(getattr(result.cache.layers[layer], name), kept, msg=f"{name} of layer {layer}")
 
 
@@ -58,9 +71,10 @@ def test_cache_after_start_layer_holds_exactly_the_kept_tokens_in_order(family):
     assert result.active_index.shape == (1, kept)
     assert torch.all(result.active_index[0, 1:] > result.active_index[0, :-1])
     for layer, entry in enumerate(result.cache.layers):
-        assert entry.keys.shape[2] == (SEQ if layer < 2 else kept)
-        assert torch.equal(result.key_layouts[layer].positions[0],
-                           torch.arange(SEQ) if layer < 2 else result.active_index[0])
+        expected = torch.arange(SEQ) if layer < 2 else result.active_index[0]
+        expected = _tail(expected, _window_keep(model, layer), 0)
+        assert entry.keys.shape[2] == len(expected)
+        assert torch.equal(result.key_layouts[layer].positions[0], expected)
     assert result.stats.kv_tokens_per_layer == [SEQ, SEQ, kept, kept]
 
 

@@ -117,6 +117,18 @@ def _keep_cached(cache: DynamicCache, layer_idx: int, index: torch.Tensor) -> No
         setattr(layer, name, states.gather(2, slots.expand(-1, states.shape[1], -1, states.shape[3])))
 
 
+def _crop_to_window(cache: DynamicCache, layer_idx: int, count: int) -> None:
+    """Keep the last ``count`` keys/values of a sliding-window layer (copied, so the rest is freed).
+
+    Positions grow along the cache, so the keys a future token can still see (original positions
+    within the window) are among the last window-1 entries, compacted or not.
+    """
+    layer = cache.layers[layer_idx]
+    if layer.keys.shape[2] > count:
+        layer.keys = layer.keys[:, :, -count:].clone()
+        layer.values = layer.values[:, :, -count:].clone()
+
+
 def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """Checks at the boundary; returns 2-D ids, the mask (None without padding), row lengths."""
     if not isinstance(input_ids, torch.Tensor):
@@ -193,6 +205,7 @@ class _Pass:
         self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout)
         self.cache = DynamicCache()
         self.layouts: list[KeyLayout] = []
+        self.tails: dict[tuple[int, int], KeyLayout] = {}
         self.selection: Selection | None = None
         self.scores: torch.Tensor | None = None
 
@@ -202,6 +215,7 @@ class _Pass:
         twin.cache = DynamicCache()
         twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         twin.layouts = list(self.layouts)
+        twin.tails = dict(self.tails)
         return twin
 
     def run(self, layers: range, start: int | None = None, config: DashConfig | None = None) -> None:
@@ -226,7 +240,18 @@ class _Pass:
             else:
                 hidden = hidden + update
             self.hidden = adapter.feed_forward(layer, hidden)
-            self.layouts.append(self.layout)
+            self.layouts.append(self._cropped_layout(idx))
+
+    def _cropped_layout(self, layer_idx: int) -> KeyLayout:
+        """Crop a sliding-window layer's cache as HF does; the layout of what the layer keeps."""
+        window = self.adapter.window(self.layer_types[layer_idx])
+        if window is None or self.layout.num_keys <= window - 1:
+            return self.layout
+        _crop_to_window(self.cache, layer_idx, window - 1)
+        key = (id(self.layout), window)
+        if key not in self.tails:
+            self.tails[key] = self.layout.tail(window - 1)
+        return self.tails[key]
 
     def _compact(self, hidden: torch.Tensor, layer_idx: int, device: torch.device) -> torch.Tensor:
         """Keep only the active tokens: hidden states, this layer's cache and the key layout."""

@@ -42,6 +42,11 @@ class KeyLayout:
             merged = old if valid is None else old & valid
         return KeyLayout(positions, merged, self.span)
 
+    def tail(self, count: int) -> KeyLayout:
+        """The layout of the last ``count`` keys."""
+        valid = None if self.valid is None else self.valid[:, -count:]
+        return KeyLayout(self.positions[:, -count:], valid, self.span)
+
     def append(self, positions: torch.Tensor, span: int) -> KeyLayout:
         """The layout after real keys at ``positions`` (batch, new) are appended."""
         valid = self.valid
@@ -70,7 +75,7 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
     query_pos = query_positions[:, :, None]
     allowed = key_pos <= query_pos
     if window_bites:
-        allowed &= query_pos - key_pos < window
+        allowed &= key_pos > query_pos - window  # no (q, k) integer temporary
     if keys.valid is not None:
         allowed &= keys.valid[:, None, :]
     # Each query may always see itself, so padding and filler rows stay finite (never NaN).
