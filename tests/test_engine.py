@@ -181,3 +181,19 @@ def test_branches_sharing_the_trunk_equal_separate_prefills():
         assert_close(branch.logits, alone.logits)
         token = alone.logits.argmax(-1)[:, None]
         assert_close(decode_step(model, branch, token), decode_step(model, alone, token))
+
+
+def test_accelerate_dispatched_model_gives_the_same_prefill_and_decoding():
+    # Layers sharded by accelerate (device_map="auto") carry device-alignment hooks; with one
+    # device available, attach the same hooks dispatch_model would and check nothing changes.
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    ids = random_ids(1, SEQ)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_last=2)
+    expected = prefill(build_model("gemma3"), ids, config)
+    sharded = build_model("gemma3")
+    for module in [sharded.model.embed_tokens, *sharded.model.layers, sharded.model.norm, sharded.lm_head]:
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    result = prefill(sharded, ids, config)
+    assert_close(result.logits, expected.logits)
+    token = expected.logits.argmax(-1)[:, None]
+    assert_close(decode_step(sharded, result, token), decode_step(build_model("gemma3"), expected, token))

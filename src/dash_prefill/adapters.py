@@ -148,4 +148,10 @@ def adapter_for(model: nn.Module) -> PreNormAdapter:
             f"attention implementation {implementation!r} is not supported; load the model with "
             "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
         )
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"weights such as {offloaded[0]} are offloaded (on the meta device); DASH prefill runs "
+            "the layers itself and needs every layer on a device: use a device_map without "
+            "CPU/disk offloading")
     return ADAPTERS[model_type](model)

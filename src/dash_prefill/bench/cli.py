@@ -14,7 +14,7 @@ import torch
 
 from .report import header, print_table, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
-from .shapes import ARCHITECTURES, arch_config, build_random_model
+from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa")
     parser.add_argument("--device", choices=["cuda", "cpu"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="shard the layers over this many GPUs (accelerate, like device_map='auto')")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,7 +105,10 @@ def _targets(args, dtype: torch.dtype) -> list[Target]:
     targets = []
     for arch in args.arch:
         _check_context(arch, arch_config(arch).max_position_embeddings, args.lengths)
-        targets.append(Target(arch, lambda arch=arch: build_random_model(arch, dtype, args.device, args.attn, args.seed)))
+        def build(arch=arch):
+            model = build_random_model(arch, dtype, args.device, args.attn, args.seed)
+            return split_across(model, [f"cuda:{i}" for i in range(args.gpus)])
+        targets.append(Target(arch, build))
     return targets
 
 
@@ -116,6 +121,10 @@ def main(args: argparse.Namespace) -> int:
         print("error: --device cuda but no GPU is visible; pass --device cpu", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.gpus > 1 and (device.type != "cuda" or torch.cuda.device_count() < args.gpus):
+        print(f"error: --gpus {args.gpus} needs that many visible GPUs; "
+              f"{torch.cuda.device_count()} are visible", file=sys.stderr)
+        return 2
     settings = args.settings or [(s, r) for s in args.start_layer for r in args.halt_ratio]
     try:
         for start, ratio in settings:
@@ -134,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     print_table(rows, syncs)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
+        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
                       warmup=args.warmup, repeats=args.repeats, seed=args.seed)
         write_json(args.out / "bench.json", head, rows, syncs)
         write_plot(args.out / "bench.png", rows)

@@ -173,3 +173,19 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def split_across(model: torch.nn.Module, devices: list) -> torch.nn.Module:
+    """Shard ``model``'s decoder layers evenly over ``devices`` with accelerate (as
+    ``device_map="auto"`` does): embeddings and rotary tables on the first, norm and head on
+    the last. Returns the dispatched model; a single device returns it unchanged."""
+    if len(devices) <= 1:
+        return model
+    from accelerate import dispatch_model
+
+    layers = len(model.model.layers)
+    device_map = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0],
+                  "model.norm": devices[-1], "lm_head": devices[-1]}
+    for index in range(layers):
+        device_map[f"model.layers.{index}"] = devices[index * len(devices) // layers]
+    return dispatch_model(model, device_map=device_map)

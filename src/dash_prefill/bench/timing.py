@@ -76,28 +76,36 @@ def hooks_method(halt_ratio: float, start_layer: int) -> Method:
 
 
 class _Clock:
-    """One measured call: CUDA event pair on a GPU, perf_counter on the CPU."""
+    """One measured call: a CUDA event pair on one GPU; on several GPUs, wall time between
+    synchronisations of all of them (events on one device cannot see the others' work);
+    perf_counter on the CPU. Peak memory is summed over the GPUs."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.gpus = range(torch.cuda.device_count()) if self.cuda else range(0)
+
+    def _synchronize(self) -> None:
+        for gpu in self.gpus:
+            torch.cuda.synchronize(gpu)
 
     def __enter__(self):
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
+            self._synchronize()
+            for gpu in self.gpus:
+                torch.cuda.reset_peak_memory_stats(gpu)
+            self.before = sum(torch.cuda.memory_allocated(gpu) for gpu in self.gpus)
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
-        else:
-            self.begin = time.perf_counter()
+        self.begin = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             self.end.record()
-            torch.cuda.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000.0
-            self.peak = torch.cuda.max_memory_allocated()
+            self._synchronize()
+            wall = time.perf_counter() - self.begin
+            self.seconds = self.start.elapsed_time(self.end) / 1000.0 if len(self.gpus) == 1 else wall
+            self.peak = sum(torch.cuda.max_memory_allocated(gpu) for gpu in self.gpus)
         else:
             self.seconds = time.perf_counter() - self.begin
             self.peak = self.before = None
