@@ -78,10 +78,11 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
         allowed &= key_pos > query_pos - window  # no (q, k) integer temporary
     if keys.valid is not None:
         allowed &= keys.valid[:, None, :]
-    # Each query may always see itself, so padding and filler rows stay finite (never NaN).
-    num_queries = query_positions.shape[1]
-    diagonal = torch.arange(keys.num_keys - num_queries, keys.num_keys, device=allowed.device)
-    allowed[:, torch.arange(num_queries, device=allowed.device), diagonal] = True
+        # Each query may always see itself, so padding and filler rows stay finite (never NaN).
+        num_queries, num_keys = query_positions.shape[1], keys.num_keys
+        key_index = torch.arange(num_keys, device=allowed.device)[None, :]
+        own = torch.arange(num_keys - num_queries, num_keys, device=allowed.device)[:, None]
+        allowed |= key_index == own  # broadcast, not an index_put: no host sync
     allowed = allowed[:, None]
     if implementation == "eager":
         blocked = torch.finfo(dtype).min

@@ -114,3 +114,30 @@ def write_plot(path: Path, rows: list[dict]) -> bool:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
+
+
+def markdown(paths: list[Path]) -> str:
+    """Markdown tables of saved ``bench.json`` files, each headed by its machine and command."""
+    parts = []
+    for path in paths:
+        records = json.loads(Path(path).read_text())
+        head = records[0]
+        rows = [r for r in records if r.get("record") == "row"]
+        syncs = [r for r in records if r.get("record") == "sync_check"]
+        gpus = head.get("gpus", 1)
+        machine = f"{gpus} × {head['machine']}" if gpus > 1 else head["machine"]
+        command = "dash-prefill " + head["command"].split(" ", 1)[1]
+        parts.append(f"**{machine}**, torch {head['torch']}, transformers {head['transformers']}, "
+                     f"{head['dtype']}, {head['attn']}, {head['date'][:10]} — `{command}`\n")
+        parts.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+        parts.append("|" + "---|" * len(COLUMNS))
+        parts += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |" for r in rows]
+        if syncs:
+            parts.append("\nHost synchronisations of one call: " + ", ".join(
+                f"{s['method']} ρ={s['halt_ratio']} (T={s['length']}): {s['sync_warnings']}" for s in syncs))
+        parts.append(f"\nSource: `{path}`\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown([Path(p) for p in sys.argv[1:]]))
