@@ -16,12 +16,24 @@ def _mask(implementation, allowed, dtype):
 
 
 @torch.no_grad()
-def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None):
+def _update_hook(layer, captured):
+    """Capture the attention update U of a layer (Gemma-3: after its post-attention norm)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return layer.post_attention_layernorm.register_forward_hook(
+            lambda module, args, output: captured.update(update=output))
+    return layer.self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(update=output[0]))
+
+
+def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None,
+                      frozen_keys=False):
     """Returns (last-position logits, cache holding every token in every layer).
 
     active : (batch, seq) bool, the tokens that keep running after ``start_layer``.
     prompt_len : tokens from this index on are decoded ones: they see no halted key even in
         the start layer (whose cache dropped the halted tokens after scoring).
+    frozen_keys : halted tokens stay visible in later layers, their hidden state frozen at
+        h + U of the start layer (they skip its MLP and everything after).
     """
     config = model.config
     base = model.model
@@ -42,7 +54,9 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         allowed = causal.clone()
         if types[idx] == "sliding_attention":
             allowed &= query - key < config.sliding_window
-        if idx > start_layer:
+        if frozen_keys:
+            pass
+        elif idx > start_layer:
             allowed &= active[:, None, :]
         elif idx == start_layer and prompt_len is not None:
             allowed[:, prompt_len:] &= active[:, None, :]
@@ -51,9 +65,17 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
             rotary = base.rotary_emb(hidden, positions, types[idx])
         else:
             rotary = base.rotary_emb(hidden, positions)
+        captured = {}
+        handle = _update_hook(layer, captured)
+        before = hidden
         hidden = layer(hidden, attention_mask=_mask(config._attn_implementation, allowed, hidden.dtype),
                        position_embeddings=rotary, position_ids=positions,
                        **{_cache_keyword(type(layer.self_attn)): cache})
+        handle.remove()
+        if frozen_keys and idx == start_layer:
+            frozen = before + captured["update"]
+        if frozen_keys and idx >= start_layer:
+            hidden = torch.where(active[:, :, None], hidden, frozen)
     logits = model.lm_head(base.norm(hidden[:, -1])).float()
     cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:

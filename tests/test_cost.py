@@ -34,3 +34,10 @@ def test_short_prompts_follow_the_linear_fraction_of_method_md():
 def test_sliding_window_limits_attended_pairs():
     assert attended_pairs(10, None) == 55
     assert attended_pairs(10, 4) == 10 + 6 * 4
+
+
+def test_frozen_keys_cost_more_than_dropping_them_but_less_than_plain():
+    config = FAMILIES["llama"][1]()
+    dropped = ideal_speedup(config, 4096, 1, 0.5)
+    frozen = ideal_speedup(config, 4096, 1, 0.5, frozen_keys=True)
+    assert 1.0 < frozen < dropped

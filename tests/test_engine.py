@@ -197,3 +197,21 @@ def test_accelerate_dispatched_model_gives_the_same_prefill_and_decoding():
     assert_close(result.logits, expected.logits)
     token = expected.logits.argmax(-1)[:, None]
     assert_close(decode_step(sharded, result, token), decode_step(build_model("gemma3"), expected, token))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_frozen_keys_match_the_reference_with_halted_tokens_frozen_but_visible(family, implementation):
+    model = build_model(family, implementation)
+    ids = random_ids(2, SEQ)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, frozen_keys=True)
+    result = prefill(model, ids, config)
+    active = _active_mask(result, 2, SEQ)
+    logits, _ = reference_forward(model, ids, start_layer=1, active=active, frozen_keys=True)
+    assert_close(result.logits, logits)
+    assert result.stats.kv_tokens_per_layer == [2 * SEQ] * 4
+    token = result.logits.argmax(-1)[:, None]
+    step = decode_step(model, result, token)
+    extended = torch.cat([active, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    expected, _ = reference_forward(model, torch.cat([ids, token], 1), start_layer=1, active=extended,
+                                    frozen_keys=True)
+    assert_close(step, expected)

@@ -66,22 +66,36 @@ class PreNormAdapter:
         """U = Attn(Norm(h)), the update added to the residual: (batch, seq, hidden)."""
         return self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
 
-    def queries(self, layer, hidden, rotary) -> torch.Tensor:
-        """Rotated attention queries (batch, heads, seq, head_dim) of the residual ``hidden``."""
+    def _project(self, layer, hidden, part: str) -> torch.Tensor:
+        """Queries, keys or values of ``hidden`` (batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
-        if hasattr(attention, "qkv_proj"):  # fused projection (Phi-3): queries come first
-            width = self.config.num_attention_heads * attention.head_dim
-            projected = attention.qkv_proj(normed)[..., :width]
+        if hasattr(attention, "qkv_proj"):  # fused projection (Phi-3): q, then k, then v
+            q_width = self.config.num_attention_heads * attention.head_dim
+            kv_width = self.config.num_key_value_heads * attention.head_dim
+            start = {"q": 0, "k": q_width, "v": q_width + kv_width}[part]
+            width = q_width if part == "q" else kv_width
+            projected = attention.qkv_proj(normed)[..., start:start + width]
         else:
-            projected = attention.q_proj(normed)
-        query = projected.view(*hidden.shape[:-1], -1, attention.head_dim)
-        if hasattr(attention, "q_norm"):
-            query = attention.q_norm(query)
-        query = query.transpose(1, 2)
+            projected = getattr(attention, f"{part}_proj")(normed)
+        states = projected.view(*hidden.shape[:-1], -1, attention.head_dim)
+        if hasattr(attention, f"{part}_norm"):  # Qwen3 / Gemma-3 q/k norms
+            states = getattr(attention, f"{part}_norm")(states)
+        return states.transpose(1, 2)
+
+    def _rotate(self, layer, states, rotary) -> torch.Tensor:
         cos, sin = rotary
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        return rotate(query, query, cos, sin)[0]
+        rotate = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+        return rotate(states, states, cos, sin)[0]
+
+    def queries(self, layer, hidden, rotary) -> torch.Tensor:
+        """Rotated attention queries (batch, heads, seq, head_dim) of the residual ``hidden``."""
+        return self._rotate(layer, self._project(layer, hidden, "q"), rotary)
+
+    def keys_values(self, layer, hidden, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (batch, kv_heads, seq, head_dim) of the residual ``hidden``."""
+        keys = self._rotate(layer, self._project(layer, hidden, "k"), rotary)
+        return keys, self._project(layer, hidden, "v")
 
     def feed_forward(self, layer, hidden) -> torch.Tensor:
         """h + MLP(Norm(h)) for the tokens in ``hidden``."""

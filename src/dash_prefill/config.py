@@ -33,6 +33,12 @@ class DashConfig:
         "absolute" is ||U_t||₂ (the paper); "relative" is ||U_t||₂ / ||h_t||₂.
     seed : int
         Seed of the random policy.
+    frozen_keys : bool
+        False (the paper): halted tokens vanish from later layers; their keys and values are
+        neither computed nor cached. True: halted tokens stay visible as keys and values in
+        every later layer, computed from their frozen hidden state; they still skip the
+        queries, attention output and MLP. Costs key/value projections and attention over all
+        keys, and keeps the full KV cache.
     """
 
     halt_ratio: float = 0.5
@@ -42,6 +48,7 @@ class DashConfig:
     policy: str = "dash"
     score: str = "absolute"
     seed: int = 0
+    frozen_keys: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
@@ -63,6 +70,8 @@ class DashConfig:
                 raise ValueError(f"{name} must be an int >= 0; got {value!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}; got {self.policy!r}")
+        if not isinstance(self.frozen_keys, bool):
+            raise ValueError(f"frozen_keys must be True or False; got {self.frozen_keys!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 

@@ -38,13 +38,16 @@ def _layer_windows(config) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
-def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0) -> float:
+def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
+                  frozen_keys: bool = False) -> float:
     """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``.
 
-    ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill.
+    ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill. With
+    ``frozen_keys`` halted tokens still get key/value projections and are attended to.
     """
     d = _dims(config)
-    projections = 2 * d["hidden"] * d["head_dim"] * (2 * d["heads"] + 2 * d["kv_heads"])
+    key_values = 2 * d["hidden"] * d["head_dim"] * 2 * d["kv_heads"]
+    projections = 2 * d["hidden"] * d["head_dim"] * 2 * d["heads"] + key_values
     mlp = 2 * 3 * d["hidden"] * d["mlp"]
     per_pair = 4 * d["heads"] * d["head_dim"]
     kept = max(1, round(kept_fraction * seq_len))
@@ -55,6 +58,10 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
             total += (projections + mlp) * seq_len + per_pair * full_pairs
         elif layer == start_layer:
             total += projections * seq_len + per_pair * full_pairs + mlp * kept
+        elif frozen_keys:
+            # Every key stays; only the queries thin out.
+            total += (projections + mlp) * kept + key_values * (seq_len - kept)
+            total += per_pair * full_pairs * kept_fraction
         else:
             # Survivors are spread over the original positions: pairs thin out quadratically.
             pairs = attended_pairs(kept, None) if window is None else full_pairs * kept_fraction**2
@@ -62,8 +69,9 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
     return total
 
 
-def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float) -> float:
+def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float,
+                  frozen_keys: bool = False) -> float:
     """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
     num_layers = _dims(config)["layers"]
     full = prefill_flops(config, seq_len, num_layers)
-    return full / prefill_flops(config, seq_len, start_layer, kept_fraction)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, frozen_keys)

@@ -79,7 +79,7 @@ class _LayerInputs:
     moved once per device: the one place that lets layers live on different devices."""
 
     def __init__(self, adapter: PreNormAdapter, hidden: torch.Tensor, queries: torch.Tensor,
-                 keys: KeyLayout):
+                 keys: KeyLayout | None):
         self.adapter, self.queries, self.keys = adapter, queries, keys
         # Only dtype and device are needed: holding ``hidden`` itself would keep it alive.
         self.hidden = hidden.new_empty(0)
@@ -90,8 +90,9 @@ class _LayerInputs:
             home = self.hidden.device
             if (layer_type, home) not in self.built:
                 rotary = self.adapter.rotary(self.hidden, self.queries, layer_type)
-                mask = attention_mask(self.adapter.config._attn_implementation, self.queries,
-                                      self.keys, self.adapter.window(layer_type), self.hidden.dtype)
+                mask = None if self.keys is None else attention_mask(
+                    self.adapter.config._attn_implementation, self.queries, self.keys,
+                    self.adapter.window(layer_type), self.hidden.dtype)
                 self.built[layer_type, home] = (rotary, mask)
             rotary, mask = self.built[layer_type, home]
             self.built[layer_type, device] = (
@@ -106,6 +107,13 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``tensor`` (batch, seq, dim) at ``index`` (batch, kept)."""
     return tensor.gather(1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _halted_index(active: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The complement of ``active`` (batch, kept) in each row, ascending: (batch, seq - kept)."""
+    is_active = torch.zeros(active.shape[0], seq_len, dtype=torch.int8, device=active.device)
+    is_active.scatter_(1, active, 1)
+    return is_active.argsort(dim=-1, stable=True)[:, :seq_len - active.shape[1]]
 
 
 def _keep_cached(cache: DynamicCache, layer_idx: int, index: torch.Tensor) -> None:
@@ -208,6 +216,9 @@ class _Pass:
         self.tails: dict[tuple[int, int], KeyLayout] = {}
         self.selection: Selection | None = None
         self.scores: torch.Tensor | None = None
+        # frozen_keys: hidden states of the halted tokens and their rotary tables.
+        self.frozen: torch.Tensor | None = None
+        self.frozen_inputs: _LayerInputs | None = None
 
     def fork(self) -> _Pass:
         """A pass that continues from here; shares tensors (nothing is modified in place)."""
@@ -226,7 +237,13 @@ class _Pass:
             layer_device = _device_of(layer)
             hidden = self.hidden.to(layer_device)
             rotary, mask = self.inputs.get(self.layer_types[idx], layer_device)
+            if self.frozen is not None:
+                # Halted tokens stay visible: their keys/values from the frozen state go first.
+                frozen_rotary, _ = self.frozen_inputs.get(self.layer_types[idx], layer_device)
+                keys, values = adapter.keys_values(layer, self.frozen.to(layer_device), frozen_rotary)
+                self.cache.update(keys, values, idx)
             update = adapter.attention_update(layer, hidden, rotary, mask, self.cache)
+            layer_layout = self.layout
             if idx == start:
                 # The halting decision: score, select, compact once.
                 self.scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
@@ -236,44 +253,57 @@ class _Pass:
                                                config.protect_first, config.protect_last, padding)
                 hidden = hidden + update
                 if self.selection.index.shape[1] < hidden.shape[1] or self.selection.valid is not None:
-                    hidden = self._compact(hidden, idx, layer_device)
+                    hidden = self._compact(hidden, idx, layer_device, config.frozen_keys)
+                    if not config.frozen_keys:
+                        layer_layout = self.layout
             else:
                 hidden = hidden + update
             self.hidden = adapter.feed_forward(layer, hidden)
-            self.layouts.append(self._cropped_layout(idx))
+            self.layouts.append(self._cropped_layout(idx, layer_layout))
 
-    def _cropped_layout(self, layer_idx: int) -> KeyLayout:
+    def _cropped_layout(self, layer_idx: int, layout: KeyLayout) -> KeyLayout:
         """Crop a sliding-window layer's cache as HF does; the layout of what the layer keeps."""
         window = self.adapter.window(self.layer_types[layer_idx])
-        if window is None or self.layout.num_keys <= window - 1:
-            return self.layout
+        if window is None or not layout.ordered or layout.num_keys <= window - 1:
+            return layout
         _crop_to_window(self.cache, layer_idx, window - 1)
-        key = (id(self.layout), window)
+        key = (id(layout), window)
         if key not in self.tails:
-            self.tails[key] = self.layout.tail(window - 1)
+            self.tails[key] = layout.tail(window - 1)
         return self.tails[key]
 
-    def _compact(self, hidden: torch.Tensor, layer_idx: int, device: torch.device) -> torch.Tensor:
-        """Keep only the active tokens: hidden states, this layer's cache and the key layout."""
+    def _compact(self, hidden: torch.Tensor, layer_idx: int, device: torch.device,
+                 frozen_keys: bool) -> torch.Tensor:
+        """Keep only the active tokens: hidden states, the key layout and (unless halted keys
+        stay visible) this layer's cache. Returns the active hidden states."""
         index = self.selection.index.to(device)
-        _keep_cached(self.cache, layer_idx, index)
         home = self.layout.positions.device
         valid = None if self.selection.valid is None else self.selection.valid.to(home)
-        self.layout = self.layout.gather(index.to(home), valid)
+        active = self.layout.gather(index.to(home), valid)
+        if frozen_keys:
+            halted = _halted_index(index, hidden.shape[1])
+            self.frozen = _gather_tokens(hidden, halted)
+            frozen = self.layout.gather(halted.to(home), None)
+            self.frozen_inputs = _LayerInputs(self.adapter, hidden, frozen.positions.to(device), None)
+            self.layout = frozen.concat(active)
+        else:
+            _keep_cached(self.cache, layer_idx, index)
+            self.layout = active
         hidden = _gather_tokens(hidden, index)
-        self.inputs = _LayerInputs(self.adapter, hidden, self.layout.positions.to(device), self.layout)
+        self.inputs = _LayerInputs(self.adapter, hidden, active.positions.to(device), self.layout)
         return hidden
 
     def finish(self, model, start: int) -> PrefillResult:
         lengths, num_layers = self.lengths, len(self.adapter.layers)
         kept = self.selection.kept_per_row if self.selection is not None else lengths
         halted_any = self.selection is not None and kept != lengths
-        before = min(start, num_layers)
+        frozen_keys = self.frozen is not None
+        before = num_layers if frozen_keys else min(start, num_layers)
         seq_len = self.layout.span
         stats = PrefillStats(
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=[sum(lengths)] * before + [sum(kept)] * (num_layers - before),
-            ideal_speedup=ideal_speedup(model.config, seq_len, start, kept_fraction=max(kept) / seq_len),
+            ideal_speedup=ideal_speedup(model.config, seq_len, start, max(kept) / seq_len, frozen_keys),
         )
         return PrefillResult(
             cache=self.cache, logits=self.adapter.logits(self.hidden[:, -1]), stats=stats,

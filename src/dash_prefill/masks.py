@@ -22,11 +22,14 @@ class KeyLayout:
     valid : BoolTensor (batch, keys) or None (every key real)
     span : int
         One past the largest position of any row, known on the host (no device sync).
+    ordered : bool
+        Whether positions grow along the keys (then causal order is index order).
     """
 
     positions: torch.Tensor
     valid: torch.Tensor | None
     span: int
+    ordered: bool = True
 
     @property
     def num_keys(self) -> int:
@@ -40,19 +43,30 @@ class KeyLayout:
             merged = valid
         else:
             merged = old if valid is None else old & valid
-        return KeyLayout(positions, merged, self.span)
+        return KeyLayout(positions, merged, self.span, self.ordered)
+
+    def concat(self, other: KeyLayout) -> KeyLayout:
+        """These keys followed by ``other``'s (positions no longer grow along the keys)."""
+        if self.valid is None and other.valid is None:
+            valid = None
+        else:
+            mine = self.valid if self.valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
+            theirs = other.valid if other.valid is not None else torch.ones_like(other.positions, dtype=torch.bool)
+            valid = torch.cat([mine, theirs], dim=1)
+        return KeyLayout(torch.cat([self.positions, other.positions], dim=1), valid,
+                         max(self.span, other.span), ordered=False)
 
     def tail(self, count: int) -> KeyLayout:
         """The layout of the last ``count`` keys."""
         valid = None if self.valid is None else self.valid[:, -count:]
-        return KeyLayout(self.positions[:, -count:], valid, self.span)
+        return KeyLayout(self.positions[:, -count:], valid, self.span, self.ordered)
 
     def append(self, positions: torch.Tensor, span: int) -> KeyLayout:
         """The layout after real keys at ``positions`` (batch, new) are appended."""
         valid = self.valid
         if valid is not None:
             valid = torch.cat([valid, valid.new_ones(positions.shape)], dim=1)
-        return KeyLayout(torch.cat([self.positions, positions], dim=1), valid, span)
+        return KeyLayout(torch.cat([self.positions, positions], dim=1), valid, span, self.ordered)
 
 
 def attention_mask(implementation: str, query_positions: torch.Tensor, keys: KeyLayout,
@@ -64,12 +78,12 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
     (batch, 1, q, keys): bool (True = attend) for sdpa, additive float for eager.
     """
     window_bites = window is not None and keys.span > window
-    if keys.valid is None and not window_bites and implementation != "eager":
+    if keys.valid is None and keys.ordered and not window_bites and implementation != "eager":
         return None
     if implementation == "flash_attention_2":
         raise NotImplementedError(
-            "flash_attention_2 supports DASH only without padding and without sliding-window "
-            "layers longer than the window; use attn_implementation='sdpa' for this input"
+            "flash_attention_2 supports DASH only without padding, without frozen_keys and "
+            "without sliding-window layers longer than the window; use attn_implementation='sdpa'"
         )
     key_pos = keys.positions[:, None, :]
     query_pos = query_positions[:, :, None]
