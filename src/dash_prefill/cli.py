@@ -24,18 +24,25 @@ def _start_layer(text: str) -> int | float:
 
 def _add_dash_options(parser: argparse.ArgumentParser, ratio: float = 0.5) -> None:
     parser.add_argument("--halt-ratio", type=float, default=ratio, help="fraction of tokens halted (ρ)")
-    parser.add_argument("--start-layer", type=_start_layer, default=0.4,
-                        help="layer index, or fraction of depth such as 0.4")
+    parser.add_argument("--start-layer", type=_start_layer, default=None,
+                        help="layer index, or fraction of depth such as 0.4 (default: the "
+                             "embedded model's measured recommendation, else 0.4)")
     parser.add_argument("--protect-last", type=int, default=64, help="final prompt tokens always kept")
     parser.add_argument("--score", choices=["absolute", "relative"], default="absolute")
+    parser.add_argument("--frozen-keys", action="store_true",
+                        help="halted tokens stay visible as keys/values in later layers")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
 
 
-def _config(args) -> DashConfig:
-    return DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer,
-                      protect_last=args.protect_last, score=args.score)
+def _config(args, model) -> DashConfig:
+    start = args.start_layer
+    if start is None:
+        spec = getattr(model, "dash_prefill_spec", None)
+        start = spec.recommended_start_layer if spec is not None else 0.4
+    return DashConfig(halt_ratio=args.halt_ratio, start_layer=start,
+                      protect_last=args.protect_last, score=args.score, frozen_keys=args.frozen_keys)
 
 
 def _print_comparison(result, answer: str | None = None) -> None:
@@ -72,7 +79,7 @@ def cmd_demo(args) -> int:
 
     model, tokenizer = _load(args.model, args.dtype)
     prompt = needle_prompt(tokenizer, args.tokens)
-    result = compare(model, tokenizer, prompt.text, _config(args), args.max_new_tokens, args.repeats)
+    result = compare(model, tokenizer, prompt.text, _config(args, model), args.max_new_tokens, args.repeats)
     print(f"DASH demo on {args.model} ({next(model.parameters()).device}): a fact hidden in the middle "
           f"of {result.prompt_tokens} tokens of essays")
     _print_comparison(result, prompt.answer)
@@ -87,7 +94,8 @@ def cmd_run(args) -> int:
         raise ValueError("the prompt file is empty: give a file with the prompt text")
     model, tokenizer = _load(args.model, args.dtype)
     prompt = text if args.raw else chat_prompt(tokenizer, text)
-    _print_comparison(compare(model, tokenizer, prompt, _config(args), args.max_new_tokens, args.repeats))
+    _print_comparison(compare(model, tokenizer, prompt, _config(args, model), args.max_new_tokens,
+                              args.repeats))
     return 0
 
 

@@ -72,6 +72,8 @@ class RegistryModel:
     gguf_file: str
     sha256: str
     max_context: int
+    # Start layer (fraction of depth) recommended from measurement; see EVAL.md.
+    recommended_start_layer: float = 0.4
 
     @property
     def install_command(self) -> str:
@@ -93,6 +95,8 @@ REGISTRY: dict[str, RegistryModel] = {
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             max_context=8192,
+            # The needle is lost at every start <= 0.7 of depth with ρ=0.5 and kept at 0.8.
+            recommended_start_layer=0.8,
         ),
         RegistryModel(
             name="gemma3-270m",

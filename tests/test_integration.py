@@ -1,0 +1,46 @@
+"""Integration: the real embedded SmolLM2-135M (converted once into the user cache)."""
+
+import pytest
+import torch
+
+from dash_prefill import DashConfig, generate, load_model
+from dash_prefill.cli import main
+from dash_prefill.demo import needle_prompt
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("halt_ratio", [0.0, 0.5])
+def test_demo_needle_is_answered_with_and_without_halting(smollm2, halt_ratio):
+    model, tokenizer = smollm2
+    prompt = needle_prompt(tokenizer, 2500, value="6173")
+    start = model.dash_prefill_spec.recommended_start_layer
+    result = generate(model, tokenizer, prompt.text, DashConfig(halt_ratio=halt_ratio, start_layer=start),
+                      max_new_tokens=16)
+    assert "6173" in result.texts[0]
+    assert result.stats.prompt_tokens[0] > 2000
+    assert result.stats.halted_tokens[0] == int(halt_ratio * result.stats.prompt_tokens[0])
+
+
+def test_demo_command_prints_the_comparison_table(capsys):
+    assert main(["demo", "--tokens", "1500", "--repeats", "1", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    for row in ("prompt tokens", "time to first token, plain", "time to first token, DASH",
+                "speedup (measured)", "speedup (ideal, cost model)", "tokens halted",
+                "KV-cache tokens saved", "answer, plain", "answer, DASH"):
+        assert row in out
+    answers = [line for line in out.splitlines() if line.startswith("answer, ")]
+    assert all("4829" in line for line in answers)
+
+
+def test_run_command_rejects_an_empty_prompt_file(tmp_path, capsys):
+    empty = tmp_path / "prompt.txt"
+    empty.write_text("   \n")
+    assert main(["run", "--model", "smollm2-135m", "--prompt-file", str(empty)]) == 2
+    assert "prompt file is empty" in capsys.readouterr().err
