@@ -50,6 +50,15 @@ def build_model(family: str, implementation: str = "sdpa", dtype=torch.float32, 
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded (tiny ops on a shared CPU are faster that way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param

@@ -16,6 +16,9 @@ from dash_prefill.eval.runner import (
     PLAIN, encode_sample, evaluate, parse_policies, parse_policy, read_records, sample_configs)
 from dash_prefill.eval.tasks import generate_samples
 
+# Small ops on a shared CPU run far faster single-threaded.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LENGTH = 700
 
 
@@ -40,13 +43,6 @@ class TemplateTokenizer(CharTokenizer):
         return "<|user|>" + messages[0]["content"] + self.SUFFIX
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small ops on a shared CPU run far faster single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ from dash_prefill import DashConfig, prefill
 from dash_prefill import inspect as dash_inspect
 from dash_prefill import models
 
+# Small ops on a shared CPU run far faster single-threaded.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "The grass is green. The sky is blue. The pass key is 12345. Remember it!\n" * 2
 
 
@@ -23,12 +26,6 @@ class CharTokenizer:
         return "".join(chr(i + 29) for i in ids)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

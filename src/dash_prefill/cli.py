@@ -18,13 +18,18 @@ TOOLS = {
 }
 
 
-def _start_layer(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
+def start_layer_arg(text: str) -> int | float:
+    """argparse type of every ``--start-layer``: "12" is a layer index, "0.4" a fraction of depth."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"start layer is a layer index (12) or a fraction of depth (0.4); got {text!r}") from None
 
 
 def _add_dash_options(parser: argparse.ArgumentParser, ratio: float = 0.5) -> None:
     parser.add_argument("--halt-ratio", type=float, default=ratio, help="fraction of tokens halted (ρ)")
-    parser.add_argument("--start-layer", type=_start_layer, default=None,
+    parser.add_argument("--start-layer", type=start_layer_arg, default=None,
                         help="layer index, or fraction of depth such as 0.4 (default: the "
                              "embedded model's measured recommendation, else 0.4)")
     parser.add_argument("--protect-last", type=int, default=64, help="final prompt tokens always kept")

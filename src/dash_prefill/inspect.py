@@ -28,6 +28,7 @@ from .config import DashConfig
 from .engine import PrefillStats, prefill
 from .masks import KeyLayout, attention_mask
 from .policy import delta_norm
+from .cli import start_layer_arg
 
 logger = logging.getLogger(__name__)
 
@@ -160,19 +161,13 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir) -> 
     return Inspection(plot_path, html_path, absolute, relative, halted, result.stats)
 
 
-def _start(text: str) -> int | float:
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"start layer is an index (12) or a fraction (0.4); got {text!r}") from None
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``inspect`` options to ``parser``."""
     parser.add_argument("--model", required=True, help="registry name, directory or hub id")
     parser.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
     parser.add_argument("--halt-ratio", type=float, default=0.5)
-    parser.add_argument("--start-layer", type=_start, default=0.4)
+    parser.add_argument("--start-layer", type=start_layer_arg, default=0.4)
     parser.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"))
     parser.add_argument("--score", default="absolute", choices=("absolute", "relative"))
     parser.add_argument("--protect-last", type=int, default=64)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import start_layer_arg
 from .report import header, print_table, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
@@ -35,13 +36,6 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def _number(item: str) -> int | float:
-    """A start layer: "0.4" is a fraction of depth, "12" a layer index."""
-    try:
-        return float(item) if "." in item else int(item)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {item!r}") from None
-
 
 def _numbers(kind):
     return lambda text: [kind(item.strip()) for item in text.split(",")]
@@ -54,7 +48,7 @@ def parse_settings(text: str) -> list[tuple[int | float, float]]:
         start, sep, ratio = item.partition(":")
         if not sep:
             raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as 0.4:0.5; got {item!r}")
-        pairs.append((_number(start.strip()), float(ratio)))
+        pairs.append((start_layer_arg(start.strip()), float(ratio)))
     return pairs
 
 
@@ -68,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
     parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
     parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75])
-    parser.add_argument("--start-layer", type=_numbers(_number), default=[0.4, 0.25],
+    parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
                         help="floats are fractions of depth, ints are layer indices")
     parser.add_argument("--settings", type=parse_settings,
                         help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid)")

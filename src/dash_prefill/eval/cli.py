@@ -18,6 +18,7 @@ import torch
 from .report import text_table, write_report
 from .runner import evaluate, parse_policies, read_records
 from .tasks import OFFLINE_TASKS, TASKS
+from ..cli import start_layer_arg
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,6 @@ def _tasks(text: str) -> tuple[str, ...]:
     return tasks
 
 
-def _start(text: str) -> int | float:
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"start layer is an index (12) or a fraction (0.4); got {text!r}") from None
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``eval`` options to ``parser``."""
@@ -91,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="samples per task")
     parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
                         "attention@0.5,dash@0.5/s0.25'")
-    parser.add_argument("--start-layer", type=_start, help="start layer of labels without /s (default 0.4)")
+    parser.add_argument("--start-layer", type=start_layer_arg, help="start layer of labels without /s (default 0.4)")
     parser.add_argument("--seed", type=int, default=42, help="sample generator seed (default 42)")
     parser.add_argument("--out", type=Path, default=Path("eval_results"),
                         help="output directory: results.jsonl, report.md, PNGs")
