@@ -18,6 +18,7 @@ import torch
 from .report import text_table, write_report
 from .runner import evaluate, parse_policies, read_records
 from .tasks import OFFLINE_TASKS, TASKS
+from ..bench.cli import parse_lengths
 from ..cli import start_layer_arg
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,10 @@ PRESETS: dict[str, tuple[Run, ...]] = {
 
 
 def _length(text: str) -> int:
-    text = text.strip().lower()
-    try:
-        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a length is an integer with an optional k suffix (4k); got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"length must be positive; got {text!r}")
-    return value
+    lengths = parse_lengths(text)
+    if len(lengths) != 1:
+        raise argparse.ArgumentTypeError(f"give one length (4k); got {text!r}")
+    return lengths[0]
 
 
 def _tasks(text: str) -> tuple[str, ...]:

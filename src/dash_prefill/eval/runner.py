@@ -33,12 +33,13 @@ from .tasks import Sample, generate_samples, score
 logger = logging.getLogger(__name__)
 
 PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
-_LABEL = re.compile(r"^(dash|random|attention)(-rel)?@([0-9.]+)(?:/s([0-9.]+))?$")
+_LABEL = re.compile(r"^(dash|random|attention)(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?$")
 
 
 def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
     """The config of a label: ``plain``, ``dash@0.5``, ``dash-rel@0.5``, ``random@0.5``,
-    ``attention@0.5``, ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12).
+    ``attention@0.5``, ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12);
+    ``-kv`` (``dash-kv@0.5``) keeps halted tokens visible as keys (``frozen_keys``).
 
     ``protect_last`` is 0 here: the evaluation sets it per sample to the question's length.
     """
@@ -48,12 +49,13 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
     match = _LABEL.match(label)
     if match is None:
         raise ValueError(f"cannot read policy label {label!r}; use plain, dash@0.5, dash-rel@0.5, "
-                         "random@0.5, attention@0.5 or dash@0.5/s0.25")
-    policy, relative, ratio, start = match.groups()
+                         "random@0.5, attention@0.5, dash-kv@0.5 or dash@0.5/s0.25")
+    policy, relative, frozen, ratio, start = match.groups()
     if start is not None:
         start_layer = float(start) if "." in start else int(start)
     return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
-                      policy=policy, score="relative" if relative else "absolute")
+                      policy=policy, score="relative" if relative else "absolute",
+                      frozen_keys=frozen is not None)
 
 
 def parse_policies(text: str, start_layer: int | float = 0.4) -> list[tuple[str, DashConfig]]:
@@ -161,8 +163,13 @@ def sample_configs(policies, sample: Sample, prompt: EncodedPrompt) -> list[Dash
 
 def cell_key(kind: str, model_name: str, length: int, task: str, index: int, label: str,
              config: DashConfig | dict, seed: int, **extra) -> str:
-    """The identity of one result cell, as a canonical JSON string."""
+    """The identity of one result cell, as a canonical JSON string.
+
+    Config fields missing from older records take their defaults, so adding a field with a
+    default to DashConfig does not invalidate finished cells.
+    """
     fields = dataclasses.asdict(config) if isinstance(config, DashConfig) else config
+    fields = {**{f.name: f.default for f in dataclasses.fields(DashConfig)}, **fields}
     return json.dumps([kind, model_name, length, task, index, label, fields, seed, extra],
                       sort_keys=True)
 
