@@ -253,9 +253,7 @@ class _Pass:
                                                config.protect_first, config.protect_last, padding)
                 hidden = hidden + update
                 if self.selection.index.shape[1] < hidden.shape[1] or self.selection.valid is not None:
-                    hidden = self._compact(hidden, idx, layer_device, config.frozen_keys)
-                    if not config.frozen_keys:
-                        layer_layout = self.layout
+                    hidden, layer_layout = self._compact(hidden, idx, layer_device, config.frozen_keys)
             else:
                 hidden = hidden + update
             self.hidden = adapter.feed_forward(layer, hidden)
@@ -273,13 +271,15 @@ class _Pass:
         return self.tails[key]
 
     def _compact(self, hidden: torch.Tensor, layer_idx: int, device: torch.device,
-                 frozen_keys: bool) -> torch.Tensor:
+                 frozen_keys: bool) -> tuple[torch.Tensor, KeyLayout]:
         """Keep only the active tokens: hidden states, the key layout and (unless halted keys
-        stay visible) this layer's cache. Returns the active hidden states."""
+        stay visible) this layer's cache. Returns the active hidden states and the layout of
+        what this layer's cache holds."""
         index = self.selection.index.to(device)
         home = self.layout.positions.device
         valid = None if self.selection.valid is None else self.selection.valid.to(home)
         active = self.layout.gather(index.to(home), valid)
+        cached = self.layout
         if frozen_keys:
             halted = _halted_index(index, hidden.shape[1])
             self.frozen = _gather_tokens(hidden, halted)
@@ -288,10 +288,10 @@ class _Pass:
             self.layout = frozen.concat(active)
         else:
             _keep_cached(self.cache, layer_idx, index)
-            self.layout = active
+            self.layout = cached = active
         hidden = _gather_tokens(hidden, index)
         self.inputs = _LayerInputs(self.adapter, hidden, active.positions.to(device), self.layout)
-        return hidden
+        return hidden, cached
 
     def finish(self, model, start: int) -> PrefillResult:
         lengths, num_layers = self.lengths, len(self.adapter.layers)
