@@ -1,4 +1,9 @@
-"""Tiny random models of every supported family, built offline in milliseconds."""
+"""Tiny random models of every supported family, built offline in milliseconds.
+
+DASH_TEST_DEVICE=cuda runs the same tests on a GPU (every tensor factory defaults there).
+"""
+
+import os
 
 import pytest
 import torch
@@ -16,6 +21,9 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+if os.environ.get("DASH_TEST_DEVICE"):
+    torch.set_default_device(os.environ["DASH_TEST_DEVICE"])
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -71,4 +79,5 @@ def implementation(request):
 
 def random_ids(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, COMMON["vocab_size"], (batch, seq_len), generator=generator)
+    ids = torch.randint(3, COMMON["vocab_size"], (batch, seq_len), generator=generator, device="cpu")
+    return ids.to(torch.get_default_device())

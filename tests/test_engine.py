@@ -192,7 +192,7 @@ def test_accelerate_dispatched_model_gives_the_same_prefill_and_decoding():
     expected = prefill(build_model("gemma3"), ids, config)
     sharded = build_model("gemma3")
     for module in [sharded.model.embed_tokens, *sharded.model.layers, sharded.model.norm, sharded.lm_head]:
-        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        add_hook_to_module(module, AlignDevicesHook(execution_device=ids.device, io_same_device=True))
     result = prefill(sharded, ids, config)
     assert_close(result.logits, expected.logits)
     token = expected.logits.argmax(-1)[:, None]

@@ -65,7 +65,7 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, query_position
 def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
     """Uniform scores from a seeded CPU generator (same draw on every device): (batch, seq)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, seq_len, generator=generator).to(device)
+    return torch.rand(batch, seq_len, generator=generator, device="cpu").to(device)
 
 
 def kept_count(num_tokens: int, halt_ratio: float, num_protected: int) -> int:
