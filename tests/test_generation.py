@@ -1,6 +1,5 @@
 """generate(): ordinary decoding from the DASH cache."""
 
-import torch
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig

@@ -1,6 +1,5 @@
 """`inspect`: per-layer update norms, the plot, and the page of halted tokens."""
 
-import argparse
 import io
 import re
 
@@ -10,7 +9,6 @@ import torch
 from conftest import build_model
 from dash_prefill import DashConfig, prefill
 from dash_prefill import inspect as dash_inspect
-from dash_prefill import models
 
 # Small ops on a shared CPU run far faster single-threaded.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,12 +53,10 @@ def test_inspect_writes_a_plot_and_greys_exactly_the_halted_tokens(tmp_path):
 
 
 def test_cli_reads_the_prompt_from_stdin(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(models, "load_model", lambda name: (build_model("qwen2"), CharTokenizer()))
+    from dash_prefill import cli
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: (build_model("qwen2"), CharTokenizer()))
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
-    parser = argparse.ArgumentParser()
-    dash_inspect.add_arguments(parser)
-    args = parser.parse_args(["--model", "x", "--prompt-file", "-", "--start-layer", "2",
-                              "--protect-last", "4", "--out", str(tmp_path)])
-    assert dash_inspect.main(args) == 0
+    assert cli.main(["inspect", "--model", "x", "--prompt-file", "-", "--start-layer", "2",
+                     "--protect-last", "4", "--out", str(tmp_path)]) == 0
     assert f"{len(TEXT)} tokens, {len(TEXT) // 2} halted after layer 2" in capsys.readouterr().out
     assert (tmp_path / "tokens.html").exists() and (tmp_path / "delta_norms.png").exists()

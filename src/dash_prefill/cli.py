@@ -14,7 +14,6 @@ DEMO_MODEL = "smollm2-135m"
 TOOLS = {
     "bench": ("dash_prefill.bench.cli", "measure time to first token: plain vs DASH vs hook-based"),
     "eval": ("dash_prefill.eval.cli", "RULER-style accuracy and fidelity of halting policies"),
-    "inspect": ("dash_prefill.inspect", "per-layer ||U|| of a prompt and which tokens halt"),
 }
 
 
@@ -104,6 +103,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_prompt
+
+    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    config = DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer,
+                        policy=args.policy, score=args.score, protect_last=args.protect_last)
+    model, tokenizer = _load(args.model, args.dtype)
+    found = inspect_prompt(model, tokenizer, text, config, args.out)
+    stats = found.stats
+    print(f"{stats.prompt_tokens[0]} tokens, {len(found.halted)} halted after layer {stats.start_layer}, "
+          f"ideal speedup {stats.ideal_speedup:.2f}x")
+    print(f"plot: {found.plot_path}\npage: {found.html_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dash-prefill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -119,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     _add_dash_options(run)
     run.set_defaults(handler=cmd_run)
+    inspect = commands.add_parser("inspect", help="per-layer ||U|| of a prompt and which tokens halt")
+    inspect.add_argument("--model", required=True, help="registry name, directory or hub id")
+    inspect.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
+    inspect.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"))
+    inspect.add_argument("--out", default="inspect_out", help="directory for the PNG and the HTML page")
+    inspect.add_argument("--halt-ratio", type=float, default=0.5)
+    inspect.add_argument("--start-layer", type=start_layer_arg, default=0.4)
+    inspect.add_argument("--protect-last", type=int, default=64)
+    inspect.add_argument("--score", choices=["absolute", "relative"], default="absolute")
+    inspect.add_argument("--dtype", default=None)
+    inspect.set_defaults(handler=cmd_inspect)
     for name, (module, help_text) in TOOLS.items():
         sub = commands.add_parser(name, help=help_text)
         try:

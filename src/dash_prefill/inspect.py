@@ -14,10 +14,8 @@ The prompt is tokenized as given (no chat template).
 
 from __future__ import annotations
 
-import argparse
 import html
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from .config import DashConfig
 from .engine import PrefillStats, prefill
 from .masks import KeyLayout, attention_mask
 from .policy import delta_norm
-from .cli import start_layer_arg
 
 logger = logging.getLogger(__name__)
 
@@ -159,36 +156,3 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir) -> 
     html_path.write_text(token_html(pieces, set(halted), config, result.stats), encoding="utf-8")
     logger.info("wrote %s and %s (%d of %d tokens halted)", plot_path, html_path, len(halted), len(ids))
     return Inspection(plot_path, html_path, absolute, relative, halted, result.stats)
-
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``inspect`` options to ``parser``."""
-    parser.add_argument("--model", required=True, help="registry name, directory or hub id")
-    parser.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
-    parser.add_argument("--halt-ratio", type=float, default=0.5)
-    parser.add_argument("--start-layer", type=start_layer_arg, default=0.4)
-    parser.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"))
-    parser.add_argument("--score", default="absolute", choices=("absolute", "relative"))
-    parser.add_argument("--protect-last", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("inspect_out"))
-
-
-def main(args: argparse.Namespace) -> int:
-    """Load the model, inspect the prompt, print where the files are."""
-    from .models import load_model
-
-    try:
-        text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
-        config = DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer, policy=args.policy,
-                            score=args.score, protect_last=args.protect_last)
-        model, tokenizer = load_model(args.model)
-        found = inspect_prompt(model, tokenizer, text, config, args.out)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    stats = found.stats
-    print(f"{stats.prompt_tokens[0]} tokens, {len(found.halted)} halted after layer {stats.start_layer}, "
-          f"ideal speedup {stats.ideal_speedup:.2f}x")
-    print(f"plot: {found.plot_path}\npage: {found.html_path}")
-    return 0

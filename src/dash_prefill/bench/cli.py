@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..cli import start_layer_arg
-from .report import header, print_table, write_json, write_plot
+from .report import COLUMNS, _cell, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
 
@@ -104,6 +104,27 @@ def _targets(args, dtype: torch.dtype) -> list[Target]:
             return split_across(model, [f"cuda:{i}" for i in range(args.gpus)])
         targets.append(Target(arch, build))
     return targets
+
+
+def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
+    """Print the table to the terminal (rich when installed); the one place that prints."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None
+    if Console is None or not Console().is_terminal:
+        print("\n".join(table_lines(rows)))  # pipes and logs get plain, unwrapped lines
+    else:
+        table = Table(title="DASH prefill: time to first token")
+        for key, title, _ in COLUMNS:
+            table.add_column(title, justify="left" if key in ("arch", "method") else "right")
+        for row in rows:
+            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
+        Console().print(table)
+    for record in syncs:
+        print(f"host syncs: {record['arch']} b={record['batch']} T={record['length']} "
+              f"{record['method']} ρ={record['halt_ratio']}: {record['sync_warnings']}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -55,27 +55,6 @@ def table_lines(rows: list[dict]) -> list[str]:
     return ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
 
 
-def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
-    """Print the table to the terminal (rich when installed); the one place that prints."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is None or not Console().is_terminal:
-        print("\n".join(table_lines(rows)))  # pipes and logs get plain, unwrapped lines
-    else:
-        table = Table(title="DASH prefill: time to first token")
-        for key, title, _ in COLUMNS:
-            table.add_column(title, justify="left" if key in ("arch", "method") else "right")
-        for row in rows:
-            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
-        Console().print(table)
-    for record in syncs:
-        print(f"host syncs: {record['arch']} b={record['batch']} T={record['length']} "
-              f"{record['method']} ρ={record['halt_ratio']}: {record['sync_warnings']}")
-
-
 def write_json(path: Path, head: dict, rows: list[dict], syncs: list[dict] = ()) -> None:
     """Header record, then one record per row, then the sync-check records."""
     path.write_text(json.dumps([head, *rows, *syncs], indent=1) + "\n")
@@ -138,6 +117,3 @@ def markdown(paths: list[Path]) -> str:
         parts.append(f"\nSource: `{path}`\n")
     return "\n".join(parts)
 
-
-if __name__ == "__main__":
-    print(markdown([Path(p) for p in sys.argv[1:]]))
