@@ -68,3 +68,11 @@ def test_generate_rejects_empty_text_and_too_many_new_tokens():
         generate(model, _Tokenizer(), "   ")
     with pytest.raises(ValueError, match="lower max_new_tokens"):
         generate(model, _Tokenizer(), "x" * 250, max_new_tokens=10)
+
+
+def test_offloaded_weights_are_rejected_with_the_device_map_advice():
+    model = build_model("llama")
+    weight = model.model.layers[1].mlp.up_proj.weight
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty_like(weight, device="meta"))
+    with pytest.raises(ValueError, match=r"offloaded .*device_map without CPU/disk offloading"):
+        prefill(model, random_ids(1, 10))

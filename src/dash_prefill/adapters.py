@@ -162,10 +162,15 @@ def adapter_for(model: nn.Module) -> PreNormAdapter:
             f"attention implementation {implementation!r} is not supported; load the model with "
             "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
         )
-    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:
+    return ADAPTERS[model_type](model)
+
+
+def check_not_offloaded(model: nn.Module) -> None:
+    """ValueError if accelerate offloaded weights (meta device): the engine calls sublayers
+    directly, so every layer's weights must live on a device."""
+    offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
         raise ValueError(
-            f"weights such as {offloaded[0]} are offloaded (on the meta device); DASH prefill runs "
+            f"weights such as {offloaded} are offloaded (on the meta device); DASH prefill runs "
             "the layers itself and needs every layer on a device: use a device_map without "
             "CPU/disk offloading")
-    return ADAPTERS[model_type](model)

@@ -81,13 +81,15 @@ def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedleP
 
 def _plain_ttft(model, ids: torch.Tensor) -> float:
     """Time to first token of the model's own forward pass (prefill + first token)."""
+    from .bench.timing import plain_method  # the one definition of plain prefill
+
     device = ids.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     with torch.no_grad():
-        logits = model(ids, use_cache=True, logits_to_keep=1).logits
-    logits[:, -1].argmax(-1).tolist()
+        logits, _, _ = plain_method(model, ids)
+    logits.argmax(-1).tolist()
     return time.perf_counter() - started
 
 

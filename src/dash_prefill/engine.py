@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .adapters import PreNormAdapter, adapter_for
+from .adapters import PreNormAdapter, adapter_for, check_not_offloaded
 from .config import DashConfig
 from .cost import ideal_speedup
 from .masks import KeyLayout, attention_mask
@@ -339,6 +339,7 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
     """Prefill one prompt under several configs, running the layers before their earliest
     start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
     adapter = adapter_for(model)
+    check_not_offloaded(model)  # once per prompt, not per decoded token
     input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
     num_layers = len(adapter.layers)
     starts = [c.resolve_start_layer(num_layers) if c.halts else num_layers for c in configs]
