@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also compare every policy with plain prefill on N prompts (>= 50 advised)")
     parser.add_argument("--fidelity-tokens", type=int, default=16, help="greedy tokens compared (default 16)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often faster on a busy CPU)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32",
+                        help="model dtype (default float32, as on CPU; bfloat16 changes the numbers)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl")
 
 
@@ -116,7 +119,7 @@ def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
     for run in runs:
         if run.model not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[run.model] = load_model(run.model)
+            loaded[run.model] = load_model(run.model, dtype=args.dtype, device=args.device)
         model, tokenizer = loaded[run.model]
         if run.length > max_context(model):
             raise ValueError(f"--length {run.length} exceeds {run.model}'s context of {max_context(model)}")

@@ -26,6 +26,7 @@ from .runner import (
     encode_sample,
     greedy_tokens,
     read_records,
+    provenance,
     record_key,
     sample_configs,
     stop_token_ids,
@@ -87,6 +88,7 @@ def evaluate_fidelity(model, tokenizer, model_name: str, tasks, target_length: i
     stop = stop_token_ids(model, tokenizer)
     count_tokens = token_counter(tokenizer)
     samples: dict[str, list] = {}
+    where = provenance(model)
     out = []
     for task, i in tqdm(pool, desc=f"fidelity {model_name} {target_length}", unit="prompt"):
         chosen = [(label, c) for label, c in policies if key(task, i, label, c) not in done]
@@ -97,7 +99,8 @@ def evaluate_fidelity(model, tokenizer, model_name: str, tasks, target_length: i
             records = _compare(model, tokenizer, samples[task][i], chosen, num_tokens, stop)
             for record, (label, config) in zip(records, chosen):
                 record.update(model=model_name, length=target_length, seed=seed, label=label,
-                              config=dataclasses.asdict(config), key_extra={"num_tokens": num_tokens})
+                              config=dataclasses.asdict(config), key_extra={"num_tokens": num_tokens},
+                              **where)
                 done[key(task, i, label, config)] = record
             append_records(results_path, records)
         out.extend(done[key(task, i, label, c)] for label, c in policies)

@@ -147,6 +147,13 @@ def greedy_tokens(model, state: PrefillResult, max_new_tokens: int, stop: set[in
     return tokens
 
 
+def provenance(model) -> dict:
+    """Where a record was computed: the device's name and the weights' dtype (not in cell keys)."""
+    weight = next(model.parameters())
+    name = torch.cuda.get_device_name(weight.device) if weight.device.type == "cuda" else "cpu"
+    return {"device": name, "dtype": str(weight.dtype).removeprefix("torch.")}
+
+
 def sample_configs(policies, sample: Sample, prompt: EncodedPrompt) -> list[DashConfig]:
     """Per-sample configs: protect the tail; the random control draws anew per sample."""
     configs = []
@@ -247,6 +254,7 @@ def evaluate(model, tokenizer, model_name: str, tasks, target_length: int, num_s
     logger.info("%d of %d cells already in %s", len(keys) - len(missing), len(keys), results_path)
     stop = stop_token_ids(model, tokenizer)
     count_tokens = token_counter(tokenizer)
+    where = provenance(model)
     progress = tqdm(total=len(tasks) * num_samples, desc=f"{model_name} {target_length}", unit="sample")
     for task in tasks:
         todo = [i for i in range(num_samples) if any((task, i, label) in missing for label in labels)]
@@ -260,7 +268,7 @@ def evaluate(model, tokenizer, model_name: str, tasks, target_length: int, num_s
             records = run_sample(model, tokenizer, samples[i], chosen, stop)
             for record, (label, config) in zip(records, chosen):
                 record.update(model=model_name, length=target_length, seed=seed, label=label,
-                              config=dataclasses.asdict(config))
+                              config=dataclasses.asdict(config), **where)
                 done[keys[task, i, label]] = record
             append_records(results_path, records)
             progress.update(1)
