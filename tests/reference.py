@@ -26,7 +26,7 @@ def _update_hook(layer, captured):
 
 
 def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None,
-                      frozen_keys=False):
+                      frozen_keys=False, prompt=None):
     """Returns (last-position logits, cache holding every token in every layer).
 
     active : (batch, seq) bool, the tokens that keep running after ``start_layer``.
@@ -34,9 +34,11 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         the start layer (whose cache dropped the halted tokens after scoring).
     frozen_keys : halted tokens stay visible in later layers, their hidden state frozen at
         h + U of the start layer (they skip its MLP and everything after).
+    prompt : PromptInputs of a vision-language model (embeddings, M-RoPE positions, Gemma-3
+        image blocks); the decoder is then ``model.model.language_model``.
     """
-    config = model.config
-    base = model.model
+    config = model.config.get_text_config()
+    base = getattr(model.model, "language_model", model.model)
     batch, seq_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -44,8 +46,11 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     query, key = positions[:, :, None], positions[:, None, :]
     causal = (key <= query) & real[:, None, :]
+    if prompt is not None and prompt.groups is not None:  # image blocks see themselves whole
+        causal |= (prompt.groups[:, :, None] == prompt.groups[:, None, :]) & (prompt.groups[:, :, None] >= 0)
     eye = torch.eye(seq_len, dtype=torch.bool)[None]
-    hidden = base.embed_tokens(input_ids)
+    hidden = base.embed_tokens(input_ids) if prompt is None else prompt.embeds
+    rope = positions if prompt is None or prompt.rope is None else prompt.rope
     types = getattr(config, "layer_types", None) or (
         ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
         * config.num_hidden_layers)
@@ -62,9 +67,9 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
             allowed[:, prompt_len:] &= active[:, None, :]
         allowed |= eye
         if config.model_type == "gemma3_text":
-            rotary = base.rotary_emb(hidden, positions, types[idx])
+            rotary = base.rotary_emb(hidden, rope, types[idx])
         else:
-            rotary = base.rotary_emb(hidden, positions)
+            rotary = base.rotary_emb(hidden, rope)
         captured = {}
         handle = _update_hook(layer, captured)
         before = hidden

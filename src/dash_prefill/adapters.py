@@ -29,8 +29,10 @@ class PreNormAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.base = model.model
-        self.config = model.config
+        # A vision-language model wraps its decoder: model.model.language_model.
+        self.base = getattr(model.model, "language_model", model.model)
+        self.config = model.config.get_text_config()
+        self.multimodal = self.base is not model.model
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -146,23 +148,42 @@ ADAPTERS = {
     "phi3": Phi3Adapter,
     "gemma3_text": Gemma3Adapter,
 }
+# Vision-language models (``*ForConditionalGeneration``): the adapter of their decoder.
+VLM_ADAPTERS = {
+    "llava": None,  # the text_config's family
+    "qwen2_vl": PreNormAdapter,
+    "qwen2_5_vl": PreNormAdapter,
+    "gemma3": Gemma3Adapter,
+}
+
+
+def _adapter_class(model: nn.Module):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not hasattr(model, "lm_head"):
+        return None
+    if model_type in VLM_ADAPTERS and hasattr(getattr(model, "model", None), "language_model"):
+        return VLM_ADAPTERS[model_type] or ADAPTERS.get(model.config.get_text_config().model_type)
+    return ADAPTERS.get(model_type)
 
 
 def adapter_for(model: nn.Module) -> PreNormAdapter:
     """The adapter of ``model``'s family; ValueError naming the supported ones otherwise."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS or not hasattr(model, "lm_head"):
+    cls = _adapter_class(model)
+    if cls is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); dash_prefill supports "
-            f"causal LMs of the families {sorted(ADAPTERS)} (load them with AutoModelForCausalLM)"
+            f"causal LMs of the families {sorted(ADAPTERS)} (load them with AutoModelForCausalLM) and "
+            f"vision-language models {sorted(VLM_ADAPTERS)} (load them with their "
+            "*ForConditionalGeneration class)"
         )
-    implementation = model.config._attn_implementation
+    implementation = model.config.get_text_config()._attn_implementation
     if implementation not in ("sdpa", "eager", "flash_attention_2"):
         raise ValueError(
             f"attention implementation {implementation!r} is not supported; load the model with "
             "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
         )
-    return ADAPTERS[model_type](model)
+    return cls(model)
 
 
 def check_not_offloaded(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 POLICIES = ("dash", "random", "attention", "none")
 SCORES = ("absolute", "relative")
+ELIGIBLE = ("all", "image")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class DashConfig:
         every later layer, computed from their frozen hidden state; they still skip the
         queries, attention output and MLP. Costs key/value projections and attention over all
         keys, and keeps the full KV cache.
+    eligible : {"all", "image"}
+        Which tokens may halt. "all": any unprotected prompt token, ρ is a fraction of the
+        prompt. "image" (vision-language models): only image/video tokens, ρ is a fraction of
+        them, text is always kept (the authors' setting for multimodal models).
     """
 
     halt_ratio: float = 0.5
@@ -49,6 +54,7 @@ class DashConfig:
     score: str = "absolute"
     seed: int = 0
     frozen_keys: bool = False
+    eligible: str = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
@@ -72,6 +78,8 @@ class DashConfig:
             raise ValueError(f"policy must be one of {POLICIES}; got {self.policy!r}")
         if not isinstance(self.frozen_keys, bool):
             raise ValueError(f"frozen_keys must be True or False; got {self.frozen_keys!r}")
+        if self.eligible not in ELIGIBLE:
+            raise ValueError(f"eligible must be one of {ELIGIBLE}; got {self.eligible!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 

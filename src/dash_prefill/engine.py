@@ -19,6 +19,7 @@ from .adapters import PreNormAdapter, adapter_for, check_not_offloaded
 from .config import DashConfig
 from .cost import ideal_speedup
 from .masks import KeyLayout, attention_mask
+from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
 from .policy import Selection, delta_norm, random_scores, received_attention, select_active
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class PrefillResult:
         Original positions of every layer's cached keys (shared by layers of a group).
     next_positions : (batch,) LongTensor
         Position of each row's next token: decoding continues at position T.
+    rope_offset : (batch,) LongTensor or None
+        Rotary position minus sequence position of generated tokens (M-RoPE models, whose
+        image tokens take fewer rotary positions than tokens); None when they are equal.
     """
 
     cache: DynamicCache
@@ -72,6 +76,7 @@ class PrefillResult:
     scores: torch.Tensor | None
     key_layouts: list[KeyLayout] = field(repr=False)
     next_positions: torch.Tensor = field(repr=False)
+    rope_offset: torch.Tensor | None = field(default=None, repr=False)
 
 
 class _LayerInputs:
@@ -79,8 +84,11 @@ class _LayerInputs:
     moved once per device: the one place that lets layers live on different devices."""
 
     def __init__(self, adapter: PreNormAdapter, hidden: torch.Tensor, queries: torch.Tensor,
-                 keys: KeyLayout | None):
+                 keys: KeyLayout | None, rope: torch.Tensor | None = None,
+                 query_groups: torch.Tensor | None = None):
         self.adapter, self.queries, self.keys = adapter, queries, keys
+        self.rope = queries if rope is None else rope
+        self.query_groups = query_groups
         # Only dtype and device are needed: holding ``hidden`` itself would keep it alive.
         self.hidden = hidden.new_empty(0)
         self.built: dict[tuple[str, torch.device], tuple] = {}
@@ -89,10 +97,10 @@ class _LayerInputs:
         if (layer_type, device) not in self.built:
             home = self.hidden.device
             if (layer_type, home) not in self.built:
-                rotary = self.adapter.rotary(self.hidden, self.queries, layer_type)
+                rotary = self.adapter.rotary(self.hidden, self.rope, layer_type)
                 mask = None if self.keys is None else attention_mask(
                     self.adapter.config._attn_implementation, self.queries, self.keys,
-                    self.adapter.window(layer_type), self.hidden.dtype)
+                    self.adapter.window(layer_type), self.hidden.dtype, self.query_groups)
                 self.built[layer_type, home] = (rotary, mask)
             rotary, mask = self.built[layer_type, home]
             self.built[layer_type, device] = (
@@ -107,6 +115,13 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``tensor`` (batch, seq, dim) at ``index`` (batch, kept)."""
     return tensor.gather(1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _gather_rope(rope: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """Rotary positions (batch, seq) or (rows, batch, seq) at ``index`` (batch, kept)."""
+    if rope is None:
+        return None
+    return rope.gather(-1, index.expand(*rope.shape[:-2], *index.shape))
 
 
 def _halted_index(active: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -148,7 +163,7 @@ def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Ten
     batch, seq_len = input_ids.shape
     if seq_len == 0 or batch == 0:
         raise ValueError("the prompt is empty: pass at least one token")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ValueError(
             f"the prompt has {seq_len} tokens but the model's context is {limit}; shorten the prompt"
@@ -196,21 +211,26 @@ class _Pass:
     common start layer (the evaluation compares policies this way).
     """
 
-    def __init__(self, adapter: PreNormAdapter, input_ids: torch.Tensor,
+    def __init__(self, adapter: PreNormAdapter, prompt: PromptInputs,
                  padding_mask: torch.Tensor | None, lengths: list[int]):
         self.adapter, self.lengths = adapter, lengths
         self.layer_types = adapter.layer_types()
-        self.hidden = adapter.embed(input_ids.to(adapter.base.embed_tokens.weight.device))
+        self.hidden = prompt.embeds
         device = self.hidden.device
-        batch, seq_len = input_ids.shape
+        batch, seq_len = self.hidden.shape[:2]
         if padding_mask is None:
             valid = None
             positions = torch.arange(seq_len, device=device)[None].expand(batch, -1)
         else:
             valid = padding_mask.to(device)
             positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        self.layout = KeyLayout(positions, valid, seq_len)
-        self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout)
+        groups = None if prompt.groups is None else prompt.groups.to(device)
+        self.rope = None if prompt.rope is None else prompt.rope.to(device)
+        # Generated tokens follow the largest rotary position (M-RoPE), else the sequence.
+        self.rope_offset = None if self.rope is None else (
+            self.rope.reshape(-1, batch, seq_len).amax(dim=(0, 2)) + 1 - (positions[:, -1] + 1))
+        self.layout = KeyLayout(positions, valid, seq_len, groups=groups)
+        self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout, self.rope, groups)
         self.cache = DynamicCache()
         self.layouts: list[KeyLayout] = []
         self.tails: dict[tuple[int, int], KeyLayout] = {}
@@ -229,8 +249,10 @@ class _Pass:
         twin.tails = dict(self.tails)
         return twin
 
-    def run(self, layers: range, start: int | None = None, config: DashConfig | None = None) -> None:
-        """Run ``layers``; at ``start``, halt tokens as ``config`` says and compact once."""
+    def run(self, layers: range, start: int | None = None, config: DashConfig | None = None,
+            eligible: tuple[torch.Tensor, list[int]] | None = None) -> None:
+        """Run ``layers``; at ``start``, halt tokens as ``config`` says and compact once
+        (only ``eligible`` tokens, with their per-row counts, when given)."""
         adapter = self.adapter
         for idx in layers:
             layer = adapter.layers[idx]
@@ -250,7 +272,8 @@ class _Pass:
                                              self.cache.layers[idx].keys, self.layout)
                 padding = None if self.layout.valid is None else ~self.layout.valid.to(layer_device)
                 self.selection = select_active(self.scores, self.lengths, config.halt_ratio,
-                                               config.protect_first, config.protect_last, padding)
+                                               config.protect_first, config.protect_last, padding,
+                                               eligible)
                 hidden = hidden + update
                 if self.selection.index.shape[1] < hidden.shape[1] or self.selection.valid is not None:
                     hidden, layer_layout = self._compact(hidden, idx, layer_device, config.frozen_keys)
@@ -284,13 +307,16 @@ class _Pass:
             halted = _halted_index(index, hidden.shape[1])
             self.frozen = _gather_tokens(hidden, halted)
             frozen = self.layout.gather(halted.to(home), None)
-            self.frozen_inputs = _LayerInputs(self.adapter, hidden, frozen.positions.to(device), None)
+            self.frozen_inputs = _LayerInputs(self.adapter, hidden, frozen.positions.to(device), None,
+                                              _gather_rope(self.rope, halted.to(home)))
             self.layout = frozen.concat(active)
         else:
             _keep_cached(self.cache, layer_idx, index)
             self.layout = cached = active
         hidden = _gather_tokens(hidden, index)
-        self.inputs = _LayerInputs(self.adapter, hidden, active.positions.to(device), self.layout)
+        self.rope = _gather_rope(self.rope, index.to(home))
+        self.inputs = _LayerInputs(self.adapter, hidden, active.positions.to(device), self.layout,
+                                   self.rope, active.groups)
         return hidden, cached
 
     def finish(self, model, start: int) -> PrefillResult:
@@ -311,45 +337,58 @@ class _Pass:
             key_layouts=self.layouts,
             # The last token is real in every row (left padding): the next position follows it.
             next_positions=self.layout.positions[:, -1] + 1,
+            rope_offset=self.rope_offset,
         )
 
 
 @torch.no_grad()
 def prefill(model, input_ids, config: DashConfig | None = None,
-            attention_mask: torch.Tensor | None = None) -> PrefillResult:
+            attention_mask: torch.Tensor | None = None, *,
+            vision_config: DashConfig | None = None, **multimodal) -> PrefillResult:
     """Prefill a prompt with Delta Attention Selective Halting.
 
     Parameters
     ----------
-    model : a supported ``*ForCausalLM`` (see ``adapters.ADAPTERS``).
+    model : a supported ``*ForCausalLM``, or a supported vision-language
+        ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
     input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
-    config : DashConfig, default ``DashConfig()``.
+    config : DashConfig, default ``DashConfig()``; halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
+    vision_config : DashConfig, optional
+        VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).
+    **multimodal :
+        VLMs: the processor's other outputs (``pixel_values``, ``image_grid_thw``,
+        ``mm_token_type_ids``, ``token_type_ids``, ...), passed as the model's forward takes them.
 
     Returns
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    return prefill_branches(model, input_ids, [config or DashConfig()], attention_mask)[0]
+    return prefill_branches(model, input_ids, [config or DashConfig()], attention_mask,
+                            vision_config=vision_config, **multimodal)[0]
 
 
 @torch.no_grad()
 def prefill_branches(model, input_ids, configs: list[DashConfig],
-                     attention_mask: torch.Tensor | None = None) -> list[PrefillResult]:
+                     attention_mask: torch.Tensor | None = None, *,
+                     vision_config: DashConfig | None = None, **multimodal) -> list[PrefillResult]:
     """Prefill one prompt under several configs, running the layers before their earliest
     start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
     adapter = adapter_for(model)
     check_not_offloaded(model)  # once per prompt, not per decoded token
     input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
+    prompt = prompt_inputs(adapter, input_ids, None if padding_mask is None else padding_mask.long(),
+                           multimodal, vision_config)
+    eligible = [eligible_tokens(c, prompt, padding_mask) for c in configs]
     num_layers = len(adapter.layers)
     starts = [c.resolve_start_layer(num_layers) if c.halts else num_layers for c in configs]
-    trunk = _Pass(adapter, input_ids, padding_mask, lengths)
+    trunk = _Pass(adapter, prompt, padding_mask, lengths)
     shared = min(starts)
     trunk.run(range(shared))
     results = []
-    for config, start in zip(configs, starts):
+    for config, start, allowed in zip(configs, starts, eligible):
         branch = trunk.fork() if len(configs) > 1 else trunk
-        branch.run(range(shared, num_layers), start, config)
+        branch.run(range(shared, num_layers), start, config, allowed)
         results.append(branch.finish(model, start))
     return results
 
@@ -365,13 +404,14 @@ def decode_step(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.T
     layer_types = adapter.layer_types()
     hidden = adapter.embed(token_ids.to(adapter.base.embed_tokens.weight.device))
     positions = state.next_positions[:, None].to(hidden.device)
+    rope = None if state.rope_offset is None else positions + state.rope_offset[:, None].to(hidden.device)
     grown: dict[int, tuple[KeyLayout, _LayerInputs]] = {}
     layouts = []
     for idx, layer in enumerate(adapter.layers):
         old = state.key_layouts[idx]
         if id(old) not in grown:
             new = old.append(positions.to(old.positions.device), old.span + 1)
-            grown[id(old)] = (new, _LayerInputs(adapter, hidden, positions, new))
+            grown[id(old)] = (new, _LayerInputs(adapter, hidden, positions, new, rope))
         layout, inputs = grown[id(old)]
         layer_device = _device_of(layer)
         hidden = hidden.to(layer_device)

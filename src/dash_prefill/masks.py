@@ -24,12 +24,16 @@ class KeyLayout:
         One past the largest position of any row, known on the host (no device sync).
     ordered : bool
         Whether positions grow along the keys (then causal order is index order).
+    groups : LongTensor (batch, keys) or None
+        Bidirectional blocks (Gemma-3 images): keys of one block (id >= 0) are visible to
+        queries of the same block whatever their order; -1 = ordinary causal token.
     """
 
     positions: torch.Tensor
     valid: torch.Tensor | None
     span: int
     ordered: bool = True
+    groups: torch.Tensor | None = None
 
     @property
     def num_keys(self) -> int:
@@ -43,7 +47,8 @@ class KeyLayout:
             merged = valid
         else:
             merged = old if valid is None else old & valid
-        return KeyLayout(positions, merged, self.span, self.ordered)
+        groups = None if self.groups is None else self.groups.gather(1, index)
+        return KeyLayout(positions, merged, self.span, self.ordered, groups)
 
     def concat(self, other: KeyLayout) -> KeyLayout:
         """These keys followed by ``other``'s (positions no longer grow along the keys)."""
@@ -53,32 +58,44 @@ class KeyLayout:
             mine = self.valid if self.valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
             theirs = other.valid if other.valid is not None else torch.ones_like(other.positions, dtype=torch.bool)
             valid = torch.cat([mine, theirs], dim=1)
+        groups = None
+        if self.groups is not None and other.groups is not None:
+            groups = torch.cat([self.groups, other.groups], dim=1)
         return KeyLayout(torch.cat([self.positions, other.positions], dim=1), valid,
-                         max(self.span, other.span), ordered=False)
+                         max(self.span, other.span), ordered=False, groups=groups)
 
     def tail(self, count: int) -> KeyLayout:
         """The layout of the last ``count`` keys."""
         valid = None if self.valid is None else self.valid[:, -count:]
-        return KeyLayout(self.positions[:, -count:], valid, self.span, self.ordered)
+        groups = None if self.groups is None else self.groups[:, -count:]
+        return KeyLayout(self.positions[:, -count:], valid, self.span, self.ordered, groups)
 
     def append(self, positions: torch.Tensor, span: int) -> KeyLayout:
         """The layout after real keys at ``positions`` (batch, new) are appended."""
         valid = self.valid
         if valid is not None:
             valid = torch.cat([valid, valid.new_ones(positions.shape)], dim=1)
-        return KeyLayout(torch.cat([self.positions, positions], dim=1), valid, span, self.ordered)
+        groups = self.groups  # appended (generated) tokens belong to no block
+        if groups is not None:
+            groups = torch.cat([groups, groups.new_full(positions.shape, -1)], dim=1)
+        return KeyLayout(torch.cat([self.positions, positions], dim=1), valid, span, self.ordered, groups)
 
 
 def attention_mask(implementation: str, query_positions: torch.Tensor, keys: KeyLayout,
-                   window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+                   window: int | None, dtype: torch.dtype,
+                   query_groups: torch.Tensor | None = None) -> torch.Tensor | None:
     """The mask for queries at ``query_positions`` (batch, q), the last q entries of ``keys``.
+
+    ``query_groups`` (batch, q) with ``keys.groups``: a query also sees every key of its own
+    bidirectional block (Gemma-3 image tokens), inside the window as Hugging Face does.
 
     Returns None where plain causal attention is already exact (no padding, no window that can
     bite), so SDPA and FlashAttention keep their fused causal kernels. Otherwise a mask of shape
     (batch, 1, q, keys): bool (True = attend) for sdpa, additive float for eager.
     """
     window_bites = window is not None and keys.span > window
-    if keys.valid is None and keys.ordered and not window_bites and implementation != "eager":
+    blocks = query_groups is not None and keys.groups is not None
+    if keys.valid is None and keys.ordered and not window_bites and not blocks and implementation != "eager":
         return None
     if implementation == "flash_attention_2":
         raise NotImplementedError(
@@ -88,6 +105,9 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
     key_pos = keys.positions[:, None, :]
     query_pos = query_positions[:, :, None]
     allowed = key_pos <= query_pos
+    if blocks:
+        same = keys.groups[:, None, :] == query_groups[:, :, None]
+        allowed |= same & (query_groups[:, :, None] >= 0)
     if window_bites:
         allowed &= key_pos > query_pos - window  # no (q, k) integer temporary
     if keys.valid is not None:

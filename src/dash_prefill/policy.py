@@ -91,7 +91,8 @@ def protected_mask(padding: torch.Tensor | None, batch: int, seq_len: int, prote
 
 def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
                   protect_first: int, protect_last: int,
-                  padding: torch.Tensor | None = None) -> Selection:
+                  padding: torch.Tensor | None = None,
+                  eligible: tuple[torch.Tensor, list[int]] | None = None) -> Selection:
     """Keep the highest-scoring tokens of every row; halt the rest.
 
     Parameters
@@ -104,6 +105,9 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
         True at padding; derived from ``lengths`` when not given.
     halt_ratio, protect_first, protect_last :
         As in :class:`DashConfig`.
+    eligible : ((batch, seq) bool, list[int]), optional
+        Tokens that may halt at all (image tokens) and their count per row, protected ones
+        excluded; then each row halts ``int(ρ · count)`` of them and keeps everything else.
 
     Every row keeps ``kept_count`` of its own tokens, exactly as it would alone; rows keeping
     fewer than the widest row get filler slots marked invalid, so the batch stays rectangular.
@@ -116,8 +120,12 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
             [seq_len - n for n in lengths], device=device)[:, None]
     padding = padding if padded else None
     protect = protected_mask(padding, batch, seq_len, protect_first, protect_last, device)
-    num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
-    kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
+    if eligible is None:
+        num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
+        kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
+    else:
+        protect = protect | ~eligible[0]
+        kept = [n - int(halt_ratio * e) for n, e in zip(lengths, eligible[1])]
     width = max(kept)
     if width == seq_len and not padded:
         # Nothing halts: the identity selection needs no ranking.

@@ -1,0 +1,104 @@
+"""Decoder-side DASH on vision-language models: tiny random Llava, Qwen2-VL, Qwen2.5-VL and
+Gemma-3 (multimodal) against Hugging Face's own forward and the slow masked reference."""
+
+import pytest
+import torch
+
+from dash_prefill import DashConfig
+from dash_prefill.adapters import adapter_for
+from dash_prefill.engine import decode_step, prefill
+from dash_prefill.multimodal import prompt_inputs
+from reference import reference_forward
+from vlms import BUILDERS, IMAGE_TOKEN, build_vlm, vlm_inputs
+
+GRIDS = ((1, 4, 4), (1, 4, 6))  # Qwen: two images of different sizes
+
+
+@pytest.fixture(params=list(BUILDERS))
+def vlm(request):
+    return request.param
+
+
+def _split(inputs):
+    inputs = dict(inputs)
+    return inputs.pop("input_ids"), inputs
+
+
+def _active_mask(result, seq_len):
+    active = torch.zeros(result.logits.shape[0], seq_len, dtype=torch.bool)
+    if result.active_index is None:
+        return ~active
+    return active.scatter(1, result.active_index, True)
+
+
+def test_rho_zero_matches_hf_forward_with_two_images(vlm, one_thread):
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    with torch.no_grad():
+        expected = model(input_ids=ids, **extra).logits[:, -1].float()
+    result = prefill(model, ids, DashConfig(halt_ratio=0.0), **extra)
+    torch.testing.assert_close(result.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decoded_logits_at_rho_zero_match_hf_forward_over_prompt_and_generated_tokens(vlm, one_thread):
+    # Generated tokens must continue at the right rotary position (M-RoPE: after the largest).
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    state = prefill(model, ids, DashConfig(halt_ratio=0.0), **extra)
+    generated = torch.tensor([[5, 17, 42, 9]])
+    ours = [decode_step(model, state, generated[:, i:i + 1]) for i in range(generated.shape[1])]
+    full = torch.cat([ids, generated], dim=1)
+    longer = {k: torch.cat([v, torch.zeros_like(generated)], dim=1) if k.endswith("type_ids") else v
+              for k, v in extra.items()}
+    with torch.no_grad():
+        expected = model(input_ids=full, **longer).logits[0, ids.shape[1]:].float()
+    torch.testing.assert_close(torch.cat(ours), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eligible", ["all", "image"])
+def test_halted_prefill_matches_masked_reference_at_original_rope_positions(vlm, eligible, one_thread):
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, eligible=eligible)
+    result = prefill(model, ids, config, **extra)
+    assert result.active_index is not None
+    prompt = prompt_inputs(adapter_for(model), ids, None, extra)
+    expected, _ = reference_forward(model, ids, 1, _active_mask(result, ids.shape[1]), prompt=prompt)
+    torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_image_eligibility_never_halts_text_and_halts_rho_of_the_image_tokens(vlm, one_thread):
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=0, protect_last=0, eligible="image")
+    result = prefill(model, ids, config, **extra)
+    active = _active_mask(result, ids.shape[1])[0]
+    image = ids[0] == IMAGE_TOKEN
+    assert active[~image].all()
+    assert int((~active).sum()) == int(0.5 * int(image.sum()))
+
+
+def test_each_row_of_a_batch_halts_as_it_would_alone(vlm, one_thread):
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS, batch=2))
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3)
+    together = prefill(model, ids, config, **extra)
+    alone_ids, alone_extra = _split(vlm_inputs(model, images=2, grids=GRIDS, batch=1))
+    assert torch.equal(alone_ids[0], ids[0])
+    alone = prefill(model, alone_ids, config, **alone_extra)
+    torch.testing.assert_close(together.logits[:1], alone.logits, atol=1e-4, rtol=1e-4)
+    assert together.stats.kept_tokens[0] == alone.stats.kept_tokens[0]
+
+
+def test_image_eligibility_without_images_is_an_error(one_thread):
+    model = build_vlm("llava")
+    ids = torch.randint(3, 100, (1, 12))
+    with pytest.raises(ValueError, match="has none"):
+        prefill(model, ids, DashConfig(halt_ratio=0.5, eligible="image"))
+
+
+def test_text_model_rejects_image_inputs(one_thread):
+    from conftest import build_model
+    model = build_model("llama")
+    with pytest.raises(ValueError, match="text model"):
+        prefill(model, torch.randint(3, 90, (1, 12)), DashConfig(), pixel_values=torch.zeros(1, 3, 8, 8))
