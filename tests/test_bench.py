@@ -154,3 +154,28 @@ def test_out_of_memory_is_recorded_and_the_run_continues(tiny_arch, monkeypatch)
     rows, _ = runner.run_bench(plan)
     assert rows[0]["status"] == "oom" and rows[0]["median_s"] is None and rows[0]["speedup"] is None
     assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows[1:])
+
+
+@pytest.mark.parametrize("arch,parameters", [("llava-1.5-7b", 7.06e9), ("qwen2-vl-7b", 8.29e9)])
+def test_every_vlm_arch_has_the_real_models_parameter_count(arch, parameters):
+    from dash_prefill.bench.vlm import build_random_vlm
+    model = build_random_vlm(arch, device="meta")
+    assert shapes.parameter_count(model) == pytest.approx(parameters, rel=0.03)
+
+
+def test_vlm_bench_times_every_method_on_the_same_synthetic_image_prompt(monkeypatch, one_thread):
+    import vlms
+    from dash_prefill import DashConfig
+    from dash_prefill.bench import vlm
+
+    def tiny():
+        model = vlms._qwen2_vl()
+        return type(model), model.config
+    monkeypatch.setitem(vlm.VLM_ARCHITECTURES, "qwen2-vl-7b", tiny)
+    rows = vlm.run_vlm_bench(["qwen2-vl-7b"], [64], 24, [(0.5, 0.5)], DashConfig(0.5, 0.5),
+                             torch.device("cpu"), torch.float32, warmup=0, repeats=1)
+    assert [r["method"] for r in rows] == ["plain", "dash", "dash", "dash-image", "dash+vit"]
+    assert all(r["status"] == "ok" and r["image_tokens"] == 64 and r["length"] == 88 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows)
+    halted = rows[2]
+    assert halted["kept_fraction"] < 1.0 and halted["ideal_speedup"] > 1.0

@@ -102,3 +102,22 @@ def test_text_model_rejects_image_inputs(one_thread):
     model = build_model("llama")
     with pytest.raises(ValueError, match="text model"):
         prefill(model, torch.randint(3, 90, (1, 12)), DashConfig(), pixel_values=torch.zeros(1, 3, 8, 8))
+
+
+class _Tokenizer:
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_generate_takes_processor_outputs_and_matches_hf_greedy_at_rho_zero(vlm, one_thread):
+    from dash_prefill.generation import generate
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, **extra, max_new_tokens=4, min_new_tokens=4,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()
+    result = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.0), max_new_tokens=4,
+                      attention_mask=torch.ones_like(ids), eos_token_id=-1, **extra)
+    assert result.token_ids[0] == expected

@@ -73,7 +73,8 @@ def _stop_ids(model, tokenizer, eos_token_id) -> set[int]:
 def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None,
-             eos_token_id: int | list[int] | None = None) -> GenerationResult:
+             eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
+             vision_config: DashConfig | None = None, **multimodal) -> GenerationResult:
     """Answer ``prompts`` with DASH prefill and ordinary decoding.
 
     Parameters
@@ -83,12 +84,21 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     config : DashConfig, default ``DashConfig()``.
     max_new_tokens : tokens generated per prompt at most (stops early at the EOS token).
     do_sample, temperature, top_k, top_p, seed : sampling as in HF ``generate``; greedy by default.
+    attention_mask : (batch, seq), with ``prompts`` given as an already left-padded id tensor
+        (a processor's output); otherwise the padding is made here.
+    vision_config, **multimodal :
+        Vision-language models: halting in the vision encoder, and the processor's other outputs
+        (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ...); see :func:`prefill`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids, mask = encode_prompts(tokenizer, prompts, pad_id)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    if attention_mask is not None and isinstance(prompts, torch.Tensor):
+        ids, mask = prompts if prompts.dim() == 2 else prompts[None], attention_mask
+        mask = mask if mask.dim() == 2 else mask[None]
+    else:
+        ids, mask = encode_prompts(tokenizer, prompts, pad_id)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"the prompt has {ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for, "
@@ -118,7 +128,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     ids, mask = ids.to(device), mask.to(device)
     _synchronize(device)
     started = time.perf_counter()
-    state = prefill(model, ids, config, attention_mask=mask)
+    state = prefill(model, ids, config, attention_mask=mask, vision_config=vision_config, **multimodal)
     token = choose(state.logits.to(device), ids)
     _synchronize(device)
     first_token_at = time.perf_counter()

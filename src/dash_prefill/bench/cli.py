@@ -16,6 +16,7 @@ from ..cli import start_layer_arg
 from .report import COLUMNS, _cell, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
+from .vlm import VLM_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="registry name, local directory or hub id (real weights)")
     source.add_argument("--arch", type=lambda t: [a.strip() for a in t.split(",")],
-                        help=f"random-weight model(s) of a real shape: {', '.join(ARCHITECTURES)}")
+                        help="random-weight model(s) of a real shape: "
+                        f"{', '.join(list(ARCHITECTURES) + list(VLM_ARCHITECTURES))}")
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,32k,128k"),
                         help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
     parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
@@ -79,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-check", action="store_true",
                         help="count host synchronisations of one call per method (CUDA only)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png")
+    vlm = parser.add_argument_group("vision-language archs (llava-1.5-7b, qwen2-vl-7b)")
+    vlm.add_argument("--image-tokens", type=_numbers(int),
+                     help="decoder tokens of the synthetic images (default 576,2304 for llava, "
+                     "1024,4096,16384 for qwen2-vl)")
+    vlm.add_argument("--text-tokens", type=int, default=256, help="text tokens around the images (default 256)")
+    vlm.add_argument("--vision-halt-ratio", type=float, default=0.5,
+                     help="halt ratio inside the vision encoder for the dash+vit rows (default 0.5)")
+    vlm.add_argument("--vision-start-layer", type=start_layer_arg, default=0.5,
+                     help="start layer inside the vision encoder (default 0.5 of its depth)")
 
 
 def _check_context(name: str, context: int, lengths: list[int]) -> None:
@@ -97,13 +108,26 @@ def _targets(args, dtype: torch.dtype) -> list[Target]:
             return model
         return [Target(args.model, load)]
     targets = []
-    for arch in args.arch:
+    for arch in [a for a in args.arch if a not in VLM_ARCHITECTURES]:
         _check_context(arch, arch_config(arch).max_position_embeddings, args.lengths)
         def build(arch=arch):
             model = build_random_model(arch, dtype, args.device, args.attn, args.seed)
             return split_across(model, [f"cuda:{i}" for i in range(args.gpus)])
         targets.append(Target(arch, build))
     return targets
+
+
+def _vlm_rows(args, settings, device, dtype) -> list[dict]:
+    from ..config import DashConfig
+    from .vlm import run_vlm_bench
+
+    rows = []
+    vision = DashConfig(halt_ratio=args.vision_halt_ratio, start_layer=args.vision_start_layer)
+    defaults = {"llava-1.5-7b": [576, 2304], "qwen2-vl-7b": [1024, 4096, 16384]}
+    for arch in [a for a in (args.arch or []) if a in VLM_ARCHITECTURES]:
+        rows += run_vlm_bench([arch], args.image_tokens or defaults[arch], args.text_tokens, settings,
+                              vision, device, dtype, args.attn, args.warmup, args.repeats, args.seed)
+    return rows
 
 
 def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
@@ -151,7 +175,8 @@ def main(args: argparse.Namespace) -> int:
                          hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
-        rows, syncs = run_bench(plan)
+        rows, syncs = run_bench(plan) if plan.targets else ([], [])
+        rows += _vlm_rows(args, settings, device, dtype)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import transformers
 logger = logging.getLogger(__name__)
 
 COLUMNS = [("arch", "arch", "{}"), ("batch", "batch", "{}"), ("length", "length", "{}"),
+           ("image_tokens", "img", "{}"),
            ("method", "method", "{}"), ("halt_ratio", "ρ", "{:.2f}"), ("start_layer", "start", "{}"),
            ("median_s", "median s", "{:.4f}"), ("min_s", "min s", "{:.4f}"), ("max_s", "max s", "{:.4f}"),
            ("peak_bytes", "peak GiB", "gib"), ("kv_cache_bytes", "KV GiB", "gib"),

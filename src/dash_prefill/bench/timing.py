@@ -121,8 +121,9 @@ def measure(method: Method, model, input_ids: torch.Tensor, warmup: int = 2, rep
         method(model, input_ids)  # the output is dropped at once: nothing stays alive between calls
     seconds, peaks, overs = [], [], []
     kv_bytes, kept_fraction = 0, 1.0
+    device = input_ids["input_ids"].device if isinstance(input_ids, dict) else input_ids.device
     for _ in range(repeats):
-        with _Clock(input_ids.device) as clock:
+        with _Clock(device) as clock:
             logits, cache, kept_fraction = method(model, input_ids)
         kv_bytes = cache_bytes(cache)
         del logits, cache
