@@ -121,3 +121,22 @@ def test_generate_takes_processor_outputs_and_matches_hf_greedy_at_rho_zero(vlm,
     result = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.0), max_new_tokens=4,
                       attention_mask=torch.ones_like(ids), eos_token_id=-1, **extra)
     assert result.token_ids[0] == expected
+
+
+def test_vision_config_halts_inside_the_encoder_as_the_patched_hf_forward_does(vlm, one_thread):
+    from dash_prefill.vision import halted_vision
+    model = build_vlm(vlm)
+    ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
+    # Start at the first encoder layer: Llava reads the second-to-last of 3 layers.
+    vision = DashConfig(halt_ratio=0.5, start_layer=0)
+    with torch.no_grad():
+        with halted_vision(model, vision):
+            expected = model(input_ids=ids, **extra).logits[:, -1].float()
+    result = prefill(model, ids, DashConfig(halt_ratio=0.0), vision_config=vision, **extra)
+    torch.testing.assert_close(result.logits, expected, atol=1e-5, rtol=1e-5)
+    # The encoder did halt: image embeddings changed, text embeddings did not.
+    adapter, image = adapter_for(model), ids[0] == IMAGE_TOKEN
+    halted = prompt_inputs(adapter, ids, None, extra, vision).embeds[0]
+    full = prompt_inputs(adapter, ids, None, extra).embeds[0]
+    assert torch.equal(halted[~image], full[~image])
+    assert (halted[image] - full[image]).abs().max() > 1e-4

@@ -86,6 +86,8 @@ def build_vlm(family: str, implementation: str = "sdpa", seed: int = 0):
         for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
+            elif not parameter.any():  # Gemma-3's image projection starts at zero
+                parameter.normal_(0.0, 0.1)
     return model
 
 
