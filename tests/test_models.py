@@ -165,3 +165,20 @@ def test_gemma3_loads_from_assembled_gguf_and_round_trips_text():
     with torch.no_grad():
         logits = model(**inputs).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_wrongly_converted_registry_tokenizer_is_refused_with_the_fix():
+    # transformers 5.17 converts Gemma-3's GGUF tokenizer into word fragments without BOS.
+    from dash_prefill.models import REGISTRY, TokenizerMismatchError, check_tokenizer
+
+    class Fragmenting:
+        def __call__(self, text):
+            return {"input_ids": [4906, 529, 494, 499, 503, 635]}
+
+    class Correct:
+        def __call__(self, text):
+            return {"input_ids": list(REGISTRY["gemma3-270m"].probe_ids)}
+
+    check_tokenizer(REGISTRY["gemma3-270m"], Correct(), "/cache/gemma")
+    with pytest.raises(TokenizerMismatchError, match="transformers 5.24.0.*delete /cache/gemma"):
+        check_tokenizer(REGISTRY["gemma3-270m"], Fragmenting(), "/cache/gemma")

@@ -64,9 +64,9 @@ class PrefillResult:
         Original positions of every layer's cached keys (shared by layers of a group).
     next_positions : (batch,) LongTensor
         Position of each row's next token: decoding continues at position T.
-    rope_offset : (batch,) LongTensor or None
+    rope_offset : (batch,) or (rows, batch) LongTensor or None
         Rotary position minus sequence position of generated tokens (M-RoPE models, whose
-        image tokens take fewer rotary positions than tokens); None when they are equal.
+        image tokens take fewer rotary positions than tokens, have 3 rows); None when equal.
     """
 
     cache: DynamicCache
@@ -227,8 +227,12 @@ class _Pass:
         groups = None if prompt.groups is None else prompt.groups.to(device)
         self.rope = None if prompt.rope is None else prompt.rope.to(device)
         # Generated tokens follow the largest rotary position (M-RoPE), else the sequence.
-        self.rope_offset = None if self.rope is None else (
-            self.rope.reshape(-1, batch, seq_len).amax(dim=(0, 2)) + 1 - (positions[:, -1] + 1))
+        self.rope_offset = None
+        if self.rope is not None:
+            following = self.rope.reshape(-1, batch, seq_len).amax(dim=(0, 2)) + 1
+            offset = following - (positions[:, -1] + 1)
+            # (rows, batch) for M-RoPE: decoding passes every rotary row, as the model does.
+            self.rope_offset = offset if self.rope.dim() == 2 else offset.expand(self.rope.shape[0], -1)
         self.layout = KeyLayout(positions, valid, seq_len, groups=groups)
         self.inputs = _LayerInputs(adapter, self.hidden, positions, self.layout, self.rope, groups)
         self.cache = DynamicCache()
@@ -404,7 +408,7 @@ def decode_step(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.T
     layer_types = adapter.layer_types()
     hidden = adapter.embed(token_ids.to(adapter.base.embed_tokens.weight.device))
     positions = state.next_positions[:, None].to(hidden.device)
-    rope = None if state.rope_offset is None else positions + state.rope_offset[:, None].to(hidden.device)
+    rope = None if state.rope_offset is None else positions + state.rope_offset[..., None].to(hidden.device)
     grown: dict[int, tuple[KeyLayout, _LayerInputs]] = {}
     layouts = []
     for idx, layer in enumerate(adapter.layers):

@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelPackageMissingError",
     "RegistryModel",
+    "TokenizerMismatchError",
     "UnsupportedDtypeError",
     "cache_dir",
     "load_model",
@@ -62,6 +63,13 @@ class UnsupportedDtypeError(ValueError):
     """The requested dtype is not one of the accepted values."""
 
 
+class TokenizerMismatchError(ValueError):
+    """A registry model's converted tokenizer does not tokenize like the original."""
+
+
+PROBE_TEXT = "One of the special magic numbers is 4482595."
+
+
 @dataclass(frozen=True)
 class RegistryModel:
     """An offline model shipped as a GGUF file inside pip package(s)."""
@@ -74,6 +82,9 @@ class RegistryModel:
     max_context: int
     # Start layer (fraction of depth) recommended from measurement; see EVAL.md.
     recommended_start_layer: float = 0.4
+    # Token ids of PROBE_TEXT from a correct conversion (transformers' GGUF tokenizer
+    # conversion differs between versions; 5.17 splits Gemma words into fragments).
+    probe_ids: tuple[int, ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -97,6 +108,7 @@ REGISTRY: dict[str, RegistryModel] = {
             max_context=8192,
             # The needle is lost at every start <= 0.7 of depth with ρ=0.5 and kept at 0.8.
             recommended_start_layer=0.8,
+            probe_ids=(2705, 282, 260, 1767, 9019, 2966, 314, 216, 36, 36, 40, 34, 37, 41, 37, 30),
         ),
         RegistryModel(
             name="gemma3-270m",
@@ -106,6 +118,8 @@ REGISTRY: dict[str, RegistryModel] = {
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             max_context=32768,
+            probe_ids=(2, 4906, 529, 506, 2803, 15236, 4945, 563, 236743, 236812, 236812, 236828,
+                       236778, 236810, 236819, 236810, 236761),
         ),
     )
 }
@@ -224,12 +238,28 @@ def load_model(
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if spec is not None:
+        check_tokenizer(spec, tokenizer, source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.dash_prefill_spec = spec
     logger.info("Loaded %s (%s, %s) in %.1fs", name_or_path, torch_dtype, device, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def check_tokenizer(spec: RegistryModel, tokenizer, source) -> None:
+    """TokenizerMismatchError unless ``tokenizer`` gives ``spec.probe_ids`` for PROBE_TEXT."""
+    import transformers
+
+    ids = tuple(tokenizer(PROBE_TEXT)["input_ids"])
+    if spec.probe_ids and ids != spec.probe_ids:
+        raise TokenizerMismatchError(
+            f"the tokenizer converted from {spec.name}'s GGUF by transformers "
+            f"{transformers.__version__} tokenizes wrongly ({PROBE_TEXT!r} -> {len(ids)} tokens, "
+            f"expected {len(spec.probe_ids)}); prompts would reach the model garbled. Install "
+            f"transformers 5.24.0 (known good), delete {source} and load again."
+        )
 
 
 def max_context(model) -> int:

@@ -105,7 +105,10 @@ def _image_tokens(config, input_ids: torch.Tensor) -> torch.Tensor | None:
     ids.discard(None)
     if not ids:
         return None
-    return torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device))
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in ids:  # comparisons with Python ints: no host-to-device copy
+        mask |= input_ids == token
+    return mask
 
 
 def _image_blocks(model, multimodal: dict) -> torch.Tensor | None:
