@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..cli import start_layer_arg
-from .report import COLUMNS, _cell, header, table_lines, write_json, write_plot
+from .report import _cell, columns, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
 from .vlm import VLM_ARCHITECTURES
@@ -141,10 +141,10 @@ def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
         print("\n".join(table_lines(rows)))  # pipes and logs get plain, unwrapped lines
     else:
         table = Table(title="DASH prefill: time to first token")
-        for key, title, _ in COLUMNS:
+        for key, title, _ in columns(rows):
             table.add_column(title, justify="left" if key in ("arch", "method") else "right")
         for row in rows:
-            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in COLUMNS])
+            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in columns(rows)])
         Console().print(table)
     for record in syncs:
         print(f"host syncs: {record['arch']} b={record['batch']} T={record['length']} "

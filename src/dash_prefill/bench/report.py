@@ -21,6 +21,7 @@ COLUMNS = [("arch", "arch", "{}"), ("batch", "batch", "{}"), ("length", "length"
            ("median_s", "median s", "{:.4f}"), ("min_s", "min s", "{:.4f}"), ("max_s", "max s", "{:.4f}"),
            ("peak_bytes", "peak GiB", "gib"), ("kv_cache_bytes", "KV GiB", "gib"),
            ("speedup", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal", "{:.2f}x"),
+           ("decoder_ideal_speedup", "decoder ideal", "{:.2f}x"),
            ("efficiency", "eff.", "{:.0%}"), ("speedup_over_hooks", "vs hooks", "{:.2f}x")]
 
 
@@ -48,11 +49,18 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
+def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS without those no row has a value for (image tokens of text models, ...)."""
+    return [c for c in COLUMNS if c[0] in ("median_s", "arch", "method")
+            or any(row.get(c[0]) is not None for row in rows)]
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """The rows as aligned plain-text lines (header first)."""
-    cells = [[title for _, title, _ in COLUMNS]]
-    cells += [[_cell(row, key, fmt) for key, _, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    shown = columns(rows)
+    cells = [[title for _, title, _ in shown]]
+    cells += [[_cell(row, key, fmt) for key, _, fmt in shown] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
     return ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
 
 
@@ -109,9 +117,10 @@ def markdown(paths: list[Path]) -> str:
         command = "dash-prefill " + head["command"].split(" ", 1)[1]
         parts.append(f"**{machine}**, torch {head['torch']}, transformers {head['transformers']}, "
                      f"{head['dtype']}, {head['attn']}, {head['date'][:10]} — `{command}`\n")
-        parts.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
-        parts.append("|" + "---|" * len(COLUMNS))
-        parts += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |" for r in rows]
+        shown = columns(rows)
+        parts.append("| " + " | ".join(title for _, title, _ in shown) + " |")
+        parts.append("|" + "---|" * len(shown))
+        parts += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in shown) + " |" for r in rows]
         if syncs:
             parts.append("\nHost synchronisations of one call: " + ", ".join(
                 f"{s['method']} ρ={s['halt_ratio']} (T={s['length']}): {s['sync_warnings']}" for s in syncs))
