@@ -70,6 +70,30 @@ def _stop_ids(model, tokenizer, eos_token_id) -> set[int]:
     return {value} if isinstance(value, int) else set(value)
 
 
+def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, stop: set[int],
+                      choose=None, pad_id: int = 0) -> list[list[int]]:
+    """Decode from a prefill whose first generated token per row is ``token`` (batch,).
+
+    ``choose(logits, tokens_so_far)`` picks the next tokens (greedy by default). Rows stop at
+    a token in ``stop`` (kept) or after ``max_new_tokens``; finished rows are padded with
+    ``pad_id`` while others go on. Returns each row's tokens, cut after its stop token.
+    """
+    choose = choose or (lambda logits, tokens: logits.argmax(-1))
+    tokens = [token]
+    finished = torch.zeros_like(token, dtype=torch.bool)
+    stop_tensor = torch.tensor(sorted(stop), device=token.device, dtype=token.dtype)
+    for _ in range(max_new_tokens - 1):
+        finished |= torch.isin(token, stop_tensor)
+        if bool(finished.all()):
+            break
+        logits = decode_step(model, state, token[:, None]).to(token.device)
+        token = choose(logits, torch.stack(tokens, 1))
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+    rows = torch.stack(tokens, 1).tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
+
+
 def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None,
@@ -132,23 +156,9 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     token = choose(state.logits.to(device), ids)
     _synchronize(device)
     first_token_at = time.perf_counter()
-    tokens = [token]
-    finished = torch.zeros_like(token, dtype=torch.bool)
-    stop_tensor = torch.tensor(sorted(stop), device=device, dtype=token.dtype)
-    for _ in range(max_new_tokens - 1):
-        finished |= torch.isin(token, stop_tensor)
-        if bool(finished.all()):
-            break
-        logits = decode_step(model, state, token[:, None]).to(device)
-        token = choose(logits, torch.cat([ids, torch.stack(tokens, 1)], 1))
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
+    trimmed = continue_decoding(model, state, token, max_new_tokens, stop,
+                                lambda logits, tokens: choose(logits, torch.cat([ids, tokens], 1)), pad_id)
     _synchronize(device)
-    rows = torch.stack(tokens, 1).tolist()
-    trimmed = []
-    for row in rows:
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        trimmed.append(row[:cut])
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in trimmed]
     return GenerationResult(texts=texts, token_ids=trimmed, stats=state.stats,
                             time_to_first_token=first_token_at - started,

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DashConfig
-from ..engine import PrefillResult, decode_step, prefill_branches
+from ..engine import PrefillResult, prefill_branches
+from ..generation import continue_decoding
 from .tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
@@ -137,14 +138,7 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 def greedy_tokens(model, state: PrefillResult, max_new_tokens: int, stop: set[int]) -> list[int]:
     """Greedy continuation of one prefilled row (batch 1), EOS included when reached."""
-    token = state.logits.argmax(-1)
-    tokens = []
-    for step in range(max_new_tokens):
-        tokens.append(int(token[0]))
-        if tokens[-1] in stop or step == max_new_tokens - 1:
-            break
-        token = decode_step(model, state, token[:, None]).argmax(-1)
-    return tokens
+    return continue_decoding(model, state, state.logits.argmax(-1), max_new_tokens, stop)[0]
 
 
 def provenance(model) -> dict:
