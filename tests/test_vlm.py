@@ -140,3 +140,38 @@ def test_vision_config_halts_inside_the_encoder_as_the_patched_hf_forward_does(v
     full = prompt_inputs(adapter, ids, None, extra).embeds[0]
     assert torch.equal(halted[~image], full[~image])
     assert (halted[image] - full[image]).abs().max() > 1e-4
+
+
+def _padded_pair(model):
+    """Row 0: two images; row 1: one image, left-padded. Also returns row 1's own inputs."""
+    a = vlm_inputs(model, images=2, grids=GRIDS, seed=1)
+    b = vlm_inputs(model, images=1, grids=GRIDS[:1], seed=2)
+    length, pad = a["input_ids"].shape[1], a["input_ids"].shape[1] - b["input_ids"].shape[1]
+
+    def left(row):
+        return torch.cat([torch.zeros(pad, dtype=row.dtype), row])
+    batch = {"input_ids": torch.stack([a["input_ids"][0], left(b["input_ids"][0])]),
+             "attention_mask": (torch.arange(length)[None] >= torch.tensor([0, pad])[:, None]).long(),
+             "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]])}
+    if "image_grid_thw" in a:
+        batch["image_grid_thw"] = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in a:
+            batch[key] = torch.stack([a[key][0], left(b[key][0])])
+    return batch, b
+
+
+def test_left_padded_rows_with_different_image_counts_match_hf_and_each_row_alone(vlm, one_thread):
+    model = build_vlm(vlm)
+    batch, second = _padded_pair(model)
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1].float()
+    ids, extra = _split(batch)
+    mask = extra.pop("attention_mask")
+    plain = prefill(model, ids, DashConfig(halt_ratio=0.0), attention_mask=mask, **extra)
+    torch.testing.assert_close(plain.logits, expected, atol=1e-5, rtol=1e-5)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3)
+    together = prefill(model, ids, config, attention_mask=mask, **extra)
+    alone_ids, alone_extra = _split(second)
+    alone = prefill(model, alone_ids, config, **alone_extra)
+    torch.testing.assert_close(together.logits[1:], alone.logits, atol=1e-5, rtol=1e-5)
