@@ -111,13 +111,15 @@ def test_relative_score_divides_by_the_residual_norm():
     assert_close(result.scores[0], captured["u"][0].norm(dim=-1) / captured["h"][0].norm(dim=-1))
 
 
-def test_left_padded_batch_equals_each_row_alone(family):
+@pytest.mark.parametrize("frozen_keys", [False, True])
+def test_left_padded_batch_equals_each_row_alone(family, frozen_keys):
     model = build_model(family)
     lengths = [SEQ, 29, 17]
     rows = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     ids = torch.stack([torch.cat([torch.zeros(SEQ - len(r), dtype=torch.long), r]) for r in rows])
     mask = torch.stack([torch.cat([torch.zeros(SEQ - len(r)), torch.ones(len(r))]).long() for r in rows])
-    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2,
+                        frozen_keys=frozen_keys)
     batch = prefill(model, ids, config, attention_mask=mask)
     next_token = batch.logits.argmax(-1)
     batch_step = decode_step(model, batch, next_token[:, None])

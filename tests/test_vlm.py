@@ -161,7 +161,9 @@ def _padded_pair(model):
     return batch, b
 
 
-def test_left_padded_rows_with_different_image_counts_match_hf_and_each_row_alone(vlm, one_thread):
+@pytest.mark.parametrize("eligible,frozen_keys", [("all", False), ("image", False), ("image", True)])
+def test_left_padded_rows_with_different_image_counts_match_hf_and_each_row_alone(
+        vlm, eligible, frozen_keys, one_thread):
     model = build_vlm(vlm)
     batch, second = _padded_pair(model)
     with torch.no_grad():
@@ -170,8 +172,24 @@ def test_left_padded_rows_with_different_image_counts_match_hf_and_each_row_alon
     mask = extra.pop("attention_mask")
     plain = prefill(model, ids, DashConfig(halt_ratio=0.0), attention_mask=mask, **extra)
     torch.testing.assert_close(plain.logits, expected, atol=1e-5, rtol=1e-5)
-    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3,
+                        eligible=eligible, frozen_keys=frozen_keys)
     together = prefill(model, ids, config, attention_mask=mask, **extra)
     alone_ids, alone_extra = _split(second)
     alone = prefill(model, alone_ids, config, **alone_extra)
     torch.testing.assert_close(together.logits[1:], alone.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_incomplete_processor_output_is_a_clear_error(one_thread):
+    model = build_vlm("qwen2_vl")
+    ids, extra = _split(vlm_inputs(model))
+    extra.pop("image_grid_thw")
+    with pytest.raises(ValueError, match="could not build its inputs.*image_grid_thw"):
+        prefill(model, ids, DashConfig(), **extra)
+
+
+def test_generate_refuses_an_attention_mask_for_string_prompts(one_thread):
+    from dash_prefill.generation import generate
+    model = build_vlm("llava")
+    with pytest.raises(ValueError, match="left-padded id tensor"):
+        generate(model, _Tokenizer(), ["a prompt"], attention_mask=torch.ones(1, 3))

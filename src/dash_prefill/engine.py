@@ -124,11 +124,17 @@ def _gather_rope(rope: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor
     return rope.gather(-1, index.expand(*rope.shape[:-2], *index.shape))
 
 
-def _halted_index(active: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The complement of ``active`` (batch, kept) in each row, ascending: (batch, seq - kept)."""
+def _halted_index(selection: Selection, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens a selection halts, ascending per row: (batch, seq - fewest kept) indices and,
+    when rows keep different counts, which of those slots are real (filler slots are halted)."""
+    active = selection.index
     is_active = torch.zeros(active.shape[0], seq_len, dtype=torch.int8, device=active.device)
-    is_active.scatter_(1, active, 1)
-    return is_active.argsort(dim=-1, stable=True)[:, :seq_len - active.shape[1]]
+    marks = 1 if selection.valid is None else selection.valid.to(torch.int8)
+    is_active.scatter_(1, active, marks)
+    halted = is_active.argsort(dim=-1, stable=True)[:, :seq_len - min(selection.kept_per_row)]
+    if max(selection.kept_per_row) == min(selection.kept_per_row):
+        return halted, None
+    return halted, is_active.gather(1, halted) == 0
 
 
 def _keep_cached(cache: DynamicCache, layer_idx: int, index: torch.Tensor) -> None:
@@ -307,11 +313,13 @@ class _Pass:
         valid = None if self.selection.valid is None else self.selection.valid.to(home)
         active = self.layout.gather(index.to(home), valid)
         cached = self.layout
+        # Rotary tables and masks are built on the home device and moved once per layer device.
+        template = torch.empty(0, dtype=hidden.dtype, device=home)
         if frozen_keys:
-            halted = _halted_index(index, hidden.shape[1])
-            self.frozen = _gather_tokens(hidden, halted)
-            frozen = self.layout.gather(halted.to(home), None)
-            self.frozen_inputs = _LayerInputs(self.adapter, hidden, frozen.positions.to(device), None,
+            halted, halted_valid = _halted_index(self.selection, hidden.shape[1])
+            self.frozen = _gather_tokens(hidden, halted.to(device))
+            frozen = self.layout.gather(halted.to(home), None if halted_valid is None else halted_valid.to(home))
+            self.frozen_inputs = _LayerInputs(self.adapter, template, frozen.positions, None,
                                               _gather_rope(self.rope, halted.to(home)))
             self.layout = frozen.concat(active)
         else:
@@ -319,7 +327,7 @@ class _Pass:
             self.layout = cached = active
         hidden = _gather_tokens(hidden, index)
         self.rope = _gather_rope(self.rope, index.to(home))
-        self.inputs = _LayerInputs(self.adapter, hidden, active.positions.to(device), self.layout,
+        self.inputs = _LayerInputs(self.adapter, template, active.positions, self.layout,
                                    self.rope, active.groups)
         return hidden, cached
 

@@ -117,7 +117,10 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if attention_mask is not None and isinstance(prompts, torch.Tensor):
+    if attention_mask is not None and not isinstance(prompts, torch.Tensor):
+        raise ValueError("attention_mask goes with prompts given as a left-padded id tensor (a "
+                         "processor's output); for strings or lists, leave it out: padding is made here")
+    if attention_mask is not None:
         ids, mask = prompts if prompts.dim() == 2 else prompts[None], attention_mask
         mask = mask if mask.dim() == 2 else mask[None]
     else:

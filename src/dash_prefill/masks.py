@@ -99,8 +99,9 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
         return None
     if implementation == "flash_attention_2":
         raise NotImplementedError(
-            "flash_attention_2 supports DASH only without padding, without frozen_keys and "
-            "without sliding-window layers longer than the window; use attn_implementation='sdpa'"
+            "flash_attention_2 supports DASH only without padding, without frozen_keys, without "
+            "Gemma-3 image blocks and without sliding-window layers longer than the window; use "
+            "attn_implementation='sdpa'"
         )
     key_pos = keys.positions[:, None, :]
     query_pos = query_positions[:, :, None]

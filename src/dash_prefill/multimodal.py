@@ -20,7 +20,7 @@ from .policy import protected_mask
 
 # Keyword arguments a VLM's forward takes besides input_ids and attention_mask.
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                     "mm_token_type_ids", "token_type_ids", "image_sizes")
+                     "second_per_grid_ts", "mm_token_type_ids", "token_type_ids", "image_sizes")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
                         **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in multimodal.items()})
     except _Captured:
         pass
+    except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+        raise ValueError(
+            f"{type(model).__name__} could not build its inputs from {sorted(multimodal) or 'input_ids alone'}: "
+            f"{error}. Pass the processor's whole output (input_ids with its image placeholder tokens, "
+            "pixel_values and, for Qwen2-VL, image_grid_thw and mm_token_type_ids)") from error
     finally:
         handle.remove()
     if "inputs_embeds" not in captured:
@@ -129,12 +134,16 @@ def eligible_tokens(config: DashConfig, prompt: PromptInputs, padding_mask: torc
     """
     if config.eligible == "all" or not config.halts:
         return None
-    if prompt.image is None or not bool(prompt.image.any()):
-        raise ValueError("eligible='image' halts only image tokens and this prompt has none: pass the "
-                         "processor's pixel_values (and its other outputs) or use eligible='all'")
+    if prompt.image is None:
+        raise ValueError("eligible='image' halts only image tokens, and this model has none: use a "
+                         "vision-language model with the processor's pixel_values, or eligible='all'")
     batch, seq_len = prompt.image.shape
     padding = None if padding_mask is None else ~padding_mask.to(prompt.image.device)
     protect = protected_mask(padding, batch, seq_len, config.protect_first, config.protect_last,
                              prompt.image.device)
     mask = prompt.image & ~protect
-    return mask, mask.sum(-1).tolist()
+    images, counts = torch.stack([prompt.image.sum(-1), mask.sum(-1)]).tolist()
+    if sum(images) == 0:
+        raise ValueError("eligible='image' halts only image tokens and this prompt has none: pass the "
+                         "processor's pixel_values (and its other outputs) or use eligible='all'")
+    return mask, counts

@@ -124,7 +124,7 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
         num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
         kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
     else:
-        protect = protect | ~eligible[0]
+        protect = protect | ~eligible[0].to(device)
         kept = [n - int(halt_ratio * e) for n, e in zip(lengths, eligible[1])]
     width = max(kept)
     if width == seq_len and not padded:

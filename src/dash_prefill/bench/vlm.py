@@ -7,7 +7,6 @@ around images that take the given number of decoder tokens, for plain HF and DAS
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -24,8 +23,6 @@ from ..config import DashConfig
 from ..engine import prefill
 from .hooks import cache_of
 from .shapes import _random_init, _rope, _skip_init
-
-logger = logging.getLogger(__name__)
 
 
 def _llava_1_5_7b():
