@@ -5,6 +5,9 @@
 # Each process writes OUT_DIR/parts/<name>/results.jsonl (+ a log); scripts/merge_results.py
 # then joins them per model. The small models leave the GPU idle between kernel launches, so
 # ten processes share it. Float32 weights, as on CPU. Needs the registry packages installed.
+# Gemma-3-270M: transformers before 5.24 converts its GGUF tokenizer wrongly and load_model
+# refuses it; copy tokenizer.json and tokenizer_config.json converted by 5.24 into
+# ~/.cache/dash_prefill/gemma3-270m-<sha> first (EVAL.md says how its numbers were made).
 set -euo pipefail
 out=${1:?usage: scripts/eval_gpu.sh OUT_DIR}
 mkdir -p "$out/parts"

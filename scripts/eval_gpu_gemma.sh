@@ -5,6 +5,9 @@
 # Usage: scripts/eval_gpu_gemma.sh OUT_DIR SECONDS
 # Every process stops after SECONDS (results are appended per sample, so a stopped process
 # keeps what it finished); scripts/merge_results.py then joins the parts.
+# Gemma-3-270M: transformers before 5.24 converts its GGUF tokenizer wrongly and load_model
+# refuses it; copy tokenizer.json and tokenizer_config.json converted by 5.24 into
+# ~/.cache/dash_prefill/gemma3-270m-<sha> first (EVAL.md says how its numbers were made).
 set -uo pipefail
 out=${1:?usage: scripts/eval_gpu_gemma.sh OUT_DIR SECONDS}
 limit=${2:?usage: scripts/eval_gpu_gemma.sh OUT_DIR SECONDS}
