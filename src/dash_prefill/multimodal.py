@@ -72,6 +72,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
             raise ValueError(f"{type(model).__name__} is a text model: it takes no {', '.join(given)}")
         return PromptInputs(adapter.embed(input_ids.to(device)))
 
+    input_ids = input_ids.to(device)
     captured: dict = {}
 
     def hook(module, args, kwargs):
@@ -85,7 +86,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
         halting = halted_vision(model, vision_config)
     try:
         with halting:
-            model.model(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False,
+            model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                         **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in multimodal.items()})
     except _Captured:
         pass
@@ -102,7 +103,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
     if rope is not None and rope.dim() == 3 and rope.shape[0] == 4:
         rope = rope[1:]  # Qwen2-VL may prepend the text positions to the three M-RoPE rows
     return PromptInputs(captured["inputs_embeds"], rope, _image_blocks(model, multimodal),
-                        _image_tokens(model.config, input_ids.to(device)))
+                        _image_tokens(model.config, input_ids))
 
 
 def _image_tokens(config, input_ids: torch.Tensor) -> torch.Tensor | None:

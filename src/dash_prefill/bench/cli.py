@@ -141,10 +141,11 @@ def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
         print("\n".join(table_lines(rows)))  # pipes and logs get plain, unwrapped lines
     else:
         table = Table(title="DASH prefill: time to first token")
-        for key, title, _ in columns(rows):
+        shown = columns(rows)
+        for key, title, _ in shown:
             table.add_column(title, justify="left" if key in ("arch", "method") else "right")
         for row in rows:
-            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in columns(rows)])
+            table.add_row(*[_cell(row, key, fmt) for key, _, fmt in shown])
         Console().print(table)
     for record in syncs:
         print(f"host syncs: {record['arch']} b={record['batch']} T={record['length']} "
