@@ -78,27 +78,10 @@ def test_cache_after_start_layer_holds_exactly_the_kept_tokens_in_order(family):
     assert result.stats.kv_tokens_per_layer == [SEQ, SEQ, kept, kept]
 
 
-def test_dash_halts_the_tokens_with_the_smallest_attention_update():
-    model = build_model("llama")
-    ids = random_ids(1, SEQ)
+def _start_layer_tensors(model, ids, layer_index):
+    """HF forward; returns the start layer's input h and its attention module's output."""
     captured = {}
-    handle = model.model.layers[2].self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(update=output[0]))
-    model(ids)
-    handle.remove()
-    norms = captured["update"][0].norm(dim=-1)
-    result = prefill(model, ids, DashConfig(halt_ratio=0.25, start_layer=2, protect_first=0, protect_last=1))
-    kept = SEQ - int(0.25 * SEQ)
-    expected = norms[:-1].topk(kept - 1).indices.tolist() + [SEQ - 1]
-    assert sorted(expected) == result.active_index[0].tolist()
-    assert_close(result.scores[0], norms)
-
-
-def test_relative_score_divides_by_the_residual_norm():
-    model = build_model("llama")
-    ids = random_ids(1, SEQ)
-    captured = {}
-    layer = model.model.layers[2]
+    layer = model.model.layers[layer_index]
     handles = [
         layer.register_forward_pre_hook(lambda module, args, kwargs: captured.update(h=args[0]),
                                         with_kwargs=True),
@@ -107,8 +90,27 @@ def test_relative_score_divides_by_the_residual_norm():
     model(ids)
     for handle in handles:
         handle.remove()
+    return captured["h"][0], captured["u"][0]
+
+
+def test_dash_halts_the_tokens_with_the_smallest_attention_update(family):
+    # U is the attention output after o_proj; for Gemma-3, before its post-attention norm.
+    model = build_model(family)
+    ids = random_ids(1, SEQ)
+    norms = _start_layer_tensors(model, ids, 2)[1].norm(dim=-1)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.25, start_layer=2, protect_first=0, protect_last=1))
+    kept = SEQ - int(0.25 * SEQ)
+    expected = norms[:-1].topk(kept - 1).indices.tolist() + [SEQ - 1]
+    assert sorted(expected) == result.active_index[0].tolist()
+    assert_close(result.scores[0], norms)
+
+
+def test_relative_score_divides_by_the_residual_norm(family):
+    model = build_model(family)
+    ids = random_ids(1, SEQ)
+    hidden, update = _start_layer_tensors(model, ids, 2)
     result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, score="relative"))
-    assert_close(result.scores[0], captured["u"][0].norm(dim=-1) / captured["h"][0].norm(dim=-1))
+    assert_close(result.scores[0], update.norm(dim=-1) / hidden.norm(dim=-1))
 
 
 @pytest.mark.parametrize("frozen_keys", [False, True])

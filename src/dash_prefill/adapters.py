@@ -56,17 +56,22 @@ class PreNormAdapter:
         """(cos, sin) for tokens at original ``positions`` (batch, seq)."""
         return self.base.rotary_emb(hidden, positions)
 
-    def _attention(self, layer: nn.Module, normed: torch.Tensor, rotary, mask, cache) -> torch.Tensor:
+    def attention_output(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
+        """Attn(Norm(h)) after o_proj: (batch, seq, hidden). DASH scores its norm, ||U_t||."""
         attention = layer.self_attn
         output, _ = attention(
-            hidden_states=normed, position_embeddings=rotary, attention_mask=mask,
-            **{_cache_keyword(type(attention)): cache},
+            hidden_states=layer.input_layernorm(hidden), position_embeddings=rotary,
+            attention_mask=mask, **{_cache_keyword(type(attention)): cache},
         )
         return output
 
+    def residual_update(self, layer, output: torch.Tensor) -> torch.Tensor:
+        """What the attention sublayer adds to the residual, from its output."""
+        return output
+
     def attention_update(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
-        """U = Attn(Norm(h)), the update added to the residual: (batch, seq, hidden)."""
-        return self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
+        """U, the update added to the residual: (batch, seq, hidden)."""
+        return self.residual_update(layer, self.attention_output(layer, hidden, rotary, mask, cache))
 
     def _project(self, layer, hidden, part: str) -> torch.Tensor:
         """Queries, keys or values of ``hidden`` (batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
@@ -113,8 +118,8 @@ class PreNormAdapter:
 class Phi3Adapter(PreNormAdapter):
     """Phi-3: fused qkv inside attention (no change needed) and residual dropouts."""
 
-    def attention_update(self, layer, hidden, rotary, mask, cache):
-        return layer.resid_attn_dropout(super().attention_update(layer, hidden, rotary, mask, cache))
+    def residual_update(self, layer, output):
+        return layer.resid_attn_dropout(output)
 
     def feed_forward(self, layer, hidden):
         return hidden + layer.resid_mlp_dropout(layer.mlp(layer.post_attention_layernorm(hidden)))
@@ -126,9 +131,10 @@ class Gemma3Adapter(PreNormAdapter):
     def rotary(self, hidden, positions, layer_type):
         return self.base.rotary_emb(hidden, positions, layer_type)
 
-    def attention_update(self, layer, hidden, rotary, mask, cache):
-        update = self._attention(layer, layer.input_layernorm(hidden), rotary, mask, cache)
-        return layer.post_attention_layernorm(update)
+    def residual_update(self, layer, output):
+        # The post-attention RMSNorm rescales every token's update to about the same norm, so
+        # DASH scores the output before it (attention_output), whose norm still varies.
+        return layer.post_attention_layernorm(output)
 
     def feed_forward(self, layer, hidden):
         update = layer.mlp(layer.pre_feedforward_layernorm(hidden))

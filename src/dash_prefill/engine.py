@@ -195,10 +195,11 @@ def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Ten
 
 
 def _policy_scores(config: DashConfig, adapter: PreNormAdapter, layer, hidden: torch.Tensor,
-                   update: torch.Tensor, rotary, keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
-    """Scores (batch, seq) of the configured policy at the start layer."""
+                   output: torch.Tensor, rotary, keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
+    """Scores (batch, seq) of the configured policy at the start layer (``output``: the
+    attention output, see ``adapters.PreNormAdapter.attention_output``)."""
     if config.policy == "random":
-        return random_scores(update.shape[0], update.shape[1], config.seed, update.device)
+        return random_scores(output.shape[0], output.shape[1], config.seed, output.device)
     if config.policy == "attention":
         window = min(max(config.protect_last, 1), hidden.shape[1])
         last_rotary = tuple(t[:, -window:] for t in rotary)
@@ -207,7 +208,7 @@ def _policy_scores(config: DashConfig, adapter: PreNormAdapter, layer, hidden: t
         valid = None if layout.valid is None else layout.valid.to(hidden.device)
         return received_attention(queries, keys, positions[:, -window:], positions, valid,
                                   layer.self_attn.scaling)
-    return delta_norm(update, hidden if config.score == "relative" else None)
+    return delta_norm(output, hidden if config.score == "relative" else None)
 
 
 class _Pass:
@@ -274,11 +275,12 @@ class _Pass:
                 frozen_rotary, _ = self.frozen_inputs.get(self.layer_types[idx], layer_device)
                 keys, values = adapter.keys_values(layer, self.frozen.to(layer_device), frozen_rotary)
                 self.cache.update(keys, values, idx)
-            update = adapter.attention_update(layer, hidden, rotary, mask, self.cache)
+            output = adapter.attention_output(layer, hidden, rotary, mask, self.cache)
+            update = adapter.residual_update(layer, output)
             layer_layout = self.layout
             if idx == start:
                 # The halting decision: score, select, compact once.
-                self.scores = _policy_scores(config, adapter, layer, hidden, update, rotary,
+                self.scores = _policy_scores(config, adapter, layer, hidden, output, rotary,
                                              self.cache.layers[idx].keys, self.layout)
                 padding = None if self.layout.valid is None else ~self.layout.valid.to(layer_device)
                 self.selection = select_active(self.scores, self.lengths, config.halt_ratio,

@@ -64,10 +64,10 @@ def delta_norms(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     for layer, layer_type in zip(adapter.layers, adapter.layer_types()):
         rotary = adapter.rotary(hidden, positions, layer_type)
         mask = attention_mask(implementation, positions, layout, adapter.window(layer_type), hidden.dtype)
-        update = adapter.attention_update(layer, hidden, rotary, mask, None)
-        absolute.append(delta_norm(update)[0])
-        relative.append(delta_norm(update, hidden)[0])
-        hidden = adapter.feed_forward(layer, hidden + update)
+        output = adapter.attention_output(layer, hidden, rotary, mask, None)
+        absolute.append(delta_norm(output)[0])
+        relative.append(delta_norm(output, hidden)[0])
+        hidden = adapter.feed_forward(layer, hidden + adapter.residual_update(layer, output))
     return torch.stack(absolute).cpu(), torch.stack(relative).cpu()
 
 
