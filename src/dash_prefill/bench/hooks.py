@@ -1,7 +1,8 @@
 """The comparison point: DASH as a kvpress-style press of forward hooks on the HF forward.
 
 This re-implements the design of the authors' press, not this package's engine: the model's
-own forward runs unchanged, a hook on the start layer's attention output picks the active
+own forward runs unchanged, a hook on the start layer's attention module (its output after
+o_proj, before any post-attention norm: what the engine scores) picks the active
 tokens, and every later decoder layer is wrapped by a pre-hook that clones the full hidden
 state and gathers the survivors, and a post-hook that scatters the layer's output back into
 the full sequence. Each layer recomputes its indices from the stored boolean active mask,
@@ -17,12 +18,6 @@ import torch
 from torch import nn
 
 from ..policy import delta_norm, select_active
-
-
-def _update_module(layer: nn.Module) -> nn.Module:
-    """The module whose output is the layer's attention update U (pre-residual)."""
-    # Gemma-style sandwich norms: U is the post-attention norm of the attention output.
-    return layer.post_attention_layernorm if hasattr(layer, "pre_feedforward_layernorm") else layer.self_attn
 
 
 def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,7 +102,7 @@ class HookPress:
     def __call__(self):
         """Install the hooks for the duration of the ``with`` block; the model is left untouched."""
         layers = self.model.model.layers
-        handles = [_update_module(layers[self.start_layer]).register_forward_hook(self._score),
+        handles = [layers[self.start_layer].self_attn.register_forward_hook(self._score),
                    layers[self.start_layer].register_forward_hook(self._compact_start_cache, with_kwargs=True)]
         for layer in layers[self.start_layer + 1:]:
             handles.append(layer.register_forward_pre_hook(self._gather, with_kwargs=True))
