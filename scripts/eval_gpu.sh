@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# The accuracy grid of EVAL.md on one CUDA GPU, as parallel `dash-prefill eval` processes.
+# SmolLM2-135M's accuracy grid of EVAL.md on one CUDA GPU, as parallel `dash-prefill eval`
+# processes (Gemma-3-270M's grid: scripts/eval_gpu_gemma.sh).
 #
 # Usage: scripts/eval_gpu.sh OUT_DIR
 # Each process writes OUT_DIR/parts/<name>/results.jsonl (+ a log); scripts/merge_results.py
-# then joins them per model. The small models leave the GPU idle between kernel launches, so
+# then joins them. The small models leave the GPU idle between kernel launches, so
 # ten processes share it. Float32 weights, as on CPU. Needs the registry packages installed.
-# Gemma-3-270M: transformers before 5.24 converts its GGUF tokenizer wrongly and load_model
-# refuses it; copy tokenizer.json and tokenizer_config.json converted by 5.24 into
-# ~/.cache/dash_prefill/gemma3-270m-<sha> first (EVAL.md says how its numbers were made).
 set -euo pipefail
 out=${1:?usage: scripts/eval_gpu.sh OUT_DIR}
 mkdir -p "$out/parts"
@@ -20,8 +18,6 @@ MAIN="plain,dash@0.25,dash@0.5,dash@0.75,random@0.25,random@0.5,random@0.75,dash
 LATE="dash@0.25/s0.8,dash@0.5/s0.8,dash@0.75/s0.8,random@0.5/s0.8"
 SWEEP="dash@0.5/s0.25,dash@0.5/s0.6,random@0.5/s0.25,random@0.5/s0.6"
 FIDELITY="plain,dash@0.5,dash@0.75,random@0.5,dash-rel@0.5,attention@0.5,dash@0.5/s0.8,random@0.5/s0.8"
-GEMMA="plain,dash@0.5,dash@0.75,random@0.5,random@0.75"
-GEMMA_LATE="dash@0.5/s0.6,dash@0.5/s0.8,random@0.5/s0.8,dash@0.75/s0.8"
 
 run() {  # run NAME ARGS... in the background
   local name=$1; shift
@@ -41,12 +37,5 @@ run s-late-b $s --samples 10 --tasks $B --policies $LATE
 run s-sweep $s --samples 10 --tasks $QUICK --policies $SWEEP
 run s-fidelity $s --samples 0 --tasks all --policies $FIDELITY --fidelity 56
 
-convert gemma3-270m
-g="--model gemma3-270m"
-run g-main-a $g --length 8k --samples 10 --tasks $A --policies $GEMMA
-run g-main-b $g --length 8k --samples 10 --tasks $B --policies $GEMMA
-run g-late $g --length 8k --samples 10 --tasks $QUICK --policies "$GEMMA_LATE,dash@0.5/s0.25"
-run g-16k $g --length 16k --samples 10 --tasks $QUICK --policies $GEMMA
-run g-fidelity $g --length 4k --samples 0 --tasks all --policies "$FIDELITY" --fidelity 56
 wait
 echo "all eval processes finished"

@@ -18,14 +18,13 @@ import torch
 from dash_prefill import prefill_branches
 from dash_prefill.eval.cli import _length
 from dash_prefill.eval.runner import encode_sample, parse_policies, sample_configs, token_counter
-from dash_prefill.eval.tasks import generate_samples
+from dash_prefill.eval.tasks import generate_samples, prompt_text
 from dash_prefill.models import load_model
 
 
 def answer_positions(tokenizer, sample, ids: list[int]) -> list[int]:
     """Token indices of the context's occurrences of every reference string."""
-    text = sample.context + sample.question + sample.answer_prefix
-    encoded = tokenizer(text, return_offsets_mapping=True)
+    encoded = tokenizer(prompt_text(sample), return_offsets_mapping=True)
     if list(encoded["input_ids"]) != ids:
         raise SystemExit("offsets tokenization differs from the evaluated prompt (chat template?)")
     spans = []
