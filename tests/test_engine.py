@@ -45,11 +45,13 @@ def test_zero_ratio_matches_plain_forward(family, implementation, policy):
         assert_close(ours.values, theirs.values, msg=f"values of layer {layer}")
 
 
-@pytest.mark.parametrize("policy", ["dash", "random"])
-def test_halting_matches_masked_reference(family, implementation, policy):
+@pytest.mark.parametrize("policy, pool", [("dash", 1), ("random", 1), ("dash", 5), ("attention", 3),
+                                          ("contribution", 1), ("dash-question", 3)])
+def test_halting_matches_masked_reference(family, implementation, policy, pool):
     model = build_model(family, implementation)
     ids = random_ids(2, SEQ)
-    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, policy=policy)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, policy=policy,
+                        pool=pool)
     result = prefill(model, ids, config)
     active = _active_mask(result, 2, SEQ)
     logits, cache = reference_forward(model, ids, start_layer=1, active=active)
@@ -171,6 +173,28 @@ def test_attention_policy_scores_equal_the_models_own_attention_weights(family):
     result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="attention"))
     assert_close(result.scores[0], weights[0, :, -5:].mean(dim=(0, 1)), atol=1e-5, rtol=1e-4)
     assert result.stats.kept_tokens == [SEQ // 2]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
+def test_contribution_policy_weights_the_models_attention_by_value_norms(family):
+    model = build_model(family, "eager")
+    model.config.sliding_window = SEQ + 1  # no window bites and HF's cache keeps every key
+    ids = random_ids(1, SEQ)
+    out = model(ids, output_attentions=True, use_cache=True)
+    weights = out.attentions[2][0, :, -5:].mean(dim=1)  # (heads, seq)
+    values = out.past_key_values.layers[2].values[0].norm(dim=-1)  # (kv_heads, seq)
+    values = values.repeat_interleave(weights.shape[0] // values.shape[0], dim=0)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="contribution"))
+    assert_close(result.scores[0], (weights * values).sum(0), atol=1e-5, rtol=1e-4)
+
+
+def test_pooled_scores_are_the_sliding_maximum_of_the_unpooled_ones(family):
+    model = build_model(family)
+    ids = random_ids(1, SEQ)
+    raw = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=4)).scores[0]
+    pooled = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=4, pool=5)).scores[0]
+    expected = torch.stack([raw[max(0, t - 2):t + 3].max() for t in range(SEQ)])
+    assert_close(pooled, expected)
 
 
 def test_branches_sharing_the_trunk_equal_separate_prefills():

@@ -3,15 +3,19 @@
 import pytest
 import torch
 
-from dash_prefill.policy import random_scores, select_active
+from dash_prefill import DashConfig
+from dash_prefill.policy import POLICIES, halted_count, random_scores, select_active, span_max
 
 
-@pytest.mark.parametrize("seq_len,ratio", [(100, 0.5), (101, 0.33), (64, 0.75), (10, 0.9)])
-def test_kept_count_is_exactly_t_minus_int_rho_t(seq_len, ratio):
-    scores = torch.rand(1, seq_len)
-    selection = select_active(scores, [seq_len], ratio, protect_first=0, protect_last=1)
-    assert selection.index.shape[1] == seq_len - int(ratio * seq_len)
-    assert selection.kept_per_row == [seq_len - int(ratio * seq_len)]
+@pytest.mark.parametrize("seq_len,ratio,kept", [(100, 0.5, 50), (101, 0.33, 68), (64, 0.75, 16),
+                                                (10, 0.9, 1), (100, 0.29, 71), (100, 0.57, 43),
+                                                (1000, 0.001, 999), (7, 0.5, 4)])
+def test_a_row_halts_the_floor_of_rho_t_computed_in_decimal(seq_len, ratio, kept):
+    # 0.29 * 100 is 28.999... in floating point; the decimal floor halts 29.
+    selection = select_active(torch.rand(1, seq_len), [seq_len], ratio, protect_first=0, protect_last=1)
+    assert selection.index.shape[1] == kept
+    assert selection.kept_per_row == [kept]
+    assert halted_count(seq_len, ratio) == seq_len - kept
 
 
 def test_last_token_and_protected_windows_stay_active_even_with_the_lowest_scores():
@@ -59,3 +63,24 @@ def test_random_scores_are_reproducible_and_seed_dependent():
     device = torch.device("cpu")
     assert torch.equal(random_scores(2, 9, 3, device), random_scores(2, 9, 3, device))
     assert not torch.equal(random_scores(2, 9, 3, device), random_scores(2, 9, 4, device))
+
+
+def test_sliding_maximum_keeps_the_neighbours_of_a_high_score_and_ignores_padding():
+    scores = torch.tensor([[9.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]])
+    assert span_max(scores, 3)[0].tolist() == [9.0, 9.0, 0.0, 5.0, 5.0, 5.0, 0.0, 0.0]
+    padding = torch.tensor([[True, False, False, False, False, False, False, False]])
+    assert span_max(scores, 3, padding)[0, 1:].tolist() == [0.0, 0.0, 5.0, 5.0, 5.0, 0.0, 0.0]
+    assert torch.equal(span_max(scores, 1), scores)
+
+
+def test_every_registered_policy_is_a_valid_config_and_says_whether_it_reads_the_question():
+    for name, function in POLICIES.items():
+        assert DashConfig(policy=name).policy == name
+        assert function.query_aware in (True, False)
+    assert not POLICIES["dash"].query_aware and POLICIES["attention"].query_aware
+
+
+@pytest.mark.parametrize("pool", [0, 2, -1, 1.0, True])
+def test_pool_must_be_an_odd_positive_int(pool):
+    with pytest.raises(ValueError, match="pool must be an odd int"):
+        DashConfig(pool=pool)

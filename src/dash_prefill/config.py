@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("dash", "random", "attention", "none")
+from .policy import POLICIES as _REGISTERED
+
+POLICIES = (*_REGISTERED, "none")
 SCORES = ("absolute", "relative")
 ELIGIBLE = ("all", "image")
 
@@ -25,11 +27,14 @@ class DashConfig:
     protect_last : int
         The last prompt tokens (usually the question) are always kept active. The very last
         token is kept whatever this value is: its logits start decoding.
-    policy : {"dash", "random", "attention", "none"}
-        "dash" ranks tokens by their attention update; "random" halts the same number of
-        tokens at random (the control); "attention" ranks tokens by the attention they receive
-        from the last ``max(protect_last, 1)`` prompt tokens at the start layer (a FastV /
-        LazyLLM / GemFilter-style baseline); "none" is plain prefill.
+    policy : str
+        A name in ``policy.POLICIES``, or "none" (plain prefill). "dash" ranks tokens by their
+        attention update (the paper); "random" halts the same number of tokens at random (the
+        control); "attention" ranks tokens by the attention they receive from the question
+        window, the last ``max(protect_last, 1)`` prompt tokens, at the start layer (FastV /
+        GemFilter; with ``pool`` the SnapKV / FastKV pooled ranking); "contribution" weights
+        that attention by each token's value norm; "dash-question" multiplies the ranks of
+        ||U|| and of the question's attention. "dash" and "random" are query-agnostic.
     score : {"absolute", "relative"}
         "absolute" is ||U_t||₂ (the paper); "relative" is ||U_t||₂ / ||h_t||₂.
     seed : int
@@ -40,6 +45,10 @@ class DashConfig:
         every later layer, computed from their frozen hidden state; they still skip the
         queries, attention output and MLP. Costs key/value projections and attention over all
         keys, and keeps the full KV cache.
+    pool : int
+        Odd width of a sliding maximum applied to the scores before selection (1: none): a
+        token is kept when a token within ``pool // 2`` of it ranks high, so spans (a number,
+        a phrase) stay whole.
     eligible : {"all", "image"}
         Which tokens may halt. "all": any unprotected prompt token, ρ is a fraction of the
         prompt. "image" (vision-language models): only image/video tokens, ρ is a fraction of
@@ -55,6 +64,7 @@ class DashConfig:
     seed: int = 0
     frozen_keys: bool = False
     eligible: str = "all"
+    pool: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
@@ -80,6 +90,8 @@ class DashConfig:
             raise ValueError(f"frozen_keys must be True or False; got {self.frozen_keys!r}")
         if self.eligible not in ELIGIBLE:
             raise ValueError(f"eligible must be one of {ELIGIBLE}; got {self.eligible!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be an odd int >= 1 (1: no pooling); got {self.pool!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 

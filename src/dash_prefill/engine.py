@@ -20,7 +20,7 @@ from .config import DashConfig
 from .cost import ideal_speedup
 from .masks import KeyLayout, attention_mask
 from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
-from .policy import Selection, delta_norm, random_scores, received_attention, select_active
+from .policy import ScoreContext, Selection, policy_scores, select_active
 
 logger = logging.getLogger(__name__)
 
@@ -194,21 +194,18 @@ def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Ten
     return input_ids, attention_mask.bool(), lengths
 
 
-def _policy_scores(config: DashConfig, adapter: PreNormAdapter, layer, hidden: torch.Tensor,
-                   output: torch.Tensor, rotary, keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
-    """Scores (batch, seq) of the configured policy at the start layer (``output``: the
-    attention output, see ``adapters.PreNormAdapter.attention_output``)."""
-    if config.policy == "random":
-        return random_scores(output.shape[0], output.shape[1], config.seed, output.device)
-    if config.policy == "attention":
-        window = min(max(config.protect_last, 1), hidden.shape[1])
-        last_rotary = tuple(t[:, -window:] for t in rotary)
-        queries = adapter.queries(layer, hidden[:, -window:], last_rotary)
-        positions = layout.positions.to(hidden.device)
-        valid = None if layout.valid is None else layout.valid.to(hidden.device)
-        return received_attention(queries, keys, positions[:, -window:], positions, valid,
-                                  layer.self_attn.scaling)
-    return delta_norm(output, hidden if config.score == "relative" else None)
+def _score_context(config: DashConfig, adapter: PreNormAdapter, layer, hidden: torch.Tensor,
+                   output: torch.Tensor, rotary, cached, layout: KeyLayout) -> ScoreContext:
+    """What the policy may read at the start layer (``output``: the attention output, see
+    ``adapters.PreNormAdapter.attention_output``; ``cached``: the layer's cache entry)."""
+    window = min(max(config.protect_last, 1), hidden.shape[1])
+    padding = None if layout.valid is None else ~layout.valid.to(hidden.device)
+    return ScoreContext(
+        output=output, hidden=hidden, config=config, padding=padding,
+        window_queries=lambda: adapter.queries(layer, hidden[:, -window:],
+                                               tuple(t[:, -window:] for t in rotary)),
+        keys=cached.keys, values=cached.values, positions=layout.positions.to(hidden.device),
+        scaling=layer.self_attn.scaling)
 
 
 class _Pass:
@@ -280,8 +277,8 @@ class _Pass:
             layer_layout = self.layout
             if idx == start:
                 # The halting decision: score, select, compact once.
-                self.scores = _policy_scores(config, adapter, layer, hidden, output, rotary,
-                                             self.cache.layers[idx].keys, self.layout)
+                self.scores = policy_scores(_score_context(config, adapter, layer, hidden, output,
+                                                           rotary, self.cache.layers[idx], self.layout))
                 padding = None if self.layout.valid is None else ~self.layout.valid.to(layer_device)
                 self.selection = select_active(self.scores, self.lengths, config.halt_ratio,
                                                config.protect_first, config.protect_last, padding,

@@ -1,12 +1,15 @@
 """Halting policies: pure functions from tensors to a selection of active tokens.
 
-A policy scores every prompt token at the start layer; ``select_active`` turns scores into
-the active set. The engine never knows which policy produced the scores.
+A policy scores every prompt token at the start layer from one :class:`ScoreContext`; it is
+registered by name in ``POLICIES`` (adding a policy touches this file only). ``select_active``
+turns scores into the active set. The engine never knows which policy produced the scores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
 
 import torch
 
@@ -42,16 +45,17 @@ def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torc
     return norm / hidden.float().norm(dim=-1).clamp_min(1e-6)
 
 
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-                       key_positions: torch.Tensor, key_valid: torch.Tensor | None,
-                       scaling: float) -> torch.Tensor:
-    """Attention each key receives from the last queries, averaged over heads and queries.
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                     key_positions: torch.Tensor, key_valid: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """Attention probabilities of the question window's queries over every key.
 
-    The FastV / LazyLLM / GemFilter-style baseline. Only the last queries are scored, so the
-    full (seq, seq) attention matrix is never built; causal order follows original positions.
+    Only the last queries are scored, so the full (seq, seq) attention matrix is never built;
+    causal order follows original positions.
 
     queries : (batch, heads, n, head_dim); keys : (batch, kv_heads, seq, head_dim);
-    query_positions : (batch, n); key_positions, key_valid : (batch, seq). -> (batch, seq).
+    query_positions : (batch, n); key_positions, key_valid : (batch, seq).
+    -> (batch, heads, n, seq) float32.
     """
     groups = queries.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
@@ -59,7 +63,14 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, query_position
     allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(dim=(1, 2))
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def received_attention(queries, keys, query_positions, key_positions, key_valid, scaling):
+    """Attention each key receives from the last queries, averaged over heads and queries:
+    the FastV / LazyLLM / GemFilter-style baseline. Shapes as :func:`window_attention`; -> (batch, seq)."""
+    return window_attention(queries, keys, query_positions, key_positions, key_valid,
+                            scaling).mean(dim=(1, 2))
 
 
 def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -68,9 +79,147 @@ def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> 
     return torch.rand(batch, seq_len, generator=generator, device="cpu").to(device)
 
 
+def span_max(scores: torch.Tensor, width: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Sliding maximum of ``scores`` (batch, seq) over ``width`` neighbouring tokens (odd,
+    centred): a token scores as high as the best token near it, so a number or a phrase is
+    kept or halted whole. Padding never lends its score to real tokens. -> (batch, seq)."""
+    if width <= 1:
+        return scores
+    scores = scores.float()
+    if padding is not None:
+        scores = scores.masked_fill(padding, float("-inf"))
+    pooled = torch.nn.functional.max_pool1d(scores[:, None], width, stride=1, padding=width // 2)
+    return pooled[:, 0]
+
+
+# ---------------------------------------------------------------------------- the interface
+
+
+class ScoreContext:
+    """What a policy may look at, at the start layer. Tensors are computed on first use.
+
+    output : (batch, seq, hidden)
+        The start layer's attention output, the tensor DASH scores (``U``; Gemma-3: before
+        its post-attention norm).
+    hidden : (batch, seq, hidden)
+        The residual stream entering the start layer.
+    config : DashConfig
+    padding : (batch, seq) bool or None
+        True at (left) padding.
+    window : int
+        The question window: the last ``max(protect_last, 1)`` prompt tokens.
+    window_queries : () -> (batch, heads, window, head_dim)
+        Rotated queries of the window's tokens at the start layer.
+    keys, values : (batch, kv_heads, seq, head_dim)
+        The start layer's keys and values of every token (its cache, before compaction).
+    positions : (batch, seq)
+        Original positions of the tokens.
+    scaling : float
+        The attention's softmax scale.
+    """
+
+    def __init__(self, *, output, hidden, config, padding, window_queries, keys, values,
+                 positions, scaling):
+        self.output, self.hidden, self.config, self.padding = output, hidden, config, padding
+        self.window = min(max(config.protect_last, 1), hidden.shape[1])
+        self._window_queries, self.keys, self.values = window_queries, keys, values
+        self.positions, self.scaling = positions, scaling
+        self._attention = None
+
+    @property
+    def batch(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.hidden.shape[1]
+
+    def attention(self) -> torch.Tensor:
+        """(batch, heads, window, seq) attention probabilities of the question window."""
+        if self._attention is None:
+            valid = None if self.padding is None else ~self.padding
+            self._attention = window_attention(
+                self._window_queries(), self.keys, self.positions[:, -self.window:],
+                self.positions, valid, self.scaling)
+        return self._attention
+
+
+Policy = Callable[[ScoreContext], torch.Tensor]
+POLICIES: dict[str, Policy] = {}
+
+
+def register(name: str, query_aware: bool) -> Callable[[Policy], Policy]:
+    """Add a policy under ``name``: a pure function ScoreContext -> scores (batch, seq),
+    higher meaning more worth computing further. ``query_aware`` policies read the question
+    window (the prompt's last ``protect_last`` tokens); the others can serve a context shared
+    by many questions."""
+    def add(function: Policy) -> Policy:
+        function.query_aware = query_aware
+        POLICIES[name] = function
+        return function
+    return add
+
+
+@register("dash", query_aware=False)
+def dash(context: ScoreContext) -> torch.Tensor:
+    """The paper's score: ||U_t|| (``score="relative"``: ||U_t|| / ||h_t||)."""
+    relative = context.config.score == "relative"
+    return delta_norm(context.output, context.hidden if relative else None)
+
+
+@register("random", query_aware=False)
+def random(context: ScoreContext) -> torch.Tensor:
+    """The control: the same number of tokens halted uniformly at random (``seed``)."""
+    return random_scores(context.batch, context.seq_len, context.config.seed, context.hidden.device)
+
+
+@register("attention", query_aware=True)
+def attention(context: ScoreContext) -> torch.Tensor:
+    """Attention received from the question window, mean over heads and queries (FastV /
+    GemFilter); with ``pool`` > 1 the SnapKV / FastKV pooled window-attention ranking."""
+    return context.attention().mean(dim=(1, 2))
+
+
+@register("contribution", query_aware=True)
+def contribution(context: ScoreContext) -> torch.Tensor:
+    """What token t adds to the question window's attention output: Σ_h mean_q a_hqt ||v_ht||
+    (attention weighted by the value norm: a token with a small value moves nothing even when
+    attended to, as attention sinks do)."""
+    heads = context.attention().mean(dim=2)  # (batch, heads, seq)
+    values = context.values.float().norm(dim=-1)  # (batch, kv_heads, seq)
+    values = values.repeat_interleave(heads.shape[1] // values.shape[1], dim=1)
+    return (heads * values).sum(dim=1)
+
+
+@register("dash-question", query_aware=True)
+def dash_question(context: ScoreContext) -> torch.Tensor:
+    """||U_t|| and the question's attention together: the product of their per-row ranks
+    (in (0, 1]), so a token survives when it still changes AND the question looks at it."""
+    return _rank(dash(context)) * _rank(attention(context))
+
+
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row rank of each score, scaled to (0, 1]: (batch, seq) -> (batch, seq) float32."""
+    order = scores.float().argsort(dim=-1)
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order))
+    return ranks.float() / scores.shape[-1]
+
+
+def policy_scores(context: ScoreContext) -> torch.Tensor:
+    """Scores (batch, seq) of the configured policy, pooled over ``config.pool`` tokens."""
+    scores = POLICIES[context.config.policy](context)
+    return span_max(scores, context.config.pool, context.padding)
+
+
+def halted_count(num_tokens: int, halt_ratio: float) -> int:
+    """⌊ρ·T⌋ computed in decimal: ρ=0.29 halts 29 of 100 tokens (float ρ·T is 28.999…)."""
+    return int(Fraction(str(halt_ratio)) * num_tokens)
+
+
 def kept_count(num_tokens: int, halt_ratio: float, num_protected: int) -> int:
-    """Tokens kept in a row of ``num_tokens``: T - int(ρ·T), or more when protection forces it."""
-    return min(num_tokens, max(num_tokens - int(halt_ratio * num_tokens), num_protected))
+    """Tokens kept in a row of ``num_tokens``: T - ⌊ρ·T⌋, or more when protection forces it."""
+    return min(num_tokens, max(num_tokens - halted_count(num_tokens, halt_ratio), num_protected))
 
 
 def protected_mask(padding: torch.Tensor | None, batch: int, seq_len: int, protect_first: int,
@@ -107,7 +256,7 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
         As in :class:`DashConfig`.
     eligible : ((batch, seq) bool, list[int]), optional
         Tokens that may halt at all (image tokens) and their count per row, protected ones
-        excluded; then each row halts ``int(ρ · count)`` of them and keeps everything else.
+        excluded; then each row halts ``⌊ρ · count⌋`` of them and keeps everything else.
 
     Every row keeps ``kept_count`` of its own tokens, exactly as it would alone; rows keeping
     fewer than the widest row get filler slots marked invalid, so the batch stays rectangular.
@@ -125,7 +274,7 @@ def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
         kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
     else:
         protect = protect | ~eligible[0].to(device)
-        kept = [n - int(halt_ratio * e) for n, e in zip(lengths, eligible[1])]
+        kept = [n - halted_count(e, halt_ratio) for n, e in zip(lengths, eligible[1])]
     width = max(kept)
     if width == seq_len and not padded:
         # Nothing halts: the identity selection needs no ranking.

@@ -28,19 +28,23 @@ from tqdm.auto import tqdm
 
 from ..config import DashConfig
 from ..engine import PrefillResult, prefill_branches
+from ..policy import POLICIES
 from ..generation import continue_decoding
 from .tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
 
 PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
-_LABEL = re.compile(r"^(dash|random|attention)(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?$")
+_NAMES = "|".join(sorted(map(re.escape, POLICIES), key=len, reverse=True))
+_LABEL = re.compile(rf"^({_NAMES})(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+))?$")
 
 
 def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
-    """The config of a label: ``plain``, ``dash@0.5``, ``dash-rel@0.5``, ``random@0.5``,
-    ``attention@0.5``, ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12);
-    ``-kv`` (``dash-kv@0.5``) keeps halted tokens visible as keys (``frozen_keys``).
+    """The config of a label: ``plain``, or ``POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL]``:
+    ``dash@0.5``, ``dash-rel@0.5`` (relative score), ``attention@0.5/p15`` (scores pooled
+    over 15 tokens), ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12),
+    ``dash-kv@0.5`` (halted tokens stay visible as keys, ``frozen_keys``). POLICY is a name
+    in ``policy.POLICIES``.
 
     ``protect_last`` is 0 here: the evaluation sets it per sample to the question's length.
     """
@@ -49,14 +53,15 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
         return PLAIN
     match = _LABEL.match(label)
     if match is None:
-        raise ValueError(f"cannot read policy label {label!r}; use plain, dash@0.5, dash-rel@0.5, "
-                         "random@0.5, attention@0.5, dash-kv@0.5 or dash@0.5/s0.25")
-    policy, relative, frozen, ratio, start = match.groups()
+        raise ValueError(f"cannot read policy label {label!r}; use plain or "
+                         f"POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL] with POLICY one of "
+                         f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
+    policy, relative, frozen, ratio, start, pool = match.groups()
     if start is not None:
         start_layer = float(start) if "." in start else int(start)
     return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
                       policy=policy, score="relative" if relative else "absolute",
-                      frozen_keys=frozen is not None)
+                      frozen_keys=frozen is not None, pool=int(pool or 1))
 
 
 def parse_policies(text: str, start_layer: int | float = 0.4) -> list[tuple[str, DashConfig]]:
