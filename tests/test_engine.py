@@ -243,3 +243,21 @@ def test_frozen_keys_match_the_reference_with_halted_tokens_frozen_but_visible(f
     expected, _ = reference_forward(model, torch.cat([ids, token], 1), start_layer=1, active=extended,
                                     frozen_keys=True)
     assert_close(step, expected)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_teacher_forced_tokens_give_the_logits_of_decoding_them_one_by_one(family, padded):
+    from dash_prefill.engine import extend
+    model = build_model(family)
+    ids = random_ids(2, SEQ)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :7] = 0
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3)
+    follow = random_ids(2, 5, seed=3)
+    forced = extend(model, prefill(model, ids, config, attention_mask=mask), follow)
+    state = prefill(model, ids, config, attention_mask=mask)
+    stepped = torch.stack([decode_step(model, state, follow[:, i:i + 1]) for i in range(5)], dim=1)
+    assert forced.shape == (2, 5, model.config.vocab_size)
+    assert_close(forced, stepped, atol=2e-5, rtol=1e-4)

@@ -109,7 +109,7 @@ class PreNormAdapter:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position from its hidden state (batch, hidden) -> (batch, vocab)."""
+        """Logits from final hidden states (..., hidden) -> (..., vocab) float32."""
         norm, head = self.base.norm, self.model.lm_head
         normed = norm(last_hidden.to(norm.weight.device))
         return head(normed.to(head.weight.device)).float()

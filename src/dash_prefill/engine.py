@@ -411,17 +411,28 @@ def decode_step(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.T
     Decoding is ordinary attention over the DASH cache; every layer sees every new token.
     Returns the logits (batch, vocab) of the new position.
     """
+    return extend(model, state, token_ids)[:, -1]
+
+
+@torch.no_grad()
+def extend(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.Tensor:
+    """Run k given tokens per row (batch, k) after the prompt, causally among themselves, at
+    the next original positions (teacher forcing); advance ``state``.
+
+    Returns the logits (batch, k, vocab) after each of them.
+    """
     adapter = adapter_for(model)
     layer_types = adapter.layer_types()
     hidden = adapter.embed(token_ids.to(adapter.base.embed_tokens.weight.device))
-    positions = state.next_positions[:, None].to(hidden.device)
+    steps = torch.arange(token_ids.shape[1], device=hidden.device)
+    positions = state.next_positions[:, None].to(hidden.device) + steps
     rope = None if state.rope_offset is None else positions + state.rope_offset[..., None].to(hidden.device)
     grown: dict[int, tuple[KeyLayout, _LayerInputs]] = {}
     layouts = []
     for idx, layer in enumerate(adapter.layers):
         old = state.key_layouts[idx]
         if id(old) not in grown:
-            new = old.append(positions.to(old.positions.device), old.span + 1)
+            new = old.append(positions.to(old.positions.device), old.span + token_ids.shape[1])
             grown[id(old)] = (new, _LayerInputs(adapter, hidden, positions, new, rope))
         layout, inputs = grown[id(old)]
         layer_device = _device_of(layer)
@@ -430,5 +441,5 @@ def decode_step(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.T
         hidden = adapter.feed_forward(layer, hidden + adapter.attention_update(layer, hidden, rotary, mask, state.cache))
         layouts.append(layout)
     state.key_layouts = layouts
-    state.next_positions = state.next_positions + 1
-    return adapter.logits(hidden[:, -1])
+    state.next_positions = state.next_positions + token_ids.shape[1]
+    return adapter.logits(hidden)

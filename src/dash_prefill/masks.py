@@ -95,7 +95,11 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
     """
     window_bites = window is not None and keys.span > window
     blocks = query_groups is not None and keys.groups is not None
-    if keys.valid is None and keys.ordered and not window_bites and not blocks and implementation != "eager":
+    # Fused causal kernels align the queries with the first keys: exact for one query or as
+    # many queries as keys, not for several new tokens after a cache.
+    aligned = query_positions.shape[1] in (1, keys.num_keys)
+    if (keys.valid is None and keys.ordered and aligned and not window_bites and not blocks
+            and implementation != "eager"):
         return None
     if implementation == "flash_attention_2":
         raise NotImplementedError(

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policies", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
+                        default=("dash",), help="halting policies timed per setting, NAME or NAME/pPOOL "
+                        "(default dash; e.g. dash,attention/p15,contribution/p15)")
     parser.add_argument("--no-hooks", action="store_true", help="skip the kvpress-style hooks comparison")
     parser.add_argument("--sync-check", action="store_true",
                         help="count host synchronisations of one call per method (CUDA only)")
@@ -173,7 +176,8 @@ def main(args: argparse.Namespace) -> int:
                                  "fractional start in (0, 1)")
         plan = BenchPlan(targets=_targets(args, dtype), lengths=args.lengths, batches=args.batch,
                          settings=settings, device=device, warmup=args.warmup, repeats=args.repeats,
-                         hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed)
+                         hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed,
+                         policies=args.policies)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
         rows, syncs = run_bench(plan) if plan.targets else ([], [])

@@ -89,7 +89,7 @@ def write_plot(path: Path, rows: list[dict]) -> bool:
         lengths = [r["length"] for r in points]
         label = f"{arch} b={batch} {method} s={start} ρ={ratio}"
         line, = axes.plot(lengths, [r["speedup"] for r in points], marker="o", label=label)
-        if method == "dash" and ratio > 0:
+        if method != "hooks" and ratio > 0:
             axes.plot(lengths, [r["ideal_speedup"] for r in points], linestyle="--", marker="x",
                       color=line.get_color())
     axes.axhline(1.0, color="grey", linewidth=0.8)

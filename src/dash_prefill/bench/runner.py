@@ -39,6 +39,7 @@ class BenchPlan:
     hooks: bool = True
     sync_check: bool = False
     seed: int = 0
+    policies: tuple[str, ...] = ("dash",)  # NAME or NAME/pPOOL; rows are labelled with it
 
 
 def resolve_start(start: int | float, num_layers: int) -> int:
@@ -56,7 +57,9 @@ def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, Ca
                ("dash", 0.0, first_start, dash_method(0.0, first_start))]
     for start, ratio in plan.settings:
         index = resolve_start(start, num_layers)
-        methods.append(("dash", ratio, index, dash_method(ratio, index)))
+        for policy in plan.policies:
+            name, _, pool = policy.partition("/p")
+            methods.append((policy, ratio, index, dash_method(ratio, index, name, int(pool or 1))))
         if plan.hooks:
             methods.append(("hooks", ratio, index, hooks_method(ratio, index)))
     return methods

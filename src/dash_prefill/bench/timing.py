@@ -56,9 +56,11 @@ def plain_method(model, input_ids):
     return output.logits[:, -1], cache_of(output), 1.0
 
 
-def dash_method(halt_ratio: float, start_layer: int) -> Method:
-    """This package's engine with the benchmark's protection (first 4, last 64 tokens)."""
-    config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=4, protect_last=64)
+def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1) -> Method:
+    """This package's engine with the benchmark's protection (first 4, last 64 tokens: the
+    question window of query-aware policies)."""
+    config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=4, protect_last=64,
+                        policy=policy, pool=pool)
 
     def run(model, input_ids):
         result = prefill(model, input_ids, config)

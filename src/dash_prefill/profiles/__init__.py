@@ -1,0 +1,52 @@
+"""Calibration profiles: the halting setting recommended for a model, and where it came from.
+
+A profile is the JSON that ``dash-prefill calibrate`` writes (see :mod:`dash_prefill.calibrate`).
+The user's own profiles live under ``<cache_dir>/profiles/``; this package ships the profiles
+of the registry models, produced by that command (each file records its command).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import DashConfig
+
+PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first")
+_SHIPPED = Path(__file__).parent
+
+
+def profile_name(model) -> str:
+    """The name a model's profile is stored under: its registry name, else its path or hub id."""
+    spec = getattr(model, "dash_prefill_spec", None)
+    if spec is not None:
+        return spec.name
+    name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    return name.strip("/").replace("/", "--")
+
+
+def user_profile_path(model) -> Path:
+    """Where ``dash-prefill calibrate`` writes a model's profile by default."""
+    from ..models import cache_dir
+
+    return cache_dir() / "profiles" / f"{profile_name(model)}.json"
+
+
+def recommended_setting(model) -> tuple[DashConfig, str]:
+    """The model's recommended DashConfig and where it comes from: the user's calibration
+    profile, else the profile shipped for a registry model, else the paper's setting (with
+    a registry model's measured start layer)."""
+    for path in (user_profile_path(model), _SHIPPED / f"{profile_name(model)}.json"):
+        if path.is_file():
+            setting = json.loads(path.read_text())["setting"]
+            return DashConfig(**setting), f"calibration profile {path}"
+    spec = getattr(model, "dash_prefill_spec", None)
+    if spec is not None:
+        return (DashConfig(start_layer=spec.recommended_start_layer),
+                f"registry start layer of {spec.name} (no calibration profile)")
+    return DashConfig(), "the paper's setting (no calibration profile: run dash-prefill calibrate)"
+
+
+def recommended_config(model) -> DashConfig:
+    """The DashConfig to use on ``model`` when none is given (see :func:`recommended_setting`)."""
+    return recommended_setting(model)[0]
