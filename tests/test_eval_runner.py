@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import COMMON
+from dash_prefill.config import DashConfig
 from dash_prefill.engine import prefill
 from dash_prefill.eval import cli, runner
 from dash_prefill.eval.fidelity import evaluate_fidelity
@@ -73,6 +74,25 @@ def test_policy_labels_parse_to_configs():
     assert parse_policy("random@0.5", start_layer=3).start_layer == 3
     with pytest.raises(ValueError, match="cannot read policy label"):
         parse_policy("fastv@0.5")
+    pooled = parse_policy("contribution@0.75/s0.3/p15")
+    assert (pooled.policy, pooled.halt_ratio, pooled.start_layer, pooled.pool) == ("contribution", 0.75, 0.3, 15)
+
+
+@pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel-kv@0.25/s12",
+                                   "attention@0.75/s0.3/p15", "dash-question@0.9/s0.5/p31"])
+def test_policy_label_reads_back_into_the_same_config(label):
+    from dash_prefill.eval.runner import policy_label
+    assert policy_label(parse_policy(label)) == label
+
+
+def test_calibrated_label_is_replaced_by_the_recommended_settings_own_label():
+    from dash_prefill.eval.runner import policy_label
+    recommended = DashConfig(halt_ratio=0.75, start_layer=0.3, policy="attention", pool=15)
+    labels = [label for label, _ in parse_policies("plain,calibrated", calibrated=recommended)]
+    assert labels == ["plain", "attention@0.75/s0.3/p15"]
+    assert policy_label(recommended) == labels[1]
+    with pytest.raises(ValueError, match="calibrated"):
+        parse_policies("calibrated")
 
 
 def test_rerun_makes_no_model_calls_and_a_new_policy_runs_only_its_cells(model, tmp_path, monkeypatch):

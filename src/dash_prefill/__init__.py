@@ -4,9 +4,11 @@ from .config import DashConfig
 from .engine import PrefillResult, PrefillStats, decode_step, prefill, prefill_branches
 from .generation import GenerationResult, generate
 from .models import load_model
+from .profiles import recommended_config, recommended_setting
 
 __all__ = [
     "DashConfig", "GenerationResult", "PrefillResult", "PrefillStats",
     "decode_step", "generate", "load_model", "prefill", "prefill_branches",
+    "recommended_config", "recommended_setting",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from .config import DashConfig
 from .cost import ideal_speedup
 from .masks import KeyLayout, attention_mask
 from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
+from .profiles import recommended_config
 from .policy import ScoreContext, Selection, policy_scores, select_active
 
 logger = logging.getLogger(__name__)
@@ -363,7 +364,8 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     model : a supported ``*ForCausalLM``, or a supported vision-language
         ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
     input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
-    config : DashConfig, default ``DashConfig()``; halting in the decoder.
+    config : DashConfig, default: the model's recommended setting
+        (:func:`dash_prefill.profiles.recommended_config`); halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
     vision_config : DashConfig, optional
         VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).
@@ -375,7 +377,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    return prefill_branches(model, input_ids, [config or DashConfig()], attention_mask,
+    return prefill_branches(model, input_ids, [config or recommended_config(model)], attention_mask,
                             vision_config=vision_config, **multimodal)[0]
 
 

@@ -105,7 +105,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     ----------
     prompts : str, list[str], list[int], list[list[int]] or (batch, seq) tensor
         Batches are left-padded here; token ids are used as given (no special tokens added).
-    config : DashConfig, default ``DashConfig()``.
+    config : DashConfig, default: the model's recommended setting (``recommended_config``).
     max_new_tokens : tokens generated per prompt at most (stops early at the EOS token).
     do_sample, temperature, top_k, top_p, seed : sampling as in HF ``generate``; greedy by default.
     attention_mask : (batch, seq), with ``prompts`` given as an already left-padded id tensor

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .report import text_table, write_report
-from .runner import evaluate, parse_policies, read_records
+from .runner import evaluate, parse_policies, policy_label, read_records
 from .tasks import OFFLINE_TASKS, TASKS
 from ..bench.cli import parse_lengths
 from ..cli import start_layer_arg
@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=_length, help="prompt + answer tokens per sample (4k = 4096)")
     parser.add_argument("--samples", type=int, help="samples per task")
     parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
-                        "attention@0.5,dash@0.5/s0.25'")
+                        "attention@0.5,attention@0.5/p15,dash@0.5/s0.25'; 'calibrated' is the model's "
+                        "recommended setting (its calibration profile)")
     parser.add_argument("--start-layer", type=start_layer_arg, help="start layer of labels without /s (default 0.4)")
     parser.add_argument("--seed", type=int, default=42, help="sample generator seed (default 42)")
     parser.add_argument("--out", type=Path, default=Path("eval_results"),
@@ -112,6 +113,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
     from ..models import load_model, max_context
+    from ..profiles import recommended_setting
     from .fidelity import evaluate_fidelity
 
     loaded = {}
@@ -123,7 +125,10 @@ def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
         model, tokenizer = loaded[run.model]
         if run.length > max_context(model):
             raise ValueError(f"--length {run.length} exceeds {run.model}'s context of {max_context(model)}")
-        policies = parse_policies(run.policies, run.start_layer)
+        calibrated, source = recommended_setting(model)
+        if "calibrated" in run.policies:
+            logger.info("calibrated = %s, from %s", policy_label(calibrated), source)
+        policies = parse_policies(run.policies, run.start_layer, calibrated)
         started = time.perf_counter()
         evaluate(model, tokenizer, run.model, run.tasks, run.length, run.samples, policies,
                  results, seed=args.seed)

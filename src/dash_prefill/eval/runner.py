@@ -64,9 +64,23 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
                       frozen_keys=frozen is not None, pool=int(pool or 1))
 
 
-def parse_policies(text: str, start_layer: int | float = 0.4) -> list[tuple[str, DashConfig]]:
-    """``"plain,dash@0.5"`` -> [(label, config), ...]."""
+def policy_label(config: DashConfig) -> str:
+    """The label :func:`parse_policy` reads back into ``config`` (with ``protect_last=0``)."""
+    if not config.halts:
+        return "plain"
+    label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
+    return f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
+
+
+def parse_policies(text: str, start_layer: int | float = 0.4,
+                   calibrated: DashConfig | None = None) -> list[tuple[str, DashConfig]]:
+    """``"plain,dash@0.5"`` -> [(label, config), ...]; ``calibrated`` stands for the label of
+    the given config (the model's recommended setting), so its cells are shared with the grid."""
     labels = [item.strip() for item in text.split(",") if item.strip()]
+    if "calibrated" in labels:
+        if calibrated is None:
+            raise ValueError("the label 'calibrated' needs the model's recommended setting")
+        labels = [policy_label(calibrated) if label == "calibrated" else label for label in labels]
     return [(label, parse_policy(label, start_layer)) for label in labels]
 
 

@@ -1,0 +1,90 @@
+"""Calibration: fidelity measurement against plain prefill, the choice within a budget, profiles."""
+
+import json
+
+import pytest
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig
+from dash_prefill.calibrate import (Budget, BudgetNotMetError, CalibrationPrompt, choose, front,
+                                    measure, read_prompts, settings_grid, write_profile)
+from dash_prefill.profiles import recommended_config, recommended_setting, user_profile_path
+
+
+def _row(label, speedup, kl, agreement=1.0):
+    return {"label": label, "config": {}, "kl": kl, "top1_agreement": agreement,
+            "nll_change": None, "ideal_speedup": speedup}
+
+
+def test_the_fastest_setting_within_the_budget_is_chosen():
+    rows = [_row("slow", 1.1, 0.001), _row("fast-but-wrong", 2.0, 0.5), _row("fast", 1.6, 0.04),
+            _row("fast-disagreeing", 1.8, 0.01, agreement=0.5)]
+    assert choose(rows, Budget(max_kl=0.05, min_agreement=0.9))["label"] == "fast"
+    assert choose(rows, Budget(max_kl=0.01, min_agreement=0.9))["label"] == "slow"
+
+
+def test_a_budget_no_setting_meets_names_the_closest_setting():
+    rows = [_row("a", 1.5, 0.3), _row("b", 1.2, 0.08)]
+    with pytest.raises(BudgetNotMetError, match="closest: b"):
+        choose(rows, Budget(max_kl=0.01))
+
+
+def test_front_keeps_only_settings_no_other_beats_on_speed_and_kl():
+    rows = [_row("a", 2.0, 0.5), _row("b", 1.5, 0.6), _row("c", 1.2, 0.01), _row("d", 1.5, 0.1)]
+    assert [r["label"] for r in front(rows)] == ["a", "d", "c"]
+
+
+def test_grid_is_every_policy_start_and_ratio_and_rejects_unknown_policies():
+    grid = settings_grid(["dash", "attention/p15"], (0.2, 0.4), (0.5, 0.75))
+    assert len(grid) == 8
+    label, config = grid[-1]
+    assert label == "attention@0.75/s0.4/p15"
+    assert (config.policy, config.pool, config.start_layer, config.halt_ratio) == ("attention", 15, 0.4, 0.75)
+    with pytest.raises(ValueError, match="unknown policy 'fastv'"):
+        settings_grid(["fastv"], (0.4,), (0.5,))
+
+
+def test_zero_ratio_is_perfectly_faithful_and_heavy_halting_is_not():
+    model = build_model("llama")
+    prompts = [CalibrationPrompt(random_ids(1, 40, seed=s)[0].tolist(), random_ids(1, 6, seed=9)[0].tolist(),
+                                 4, "test") for s in range(2)]
+    grid = [("none", DashConfig(halt_ratio=0.0, start_layer=1)),
+            ("heavy", DashConfig(halt_ratio=0.9, start_layer=1, protect_first=0))]
+    exact, heavy = measure(model, prompts, grid)
+    assert exact["kl"] < 1e-6 and exact["top1_agreement"] == 1.0 and abs(exact["nll_change"]) < 1e-6
+    assert heavy["kl"] > 1e-3 and heavy["ideal_speedup"] > 1.0
+
+
+def test_user_profile_overrides_the_default_and_says_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path))
+    model = build_model("qwen3")
+    config, source = recommended_setting(model)
+    assert config == DashConfig() and "paper" in source
+    chosen = {"label": "attention@0.75/s0.3/p15", "kl": 0.01, "top1_agreement": 0.97,
+              "nll_change": 0.0, "ideal_speedup": 1.9,
+              "config": {"policy": "attention", "halt_ratio": 0.75, "start_layer": 0.3, "pool": 15,
+                         "score": "absolute", "protect_first": 4}}
+    path = write_profile(user_profile_path(model), "tiny", chosen, [chosen], Budget(), {})
+    assert path.parent == tmp_path / "profiles"
+    config, source = recommended_setting(model)
+    assert config == DashConfig(halt_ratio=0.75, start_layer=0.3, policy="attention", pool=15)
+    assert str(path) in source
+    assert recommended_config(model) == config
+    assert json.loads(path.read_text())["label"] == "attention@0.75/s0.3/p15"
+
+
+def test_user_prompts_file_needs_a_context_on_every_line(tmp_path):
+    class Words:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"context": "a bb ccc", "question": " dd", "continuation": "e ff"}) + "\n")
+    (prompt,) = read_prompts(good, Words())
+    assert prompt.ids == [1, 2, 3, 2] and prompt.protect_last == 1 and prompt.continuation == [1, 2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: each line must be a JSON object with a \"context\""):
+        read_prompts(bad, Words())
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_prompts(tmp_path / "missing.jsonl", Words())
