@@ -74,7 +74,7 @@ def _print_comparison(result, answer: str | None = None) -> None:
 
 
 def _load(name: str, dtype: str | None):
-    from .models import load_model
+    from .loading import load_model
 
     return load_model(name, dtype=dtype)
 

@@ -14,7 +14,8 @@ from transformers.generation.logits_process import (
 )
 
 from .config import DashConfig
-from .engine import PrefillStats, decode_step, prefill
+from .decode import decode_step
+from .prefill import PrefillStats, prefill
 
 
 @dataclass(frozen=True)

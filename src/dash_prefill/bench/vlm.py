@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from ..config import DashConfig
-from ..engine import prefill
+from ..prefill import prefill
 from .hooks import cache_of
 from .shapes import _random_init, _rope, _skip_init
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DashConfig
-from ..engine import prefill_branches
+from ..prefill import prefill_branches
 from .runner import (
     PLAIN,
     append_records,

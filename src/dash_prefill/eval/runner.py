@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DashConfig
-from ..engine import PrefillResult, prefill_branches
+from ..prefill import PrefillResult, prefill_branches
 from ..policy import POLICIES
 from ..generation import continue_decoding
 from .tasks import Sample, generate_samples, score
@@ -66,7 +66,7 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
 
 def policy_label(config: DashConfig) -> str:
     """The label :func:`parse_policy` reads back into ``config`` (with ``protect_last=0``)."""
-    if not config.halts:
+    if not config.scores_tokens:
         return "plain"
     label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
     return f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
