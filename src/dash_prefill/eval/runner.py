@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import DashConfig
 from ..prefill import PrefillResult, prefill_branches
 from ..policy import POLICIES
-from ..generation import continue_decoding
+from ..generation import continue_decoding, stop_token_ids
 from .tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
@@ -143,16 +143,6 @@ def encode_sample(tokenizer, sample: Sample) -> EncodedPrompt:
             break
         common += 1
     return EncodedPrompt(ids, len(ids) - common, templated)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the generation config, else the tokenizer's."""
-    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if value is None:
-        value = getattr(tokenizer, "eos_token_id", None)
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else set(value)
 
 
 def greedy_tokens(model, state: PrefillResult, max_new_tokens: int, stop: set[int]) -> list[int]:
