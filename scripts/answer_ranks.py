@@ -25,7 +25,7 @@ from dash_prefill.eval.cli import _length, _tasks
 from dash_prefill.eval.runner import (_encode, _has_template, _render, encode_sample, parse_policies,
                                       sample_configs, token_counter)
 from dash_prefill.eval.tasks import generate_samples
-from dash_prefill.models import load_model
+from dash_prefill.loading import load_model
 
 
 def answer_tokens(tokenizer, sample, ids: list[int]) -> list[list[int]]:

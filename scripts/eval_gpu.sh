@@ -25,7 +25,7 @@ run() {  # run NAME ARGS... in the background
     >"$out/parts/$name.log" 2>&1 &
 }
 convert() {  # convert a registry model once, before parallel processes read it
-  python3 -c "from dash_prefill.models import load_model; load_model('$1', device='cpu')"
+  python3 -c "from dash_prefill.loading import load_model; load_model('$1', device='cpu')"
 }
 
 convert smollm2-135m

@@ -21,13 +21,13 @@ if [ ! -f /tmp/site/.installed ]; then
 fi
 cache=${DASH_PREFILL_CACHE:-$HOME/.cache/dash_prefill}
 for model in smollm2-135m gemma3-270m qwen2.5-coder-1.5b; do  # convert once, in parallel
-  python3 -c "from dash_prefill.models import load_model; load_model('$model', device='cpu')" \
+  python3 -c "from dash_prefill.loading import load_model; load_model('$model', device='cpu')" \
     >"$work/convert-$model.log" 2>&1 &
 done
 wait
 cp -r "$bundle"/tok/* "$cache"/
 for model in smollm2-135m gemma3-270m qwen2.5-coder-1.5b; do
-  python3 -c "from dash_prefill.models import load_model; load_model('$model', device='cpu')" \
+  python3 -c "from dash_prefill.loading import load_model; load_model('$model', device='cpu')" \
     >>"$work/convert-$model.log" 2>&1 || { echo "cannot load $model"; tail -3 "$work/convert-$model.log"; }
 done
 

@@ -19,7 +19,7 @@ from dash_prefill import prefill_branches
 from dash_prefill.eval.cli import _length
 from dash_prefill.eval.runner import encode_sample, parse_policies, sample_configs, token_counter
 from dash_prefill.eval.tasks import generate_samples, prompt_text
-from dash_prefill.models import load_model
+from dash_prefill.loading import load_model
 
 
 def answer_positions(tokenizer, sample, ids: list[int]) -> list[int]:

@@ -1,11 +1,13 @@
 """An independent slow reference for DASH: the unmodified HF decoder layers on ALL tokens,
 with an explicit per-layer mask that hides halted tokens as keys in layers after the start
-layer. It shares nothing with the engine but the choice of active tokens."""
+layer. It imports nothing from dash_prefill: it builds its own inputs from the HF model (a VLM's
+merged image embeddings and M-RoPE positions from the model's own forward) and is checked
+against the model's own forward with every token active (tests/test_reference.py)."""
+
+import inspect
 
 import torch
 from transformers import DynamicCache
-
-from dash_prefill.adapters import _cache_keyword
 
 
 def _mask(implementation, allowed, dtype):
@@ -15,9 +17,68 @@ def _mask(implementation, allowed, dtype):
     return allowed
 
 
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def decoder_inputs(model, input_ids, attention_mask=None, **multimodal):
+    """What HF's own forward feeds its decoder: (embeddings, rotary positions or None).
+
+    For a VLM the model's forward runs until it calls its language model, whose keyword
+    arguments are read there (merged image + text embeddings; Qwen's 3-D M-RoPE positions)."""
+    decoder = getattr(model.model, "language_model", None)
+    if decoder is None:
+        return model.model.embed_tokens(input_ids), None
+    seen = {}
+
+    def stop(module, args, kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    handle = decoder.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model.model(input_ids=input_ids, attention_mask=attention_mask, **multimodal)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    rope = seen.get("position_ids")
+    if rope is not None and rope.dim() == 3 and rope.shape[0] == 4:
+        rope = rope[1:]  # Qwen2-VL prepends the text positions to its three M-RoPE rows
+    return seen["inputs_embeds"], rope
+
+
+def image_blocks(token_type_ids):
+    """Gemma-3: (batch, seq, seq) True where query and key lie in the same run of image tokens."""
+    blocks = torch.full(token_type_ids.shape, -1)
+    for row in range(token_type_ids.shape[0]):
+        block, previous = -1, 0
+        for t, kind in enumerate(token_type_ids[row].tolist()):
+            if kind == 1 and previous != 1:
+                block += 1
+            if kind == 1:
+                blocks[row, t] = block
+            previous = kind
+    return (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+
+
+def _layer_types(config):
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+
+def _cache_keyword(layer):
+    parameters = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _update_hook(layer, captured):
-    """Capture the attention update U of a layer (Gemma-3: after its post-attention norm)."""
+    """Capture what the attention sublayer adds to the residual (Gemma-3: after its post-attention norm)."""
     if hasattr(layer, "pre_feedforward_layernorm"):
         return layer.post_attention_layernorm.register_forward_hook(
             lambda module, args, output: captured.update(update=output))
@@ -25,8 +86,9 @@ def _update_hook(layer, captured):
         lambda module, args, output: captured.update(update=output[0]))
 
 
+@torch.no_grad()
 def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None,
-                      frozen_keys=False, prompt=None):
+                      frozen_keys=False, **multimodal):
     """Returns (last-position logits, cache holding every token in every layer).
 
     active : (batch, seq) bool, the tokens that keep running after ``start_layer``.
@@ -34,8 +96,7 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         the start layer (whose cache dropped the halted tokens after scoring).
     frozen_keys : halted tokens stay visible in later layers, their hidden state frozen at
         h + U of the start layer (they skip its MLP and everything after).
-    prompt : PromptInputs of a vision-language model (embeddings, M-RoPE positions, Gemma-3
-        image blocks); the decoder is then ``model.model.language_model``.
+    multimodal : a VLM's processor outputs (pixel_values, image_grid_thw, token_type_ids, ...).
     """
     config = model.config.get_text_config()
     base = getattr(model.model, "language_model", model.model)
@@ -46,14 +107,12 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     query, key = positions[:, :, None], positions[:, None, :]
     causal = (key <= query) & real[:, None, :]
-    if prompt is not None and prompt.groups is not None:  # image blocks see themselves whole
-        causal |= (prompt.groups[:, :, None] == prompt.groups[:, None, :]) & (prompt.groups[:, :, None] >= 0)
+    if config.model_type == "gemma3_text" and "token_type_ids" in multimodal:
+        causal |= image_blocks(multimodal["token_type_ids"])  # image blocks see themselves whole
     eye = torch.eye(seq_len, dtype=torch.bool)[None]
-    hidden = base.embed_tokens(input_ids) if prompt is None else prompt.embeds
-    rope = positions if prompt is None or prompt.rope is None else prompt.rope
-    types = getattr(config, "layer_types", None) or (
-        ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
-        * config.num_hidden_layers)
+    hidden, rope = decoder_inputs(model, input_ids, attention_mask, **multimodal)
+    rope = positions if rope is None else rope
+    types = _layer_types(config)
     cache = DynamicCache()
     for idx, layer in enumerate(base.layers):
         allowed = causal.clone()
@@ -74,8 +133,7 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         handle = _update_hook(layer, captured)
         before = hidden
         hidden = layer(hidden, attention_mask=_mask(config._attn_implementation, allowed, hidden.dtype),
-                       position_embeddings=rotary, position_ids=positions,
-                       **{_cache_keyword(type(layer.self_attn)): cache})
+                       position_embeddings=rotary, position_ids=positions, **{_cache_keyword(layer): cache})
         handle.remove()
         if frozen_keys and idx == start_layer:
             frozen = before + captured["update"]
@@ -86,3 +144,42 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits, cache
+
+
+@torch.no_grad()
+def start_layer_scores(model, input_ids, start_layer, attention_mask=None, **multimodal):
+    """||U_t|| at ``start_layer`` from HF's own forward with every token: the output of the
+    layer's attention module (after o_proj, before any post-attention norm). (batch, seq)."""
+    base = getattr(model.model, "language_model", model.model)
+    captured = {}
+    handle = base.layers[start_layer].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(u=output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **multimodal)
+    finally:
+        handle.remove()
+    return captured["u"].float().norm(dim=-1)
+
+
+def top_tokens(scores, halt_ratio, protect_first, protect_last, may_halt=None):
+    """The active set, written out for one unpadded row at a time: protected tokens (first
+    ``protect_first``, last ``max(protect_last, 1)``, and those ``may_halt`` marks False) stay;
+    of the others, the ones with the largest scores stay until ``T - floor(ρ·T)`` tokens remain
+    (``may_halt`` given: until ``floor(ρ·count)`` of the tokens that may halt have halted).
+    Returns (batch, seq) bool."""
+    from fractions import Fraction
+    batch, seq_len = scores.shape
+    active = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for row in range(batch):
+        protected = [t < protect_first or t >= seq_len - max(protect_last, 1) for t in range(seq_len)]
+        if may_halt is not None:
+            protected = [p or not bool(may_halt[row, t]) for t, p in enumerate(protected)]
+            candidates = sum(1 for t in range(seq_len) if bool(may_halt[row, t]) and not protected[t])
+            halted = int(Fraction(str(halt_ratio)) * candidates)
+        else:
+            halted = int(Fraction(str(halt_ratio)) * seq_len)
+        keep = max(seq_len - halted, sum(protected))
+        order = sorted(range(seq_len), key=lambda t: (not protected[t], -float(scores[row, t])))
+        for t in order[:keep]:
+            active[row, t] = True
+    return active

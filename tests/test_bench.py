@@ -39,9 +39,10 @@ def test_start_layer_floats_are_fractions_and_ints_are_indices():
     args = _parse(["--arch", "smollm2-135m", "--start-layer", "0.4,12", "--settings", "0.25:0.75,3:0.5"])
     assert args.start_layer == [0.4, 12]
     assert args.settings == [(0.25, 0.75), (3, 0.5)]
-    assert runner.resolve_start(0.4, 32) == 12 and runner.resolve_start(12, 32) == 12
-    with pytest.raises(ValueError, match="outside"):
-        runner.resolve_start(40, 32)
+    from dash_prefill.config import start_layer_index
+    assert start_layer_index(0.4, 32) == 12 and start_layer_index(12, 32) == 12
+    with pytest.raises(ValueError, match="beyond the model"):
+        start_layer_index(40, 32)
 
 
 @pytest.mark.parametrize("arch", sorted(REAL_PARAMETERS))

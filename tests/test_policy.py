@@ -49,13 +49,13 @@ def test_padding_is_halted_first_and_rows_keep_their_own_count():
     selection = select_active(scores, [10, 6], 0.5, protect_first=0, protect_last=1)
     assert selection.kept_per_row == [5, 3]
     assert selection.index.shape == (2, 5)
-    real = selection.index[1][selection.valid[1]]
+    real = selection.index[1][selection.filled[1]]
     assert real.numel() == 3 and bool((real >= 4).all())
 
 
 def test_zero_ratio_keeps_everything_without_filler():
     selection = select_active(torch.rand(2, 7), [7, 7], 0.0, protect_first=0, protect_last=0)
-    assert selection.valid is None
+    assert selection.filled is None
     assert selection.index.tolist() == [list(range(7))] * 2
 
 

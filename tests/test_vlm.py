@@ -6,9 +6,9 @@ import torch
 
 from dash_prefill import DashConfig
 from dash_prefill.adapters import adapter_for
-from dash_prefill.engine import decode_step, prefill
+from dash_prefill import decode_step, prefill
 from dash_prefill.multimodal import prompt_inputs
-from reference import reference_forward
+from reference import reference_forward, start_layer_scores, top_tokens
 from vlms import BUILDERS, IMAGE_TOKEN, build_vlm, vlm_inputs
 
 GRIDS = ((1, 4, 4), (1, 4, 6))  # Qwen: two images of different sizes
@@ -57,13 +57,16 @@ def test_decoded_logits_at_rho_zero_match_hf_forward_over_prompt_and_generated_t
 
 @pytest.mark.parametrize("eligible", ["all", "image"])
 def test_halted_prefill_matches_masked_reference_at_original_rope_positions(vlm, eligible, one_thread):
+    # The active set comes from HF's own forward (||U|| at the start layer) and a selection
+    # written out in the test, not from the engine; the engine must choose the same one.
     model = build_vlm(vlm)
     ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
     config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, eligible=eligible)
+    scores = start_layer_scores(model, ids, 1, **extra)
+    active = top_tokens(scores, 0.5, 2, 3, may_halt=(ids == IMAGE_TOKEN) if eligible == "image" else None)
     result = prefill(model, ids, config, **extra)
-    assert result.active_index is not None
-    prompt = prompt_inputs(adapter_for(model), ids, None, extra)
-    expected, _ = reference_forward(model, ids, 1, _active_mask(result, ids.shape[1]), prompt=prompt)
+    assert torch.equal(_active_mask(result, ids.shape[1]), active)
+    expected, _ = reference_forward(model, ids, 1, active, **extra)
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -1,9 +1,10 @@
 """dash-prefill: faster long-prompt prefill by Delta Attention Selective Halting (DASH)."""
 
 from .config import DashConfig
-from .engine import PrefillResult, PrefillStats, decode_step, prefill, prefill_branches
+from .decode import decode_step
+from .prefill import PrefillResult, PrefillStats, prefill, prefill_branches
 from .generation import GenerationResult, generate
-from .models import load_model
+from .loading import load_model
 from .profiles import recommended_config, recommended_setting
 
 __all__ = [

@@ -1,18 +1,21 @@
 """Per-family adapters: the only place where model architectures differ.
 
-An adapter splits a decoder layer into its attention update U (the attention sublayer output
-that is added to the residual stream) and its feed-forward step, and knows how the family
-embeds tokens, builds rotary tables and turns the last hidden state into logits.
+An adapter splits a decoder layer into its attention output U (what DASH scores), what that adds
+to the residual stream, and its feed-forward step; it knows how the family projects and rotates
+queries and keys, builds rotary tables and turns the last hidden state into logits. Each family's
+difference lives in its own subclass (Phi-3's fused QKV, Qwen3/Gemma-3's q/k norms, Gemma-3's
+sandwich norms and per-layer-type rotary); the layer loop never asks which family it runs.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
 
 import torch
 from torch import nn
+from transformers.models.llama import modeling_llama
+from transformers.models.phi3 import modeling_phi3
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -24,8 +27,42 @@ def _cache_keyword(attention_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def layer_windows(config) -> list[int | None]:
+    """Sliding window of every decoder layer (None: full attention), from a (text) config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or [SLIDING if window is not None else FULL] * config.num_hidden_layers
+    return [window if layer_type == SLIDING else None for layer_type in types]
+
+
+def layer_types(config) -> list[str]:
+    """Attention type of every decoder layer ("full_attention" or "sliding_attention")."""
+    return [FULL if window is None else SLIDING for window in layer_windows(config)]
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The longest sequence (prompt plus generated tokens) the model's positions cover."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the token embeddings: where prompts and generated tokens go in."""
+    return model.get_input_embeddings().weight.device
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's weights (layers may live on different GPUs)."""
+    return next(module.parameters()).device
+
+
 class PreNormAdapter:
-    """Llama-style pre-norm layer: h' = h + Attn(Norm(h)); h'' = h' + MLP(Norm(h'))."""
+    """Llama-style pre-norm layer: h' = h + U, U = Attn(Norm(h)); h'' = h' + MLP(Norm(h')).
+
+    Llama, Mistral, Qwen2/2.5 and the decoders of Llava, Qwen2-VL and Qwen2.5-VL. Subclasses
+    override only what their family does differently.
+    """
+
+    rotate = staticmethod(modeling_llama.apply_rotary_pos_emb)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -33,28 +70,25 @@ class PreNormAdapter:
         self.base = getattr(model.model, "language_model", model.model)
         self.config = model.config.get_text_config()
         self.multimodal = self.base is not model.model
+        self.layer_types = layer_types(self.config)
+        self.windows = layer_windows(self.config)
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.base.layers
 
-    def layer_types(self) -> list[str]:
-        """Attention type of every layer ("full_attention" or "sliding_attention")."""
-        types = getattr(self.config, "layer_types", None)
-        if types:
-            return list(types)
-        sliding = getattr(self.config, "sliding_window", None) is not None
-        return [SLIDING if sliding else FULL] * self.config.num_hidden_layers
-
-    def window(self, layer_type: str) -> int | None:
-        return self.config.sliding_window if layer_type == SLIDING else None
+    @property
+    def device(self) -> torch.device:
+        """Where the embeddings live: the home device of positions, masks and rotary tables."""
+        return self.base.embed_tokens.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.base.embed_tokens(input_ids)
+        return self.base.embed_tokens(input_ids.to(self.device))
 
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str):
-        """(cos, sin) for tokens at original ``positions`` (batch, seq)."""
-        return self.base.rotary_emb(hidden, positions)
+    def rotary(self, like: torch.Tensor, positions: torch.Tensor, layer_idx: int):
+        """(cos, sin) for tokens at rotary ``positions`` (batch, seq) or (3, batch, seq), in the
+        dtype and device of ``like``, for layer ``layer_idx``."""
+        return self.base.rotary_emb(like, positions)
 
     def attention_output(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
         """Attn(Norm(h)) after o_proj: (batch, seq, hidden). DASH scores its norm, ||U_t||."""
@@ -66,47 +100,30 @@ class PreNormAdapter:
         return output
 
     def residual_update(self, layer, output: torch.Tensor) -> torch.Tensor:
-        """What the attention sublayer adds to the residual, from its output."""
+        """What the attention sublayer adds to the residual, from its output: U itself here."""
         return output
-
-    def attention_update(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
-        """U, the update added to the residual: (batch, seq, hidden)."""
-        return self.residual_update(layer, self.attention_output(layer, hidden, rotary, mask, cache))
-
-    def _project(self, layer, hidden, part: str) -> torch.Tensor:
-        """Queries, keys or values of ``hidden`` (batch, seq, hidden) -> (batch, heads, seq, head_dim)."""
-        attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        if hasattr(attention, "qkv_proj"):  # fused projection (Phi-3): q, then k, then v
-            q_width = self.config.num_attention_heads * attention.head_dim
-            kv_width = self.config.num_key_value_heads * attention.head_dim
-            start = {"q": 0, "k": q_width, "v": q_width + kv_width}[part]
-            width = q_width if part == "q" else kv_width
-            projected = attention.qkv_proj(normed)[..., start:start + width]
-        else:
-            projected = getattr(attention, f"{part}_proj")(normed)
-        states = projected.view(*hidden.shape[:-1], -1, attention.head_dim)
-        if hasattr(attention, f"{part}_norm"):  # Qwen3 / Gemma-3 q/k norms
-            states = getattr(attention, f"{part}_norm")(states)
-        return states.transpose(1, 2)
-
-    def _rotate(self, layer, states, rotary) -> torch.Tensor:
-        cos, sin = rotary
-        rotate = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
-        return rotate(states, states, cos, sin)[0]
-
-    def queries(self, layer, hidden, rotary) -> torch.Tensor:
-        """Rotated attention queries (batch, heads, seq, head_dim) of the residual ``hidden``."""
-        return self._rotate(layer, self._project(layer, hidden, "q"), rotary)
-
-    def keys_values(self, layer, hidden, rotary) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated keys and values (batch, kv_heads, seq, head_dim) of the residual ``hidden``."""
-        keys = self._rotate(layer, self._project(layer, hidden, "k"), rotary)
-        return keys, self._project(layer, hidden, "v")
 
     def feed_forward(self, layer, hidden) -> torch.Tensor:
         """h + MLP(Norm(h)) for the tokens in ``hidden``."""
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def project(self, layer, normed: torch.Tensor, part: str) -> torch.Tensor:
+        """Queries, keys or values (``part`` "q", "k", "v") of the normed residual (batch, seq,
+        hidden) -> (batch, heads, seq, head_dim), before rotation."""
+        attention = layer.self_attn
+        projected = getattr(attention, f"{part}_proj")(normed)
+        return projected.view(*normed.shape[:-1], -1, attention.head_dim).transpose(1, 2)
+
+    def queries(self, layer, hidden, rotary) -> torch.Tensor:
+        """Rotated attention queries (batch, heads, seq, head_dim) of the residual ``hidden``."""
+        states = self.project(layer, layer.input_layernorm(hidden), "q")
+        return self.rotate(states, states, *rotary)[0]
+
+    def keys_values(self, layer, hidden, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (batch, kv_heads, seq, head_dim) of the residual ``hidden``."""
+        normed = layer.input_layernorm(hidden)
+        keys = self.project(layer, normed, "k")
+        return self.rotate(keys, keys, *rotary)[0], self.project(layer, normed, "v")
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states (..., hidden) -> (..., vocab) float32."""
@@ -115,8 +132,30 @@ class PreNormAdapter:
         return head(normed.to(head.weight.device)).float()
 
 
+class Qwen3Adapter(PreNormAdapter):
+    """Qwen3: RMS norms on each head's queries and keys, before rotation."""
+
+    def project(self, layer, normed, part):
+        attention = layer.self_attn
+        states = getattr(attention, f"{part}_proj")(normed).view(*normed.shape[:-1], -1, attention.head_dim)
+        if part != "v":
+            states = getattr(attention, f"{part}_norm")(states)
+        return states.transpose(1, 2)
+
+
 class Phi3Adapter(PreNormAdapter):
-    """Phi-3: fused qkv inside attention (no change needed) and residual dropouts."""
+    """Phi-3: one fused qkv projection, partial rotary, residual dropouts."""
+
+    rotate = staticmethod(modeling_phi3.apply_rotary_pos_emb)
+
+    def project(self, layer, normed, part):
+        attention = layer.self_attn
+        q_width = self.config.num_attention_heads * attention.head_dim
+        kv_width = self.config.num_key_value_heads * attention.head_dim
+        start = {"q": 0, "k": q_width, "v": q_width + kv_width}[part]
+        width = q_width if part == "q" else kv_width
+        projected = attention.qkv_proj(normed)[..., start:start + width]
+        return projected.view(*normed.shape[:-1], -1, attention.head_dim).transpose(1, 2)
 
     def residual_update(self, layer, output):
         return layer.resid_attn_dropout(output)
@@ -125,11 +164,12 @@ class Phi3Adapter(PreNormAdapter):
         return hidden + layer.resid_mlp_dropout(layer.mlp(layer.post_attention_layernorm(hidden)))
 
 
-class Gemma3Adapter(PreNormAdapter):
-    """Gemma-3 text: sandwich norms, per-layer-type rotary tables, final logit soft-capping."""
+class Gemma3Adapter(Qwen3Adapter):
+    """Gemma-3 text: q/k norms (as Qwen3), sandwich norms, per-layer-type rotary tables, final
+    logit soft-capping."""
 
-    def rotary(self, hidden, positions, layer_type):
-        return self.base.rotary_emb(hidden, positions, layer_type)
+    def rotary(self, like, positions, layer_idx):
+        return self.base.rotary_emb(like, positions, self.layer_types[layer_idx])
 
     def residual_update(self, layer, output):
         # The post-attention RMSNorm rescales every token's update to about the same norm, so
@@ -150,7 +190,7 @@ ADAPTERS = {
     "llama": PreNormAdapter,
     "mistral": PreNormAdapter,
     "qwen2": PreNormAdapter,
-    "qwen3": PreNormAdapter,
+    "qwen3": Qwen3Adapter,
     "phi3": Phi3Adapter,
     "gemma3_text": Gemma3Adapter,
 }

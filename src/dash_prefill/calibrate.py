@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DashConfig
-from .engine import decode_step, extend, prefill_branches
+from .decode import decode_step, extend
+from .prefill import prefill_branches
 from .policy import POLICIES
 from .profiles import PROFILE_FIELDS, profile_name, user_profile_path
 
@@ -80,7 +81,7 @@ def builtin_prompts(tokenizer, length: int, count: int, seed: int = 0,
                     continuation_tokens: int = 24) -> list[CalibrationPrompt]:
     """``count`` prompts of about ``length`` tokens from the essays: recall and continuation
     alternating, each with a held-out continuation of up to ``continuation_tokens``."""
-    from .eval.haystacks import essay_words
+    from .data import essay_words
 
     words = essay_words()
     rng = random.Random(seed)
@@ -348,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
     """Calibrate, print the front, write the profile and its plot."""
     import sys
 
-    from .models import load_model
+    from .loading import load_model
 
     try:
         budget = Budget(args.budget, args.min_agreement)

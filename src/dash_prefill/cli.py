@@ -62,7 +62,7 @@ def _print_comparison(result, answer: str | None = None) -> None:
         ("speedup (ideal, cost model)", f"{stats.ideal_speedup:.2f}x"),
         ("tokens halted", f"{stats.halted_tokens[0]} of {stats.prompt_tokens[0]}"),
         ("KV-cache tokens saved", f"{saved:.1%} ({sum(stats.kv_tokens_per_layer)} of "
-                                  f"{stats.prompt_tokens[0] * stats.num_layers} layer-tokens kept)"),
+                                  f"{sum(stats.plain_kv_tokens_per_layer)} layer-tokens kept)"),
         ("answer, plain", repr(result.plain.texts[0].strip())),
         ("answer, DASH", repr(result.dash.texts[0].strip())),
     ]
@@ -74,7 +74,7 @@ def _print_comparison(result, answer: str | None = None) -> None:
 
 
 def _load(name: str, dtype: str | None):
-    from .models import load_model
+    from .loading import load_model
 
     return load_model(name, dtype=dtype)
 

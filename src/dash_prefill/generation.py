@@ -13,8 +13,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .adapters import context_limit, input_device
 from .config import DashConfig
-from .engine import PrefillStats, decode_step, prefill
+from .decode import decode_step
+from .prefill import PrefillStats, prefill
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,14 @@ class GenerationResult:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def plain_prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """The model's own forward on the prompt, computing only the last position's logits (the
+    fair baseline): (logits (batch, vocab), its cache)."""
+    output = model(input_ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(output, "cache", None)  # ``cache`` in recent transformers
+    return output.logits[:, -1], cache if cache is not None else output.past_key_values
 
 
 def encode_prompts(tokenizer, prompts, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +69,13 @@ def encode_prompts(tokenizer, prompts, pad_token_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _stop_ids(model, tokenizer, eos_token_id) -> set[int]:
+def stop_token_ids(model, tokenizer, eos_token_id: int | list[int] | None = None) -> set[int]:
+    """EOS ids: ``eos_token_id`` if given, else the generation config's, else the tokenizer's."""
     value = eos_token_id
     if value is None:
         value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if value is None:
-        value = tokenizer.eos_token_id
+        value = getattr(tokenizer, "eos_token_id", None)
     if value is None:
         return set()
     return {value} if isinstance(value, int) else set(value)
@@ -125,7 +136,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         mask = mask if mask.dim() == 2 else mask[None]
     else:
         ids, mask = encode_prompts(tokenizer, prompts, pad_id)
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = context_limit(model)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"the prompt has {ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for, "
@@ -140,8 +151,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         if top_p is not None and top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
     generator = None
-    stop = _stop_ids(model, tokenizer, eos_token_id)
-    device = model.get_input_embeddings().weight.device
+    stop = stop_token_ids(model, tokenizer, eos_token_id)
+    device = input_device(model)
     if do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())

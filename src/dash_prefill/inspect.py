@@ -3,9 +3,10 @@
 Writes two files:
 
 - ``delta_norms.png``: per layer, the quantiles (5/25/50/75/95 %) over the prompt tokens of the
-  attention update ||U_t|| (absolute) and ||U_t|| / ||h_t|| (relative), side by side. U is the
-  family adapter's attention update (for Gemma-3 the post-attention-normed output), computed by
-  running every layer on every token, exactly as the engine does with policy "none".
+  attention output ||U_t|| (absolute) and ||U_t|| / ||h_t|| (relative), side by side. U is the
+  tensor the engine scores (``adapters.PreNormAdapter.attention_output``; for Gemma-3 the output
+  before its post-attention norm), computed by running every layer on every token with the
+  engine's own ``prefill.layer_step``, as with policy "none".
 - ``tokens.html``: the prompt's tokens, the halted ones greyed out, for one ``DashConfig``
   (from ``prefill(...).active_index``), with a legend and the prefill stats.
 
@@ -23,8 +24,8 @@ import torch
 
 from .adapters import adapter_for
 from .config import DashConfig
-from .engine import PrefillStats, prefill
-from .masks import KeyLayout, attention_mask
+from .cache import KeyLayout
+from .prefill import LayerInputs, PrefillStats, layer_step, prefill
 from .policy import delta_norm
 
 logger = logging.getLogger(__name__)
@@ -55,19 +56,17 @@ def delta_norms(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     input_ids : (seq,) -> two (layers, seq) float32 tensors.
     """
     adapter = adapter_for(model)
-    hidden = adapter.embed(input_ids[None].to(adapter.base.embed_tokens.weight.device))
+    hidden = adapter.embed(input_ids[None])  # (1, seq, hidden)
     seq_len = hidden.shape[1]
     positions = torch.arange(seq_len, device=hidden.device)[None]  # (1, seq)
-    layout = KeyLayout(positions, None, seq_len)
-    implementation = adapter.config._attn_implementation
+    inputs = LayerInputs(adapter, hidden.dtype, positions, KeyLayout(positions, None, seq_len))
     absolute, relative = [], []
-    for layer, layer_type in zip(adapter.layers, adapter.layer_types()):
-        rotary = adapter.rotary(hidden, positions, layer_type)
-        mask = attention_mask(implementation, positions, layout, adapter.window(layer_type), hidden.dtype)
-        output = adapter.attention_output(layer, hidden, rotary, mask, None)
+    for idx, layer in enumerate(adapter.layers):
+        rotary, mask = inputs.get(idx, hidden.device)
+        entering = hidden
+        hidden, output = layer_step(adapter, layer, hidden, rotary, mask, None)
         absolute.append(delta_norm(output)[0])
-        relative.append(delta_norm(output, hidden)[0])
-        hidden = adapter.feed_forward(layer, hidden + adapter.residual_update(layer, output))
+        relative.append(delta_norm(output, entering)[0])
     return torch.stack(absolute).cpu(), torch.stack(relative).cpu()
 
 
@@ -148,7 +147,7 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir) -> 
     result = prefill(model, ids[None], config)
     active = set(range(len(ids))) if result.active_index is None else set(result.active_index[0].tolist())
     halted = sorted(set(range(len(ids))) - active)
-    start = result.stats.start_layer if config.halts else config.resolve_start_layer(len(absolute))
+    start = result.stats.start_layer if config.scores_tokens else config.resolve_start_layer(len(absolute))
     plot_path = out_dir / "delta_norms.png"
     plot_norms(absolute, relative, start, plot_path, f"{len(ids)} prompt tokens")
     pieces = [tokenizer.decode([i]) for i in ids.tolist()]

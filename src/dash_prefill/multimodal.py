@@ -30,15 +30,15 @@ class PromptInputs:
     embeds : (batch, seq, hidden)
     rope : (batch, seq) or (3, batch, seq) LongTensor or None
         Rotary positions (M-RoPE's temporal/height/width rows); None = sequence positions.
-    groups : (batch, seq) LongTensor or None
-        Bidirectional blocks (Gemma-3 image tokens; -1 elsewhere), see ``KeyLayout``.
+    blocks : (batch, seq) LongTensor or None
+        Bidirectional blocks (Gemma-3 image tokens; -1 elsewhere), see ``cache.KeyLayout``.
     image : (batch, seq) BoolTensor or None
         Image/video tokens, the tokens ``DashConfig(eligible="image")`` may halt.
     """
 
     embeds: torch.Tensor
     rope: torch.Tensor | None = None
-    groups: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
     image: torch.Tensor | None = None
 
 
@@ -65,12 +65,12 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
     if unknown:
         raise ValueError(f"unexpected inputs {unknown}; multimodal inputs are {', '.join(MULTIMODAL_INPUTS)}")
     model = adapter.model
-    device = adapter.base.embed_tokens.weight.device
+    device = adapter.device
     if not adapter.multimodal:
         if multimodal or vision_config is not None:
             given = sorted(multimodal) + (["vision_config"] if vision_config is not None else [])
             raise ValueError(f"{type(model).__name__} is a text model: it takes no {', '.join(given)}")
-        return PromptInputs(adapter.embed(input_ids.to(device)))
+        return PromptInputs(adapter.embed(input_ids))
 
     input_ids = input_ids.to(device)
     captured: dict = {}
@@ -81,7 +81,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
 
     handle = adapter.base.register_forward_pre_hook(hook, with_kwargs=True)
     halting = contextlib.nullcontext()
-    if vision_config is not None and vision_config.halts:
+    if vision_config is not None and vision_config.scores_tokens:
         from .vision import halted_vision
         halting = halted_vision(model, vision_config)
     try:
@@ -133,7 +133,7 @@ def eligible_tokens(config: DashConfig, prompt: PromptInputs, padding_mask: torc
 
     One host sync, before any layer runs. None for ``eligible="all"``.
     """
-    if config.eligible == "all" or not config.halts:
+    if config.eligible == "all" or not config.scores_tokens:
         return None
     if prompt.image is None:
         raise ValueError("eligible='image' halts only image tokens, and this model has none: use a "

@@ -1,8 +1,10 @@
 """Halting policies: pure functions from tensors to a selection of active tokens.
 
 A policy scores every prompt token at the start layer from one :class:`ScoreContext`; it is
-registered by name in ``POLICIES`` (adding a policy touches this file only). ``select_active``
-turns scores into the active set. The engine never knows which policy produced the scores.
+registered by name in ``POLICIES`` (adding a policy touches this file only). This is where the
+halting decision is made: an ``Eligibility`` records which tokens may halt and how many each row
+keeps, and ``Eligibility.select`` (``select_active``) turns scores into the active set. The
+engine never knows which policy produced the scores.
 """
 
 from __future__ import annotations
@@ -12,26 +14,6 @@ from fractions import Fraction
 from typing import Callable
 
 import torch
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The active set chosen at the start layer.
-
-    Attributes
-    ----------
-    index : LongTensor (batch, kept)
-        Original sequence indices of the active tokens, ascending in each row.
-    valid : BoolTensor (batch, kept) or None
-        False for filler slots (rows that keep fewer tokens than the widest row, padding).
-        Filler slots are computed but never attended to. None when every slot is real.
-    kept_per_row : list[int]
-        Real tokens kept in each row.
-    """
-
-    index: torch.Tensor
-    valid: torch.Tensor | None
-    kept_per_row: list[int]
 
 
 def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,8 +39,7 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions:
     query_positions : (batch, n); key_positions, key_valid : (batch, seq).
     -> (batch, heads, n, seq) float32.
     """
-    groups = queries.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
+    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # GQA: heads per kv head
     logits = torch.einsum("bhqd,bhkd->bhqk", queries.float(), keys.float()) * scaling
     allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
     if key_valid is not None:
@@ -76,7 +57,8 @@ def received_attention(queries, keys, query_positions, key_positions, key_valid,
 def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
     """Uniform scores from a seeded CPU generator (same draw on every device): (batch, seq)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, seq_len, generator=generator, device="cpu").to(device)
+    scores = torch.rand(batch, seq_len, generator=generator, device="cpu")
+    return scores.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scores.to(device)
 
 
 def span_max(scores: torch.Tensor, width: int, padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,54 +220,114 @@ def protected_mask(padding: torch.Tensor | None, batch: int, seq_len: int, prote
     return (first | last) & ~padding
 
 
+def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A LongTensor of host ``values`` on ``device`` without a host sync (pinned, non-blocking)."""
+    tensor = torch.tensor(values, dtype=torch.long, device="cpu")
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The active set chosen at the start layer.
+
+    Attributes
+    ----------
+    index : LongTensor (batch, kept)
+        Original sequence indices of the active tokens, ascending in each row.
+    filled : BoolTensor (batch, kept) or None
+        False at filler slots (rows that keep fewer tokens than the widest row): they are
+        computed but never attended to. None when every slot holds a kept token.
+    kept_per_row : list[int]
+        Tokens kept in each row.
+    """
+
+    index: torch.Tensor
+    filled: torch.Tensor | None
+    kept_per_row: list[int]
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Which tokens may halt and how many each row keeps: the one record that the decoder's
+    selection and the vision encoder's both rank against.
+
+    Attributes
+    ----------
+    protected : BoolTensor (batch, seq)
+        Tokens that never halt: the protection windows, the last token, non-image tokens under
+        ``eligible="image"``, CLIP's class token.
+    padding : BoolTensor (batch, seq) or None
+        Left padding: never active, halted before anything else. None without padding.
+    kept : list[int]
+        Tokens each row keeps (host-side: it sets the compacted width).
+    """
+
+    protected: torch.Tensor
+    padding: torch.Tensor | None
+    kept: list[int]
+
+    @classmethod
+    def of_prompt(cls, lengths: list[int], seq_len: int, halt_ratio: float, protect_first: int,
+                  protect_last: int, padding: torch.Tensor | None = None,
+                  eligible: tuple[torch.Tensor, list[int]] | None = None,
+                  device: torch.device | None = None) -> Eligibility:
+        """The record of a left-padded prompt batch.
+
+        lengths : real tokens per row. padding : (batch, seq) True at padding, derived from
+        ``lengths`` when not given. eligible : ((batch, seq) bool, list[int]) the tokens that may
+        halt at all (image tokens, protected ones excluded) and their count per row; each row
+        then halts ``⌊ρ · count⌋`` of them and keeps everything else. Otherwise every row keeps
+        ``kept_count`` of its own tokens, exactly as it would alone.
+        """
+        batch = len(lengths)
+        device = device if device is not None else (padding.device if padding is not None else None)
+        padded = min(lengths) < seq_len
+        if padded and padding is None:
+            starts = host_to_device([seq_len - n for n in lengths], device)
+            padding = torch.arange(seq_len, device=device)[None, :] < starts[:, None]
+        padding = padding if padded else None
+        protected = protected_mask(padding, batch, seq_len, protect_first, protect_last, device)
+        if eligible is None:
+            num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
+            kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
+        else:
+            protected = protected | ~eligible[0].to(device)
+            kept = [n - halted_count(e, halt_ratio) for n, e in zip(lengths, eligible[1])]
+        return cls(protected, padding, kept)
+
+    def select(self, scores: torch.Tensor) -> Selection:
+        """Keep the ``kept`` highest-scoring tokens of every row (protected ones first, padding
+        never); rows keeping fewer than the widest row get filler slots, so the batch stays
+        rectangular. scores : (batch, seq), higher = more worth computing further."""
+        batch, seq_len = scores.shape
+        width = max(self.kept)
+        if width == seq_len and self.padding is None:
+            # Nothing halts: the identity selection needs no ranking.
+            index = torch.arange(seq_len, device=scores.device).expand(batch, seq_len)
+            return Selection(index=index, filled=None, kept_per_row=self.kept)
+        ranked = scores.float().masked_fill(self.protected, float("inf"))
+        if self.padding is not None:
+            ranked = ranked.masked_fill(self.padding, float("-inf"))
+        index, order = ranked.topk(width, dim=-1, sorted=True).indices.sort(dim=-1)
+        if min(self.kept) == width:
+            return Selection(index=index, filled=None, kept_per_row=self.kept)
+        # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.
+        kept = host_to_device(self.kept, scores.device)
+        filled = torch.arange(width, device=scores.device)[None, :] < kept[:, None]
+        return Selection(index=index, filled=filled.gather(1, order), kept_per_row=self.kept)
+
+
 def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,
                   protect_first: int, protect_last: int,
                   padding: torch.Tensor | None = None,
                   eligible: tuple[torch.Tensor, list[int]] | None = None) -> Selection:
     """Keep the highest-scoring tokens of every row; halt the rest.
 
-    Parameters
-    ----------
-    scores : (batch, seq) float
-        Higher means more worth computing further.
-    lengths : list[int]
-        Real (non-padding) tokens per row; rows are left-padded. Padding is halted first.
-    padding : (batch, seq) bool, optional
-        True at padding; derived from ``lengths`` when not given.
-    halt_ratio, protect_first, protect_last :
-        As in :class:`DashConfig`.
-    eligible : ((batch, seq) bool, list[int]), optional
-        Tokens that may halt at all (image tokens) and their count per row, protected ones
-        excluded; then each row halts ``⌊ρ · count⌋`` of them and keeps everything else.
-
-    Every row keeps ``kept_count`` of its own tokens, exactly as it would alone; rows keeping
-    fewer than the widest row get filler slots marked invalid, so the batch stays rectangular.
+    scores : (batch, seq) float, higher = more worth computing further. The other arguments
+    are those of :meth:`Eligibility.of_prompt`; see :meth:`Eligibility.select`.
     """
-    batch, seq_len = scores.shape
-    device = scores.device
-    padded = min(lengths) < seq_len
-    if padded and padding is None:
-        padding = torch.arange(seq_len, device=device)[None, :] < torch.tensor(
-            [seq_len - n for n in lengths], device=device)[:, None]
-    padding = padding if padded else None
-    protect = protected_mask(padding, batch, seq_len, protect_first, protect_last, device)
-    if eligible is None:
-        num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
-        kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
-    else:
-        protect = protect | ~eligible[0].to(device)
-        kept = [n - halted_count(e, halt_ratio) for n, e in zip(lengths, eligible[1])]
-    width = max(kept)
-    if width == seq_len and not padded:
-        # Nothing halts: the identity selection needs no ranking.
-        index = torch.arange(seq_len, device=device).expand(batch, seq_len)
-        return Selection(index=index, valid=None, kept_per_row=kept)
-    ranked = scores.float().masked_fill(protect, float("inf"))
-    if padded:
-        ranked = ranked.masked_fill(padding, float("-inf"))
-    index, order = ranked.topk(width, dim=-1, sorted=True).indices.sort(dim=-1)
-    if min(kept) == width:
-        return Selection(index=index, valid=None, kept_per_row=kept)
-    # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.
-    real = torch.arange(width, device=device)[None, :] < torch.tensor(kept, device=device)[:, None]
-    return Selection(index=index, valid=real.gather(1, order), kept_per_row=kept)
+    eligibility = Eligibility.of_prompt(lengths, scores.shape[1], halt_ratio, protect_first,
+                                        protect_last, padding, eligible, scores.device)
+    return eligibility.select(scores)

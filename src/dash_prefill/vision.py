@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import DashConfig
-from .policy import delta_norm, kept_count, random_scores
+from .policy import Eligibility, delta_norm, kept_count, random_scores
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,11 @@ class _Batched:
 
     def select(self, scores: torch.Tensor, frames, halt_ratio: float):
         images, tokens = scores.shape
-        protected = int(self.class_token)
-        kept = protected + kept_count(tokens - protected, halt_ratio, 0)
-        if protected:
-            scores = torch.cat([torch.full_like(scores[:, :1], float("inf")), scores[:, 1:]], dim=1)
-        index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values
-        return index, [tokens] * images, [kept] * images
+        protected = torch.zeros_like(scores, dtype=torch.bool)
+        protected[:, 0] = self.class_token  # CLIP pools its class token; SigLIP has none
+        kept = int(self.class_token) + kept_count(tokens - int(self.class_token), halt_ratio, 0)
+        selection = Eligibility(protected, None, [kept] * images).select(scores)
+        return selection.index, [tokens] * images, [kept] * images
 
     def random(self, hidden: torch.Tensor, seed: int) -> torch.Tensor:
         return random_scores(hidden.shape[0], hidden.shape[1], seed, hidden.device)
@@ -303,7 +302,7 @@ def halted_vision(model: nn.Module, config: DashConfig | None):
     VisionHalting with one :class:`VisionSelection` per tower forward, or None when untouched.
     """
     tower, family = find_vision_tower(model)
-    if config is None or not config.halts or config.halt_ratio == 0:
+    if config is None or not config.scores_tokens or config.halt_ratio == 0:
         yield None
         return
     if config.policy == "attention":

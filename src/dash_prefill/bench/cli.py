@@ -105,7 +105,7 @@ def _check_context(name: str, context: int, lengths: list[int]) -> None:
 def _targets(args, dtype: torch.dtype) -> list[Target]:
     if args.model:
         def load():
-            from ..models import load_model, max_context  # written alongside; imported when used
+            from ..loading import load_model, max_context  # written alongside; imported when used
             model, _ = load_model(args.model, dtype=dtype, device=args.device, attn_implementation=args.attn)
             _check_context(args.model, max_context(model), args.lengths)
             return model

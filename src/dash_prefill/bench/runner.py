@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..config import start_layer_index
 from ..cost import ideal_speedup
 from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
 
@@ -42,21 +43,13 @@ class BenchPlan:
     policies: tuple[str, ...] = ("dash",)  # NAME or NAME/pPOOL; rows are labelled with it
 
 
-def resolve_start(start: int | float, num_layers: int) -> int:
-    """A start layer as an index: floats are fractions of depth, ints must lie inside the model."""
-    index = int(start * num_layers) if isinstance(start, float) else start
-    if not 0 <= index < num_layers:
-        raise ValueError(f"start layer {start} is outside the model's {num_layers} layers")
-    return index
-
-
 def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, Callable]]:
     """(method, halt_ratio, start_layer, fn) in run order: plain, dash at ρ=0, then each setting."""
-    first_start = resolve_start(plan.settings[0][0], num_layers)
+    first_start = start_layer_index(plan.settings[0][0], num_layers)
     methods = [("plain", 0.0, num_layers, plain_method),
                ("dash", 0.0, first_start, dash_method(0.0, first_start))]
     for start, ratio in plan.settings:
-        index = resolve_start(start, num_layers)
+        index = start_layer_index(start, num_layers)
         for policy in plan.policies:
             name, _, pool = policy.partition("/p")
             methods.append((policy, ratio, index, dash_method(ratio, index, name, int(pool or 1))))

@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from .. import DashConfig, prefill
+from ..generation import plain_prefill
 from ..policy import kept_count
-from .hooks import cache_of, hooks_prefill
+from .hooks import hooks_prefill
 
 Method = Callable[[torch.nn.Module, torch.Tensor], tuple]
 
@@ -52,8 +53,8 @@ def cache_bytes(cache) -> int:
 
 def plain_method(model, input_ids):
     """The model's own forward, computing only the last position's logits (the fair baseline)."""
-    output = model(input_ids, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], cache_of(output), 1.0
+    logits, cache = plain_prefill(model, input_ids)
+    return logits, cache, 1.0
 
 
 def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1) -> Method:

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from ..config import DashConfig
-from ..engine import prefill
+from ..prefill import prefill
 from .hooks import cache_of
 from .shapes import _random_init, _rope, _skip_init
 
@@ -135,7 +135,8 @@ def run_vlm_bench(archs: list[str], image_tokens: list[int], text_tokens: int, s
     """Every method on the same synthetic prompt per (arch, image tokens); rows as ``run_bench``'s."""
     from tqdm.auto import tqdm
 
-    from .runner import BenchPlan, _add_speedups, _free, _measure_or_skip, _row, resolve_start
+    from ..config import start_layer_index
+    from .runner import BenchPlan, _add_speedups, _free, _measure_or_skip, _row
 
     unknown = [a for a in archs if a not in VLM_ARCHITECTURES]
     if unknown:
@@ -154,7 +155,7 @@ def run_vlm_bench(archs: list[str], image_tokens: list[int], text_tokens: int, s
             for method, ratio, start, fn in methods:
                 progress.set_postfix_str(f"{arch} img={count} {method} ρ={ratio}")
                 timing, status = _measure_or_skip(plan, fn, model, inputs, f"{arch} {method}")
-                index = text.num_hidden_layers if method == "plain" else resolve_start(start, text.num_hidden_layers)
+                index = text.num_hidden_layers if method == "plain" else start_layer_index(start, text.num_hidden_layers)
                 row = _row(arch, length, 1, method, ratio, index, timing, status, text)
                 # The cost model counts decoder FLOPs only; the vision encoder is not in it, so
                 # no efficiency is claimed for VLM rows.

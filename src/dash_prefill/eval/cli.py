@@ -112,7 +112,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
-    from ..models import load_model, max_context
+    from ..loading import load_model, max_context
     from ..profiles import recommended_setting
     from .fidelity import evaluate_fidelity
 

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DashConfig
-from ..engine import prefill_branches
+from ..generation import stop_token_ids
+from ..prefill import prefill_branches
 from .runner import (
     PLAIN,
     append_records,
@@ -29,7 +30,6 @@ from .runner import (
     provenance,
     record_key,
     sample_configs,
-    stop_token_ids,
     token_counter,
 )
 from .tasks import generate_samples

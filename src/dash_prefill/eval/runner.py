@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DashConfig
-from ..engine import PrefillResult, prefill_branches
+from ..prefill import PrefillResult, prefill_branches
 from ..policy import POLICIES
-from ..generation import continue_decoding
+from ..generation import continue_decoding, stop_token_ids
 from .tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
 
 def policy_label(config: DashConfig) -> str:
     """The label :func:`parse_policy` reads back into ``config`` (with ``protect_last=0``)."""
-    if not config.halts:
+    if not config.scores_tokens:
         return "plain"
     label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
     return f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
@@ -143,16 +143,6 @@ def encode_sample(tokenizer, sample: Sample) -> EncodedPrompt:
             break
         common += 1
     return EncodedPrompt(ids, len(ids) - common, templated)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the generation config, else the tokenizer's."""
-    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if value is None:
-        value = getattr(tokenizer, "eos_token_id", None)
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else set(value)
 
 
 def greedy_tokens(model, state: PrefillResult, max_new_tokens: int, stop: set[int]) -> list[int]:

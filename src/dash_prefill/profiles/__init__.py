@@ -27,7 +27,7 @@ def profile_name(model) -> str:
 
 def user_profile_path(model) -> Path:
     """Where ``dash-prefill calibrate`` writes a model's profile by default."""
-    from ..models import cache_dir
+    from ..loading import cache_dir
 
     return cache_dir() / "profiles" / f"{profile_name(model)}.json"
 

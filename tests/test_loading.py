@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from dash_prefill import models
-from dash_prefill.models import REGISTRY, load_model, max_context, verify_sha256
+from dash_prefill import loading as models
+from dash_prefill.loading import REGISTRY, load_model, max_context, verify_sha256
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_gemma3_loads_from_assembled_gguf_and_round_trips_text():
 
 def test_a_wrongly_converted_registry_tokenizer_is_refused_with_the_fix():
     # transformers 5.17 converts Gemma-3's GGUF tokenizer into word fragments without BOS.
-    from dash_prefill.models import REGISTRY, TokenizerMismatchError, check_tokenizer
+    from dash_prefill.loading import REGISTRY, TokenizerMismatchError, check_tokenizer
 
     class Fragmenting:
         def __call__(self, text):

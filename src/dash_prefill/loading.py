@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import context_limit
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -287,7 +289,7 @@ def max_context(model) -> int:
     spec = getattr(model, "dash_prefill_spec", None)
     if spec is not None:
         return spec.max_context
-    return int(model.config.get_text_config().max_position_embeddings)
+    return int(context_limit(model))
 
 
 def _checkpoint_source(name_or_path: str) -> str:

@@ -1,0 +1,402 @@
+"""DASH prefill: one visible loop over the decoder layers.
+
+Layers before the start layer run on every prompt token. At the start layer the attention
+output U of every token is scored (``policy.py``), the sequence is compacted ONCE to the active
+tokens, and every later layer runs on the active tokens only, at their original positions
+(``cache.KeyLayout``). Halted tokens are never copied back: only the cache and the last
+position's logits are read afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .adapters import PreNormAdapter, adapter_for, check_not_offloaded, context_limit, device_of
+from .cache import KeyLayout, attention_mask, cached_tokens, crop_to_window, keep_cached, kv_entries
+from .config import DashConfig
+from .cost import ideal_speedup
+from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
+from .policy import Eligibility, ScoreContext, Selection, policy_scores
+from .profiles import recommended_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """What DASH did to one prefill (all host-side numbers, per row where it says so).
+
+    kv_tokens_per_layer : key/value entries each layer's cache holds, summed over the batch,
+        exactly the cache's sizes (sliding-window layers keep their last window - 1 entries;
+        padding and filler slots count, as they take memory).
+    plain_kv_tokens_per_layer : what Hugging Face's cache would hold for the same batch.
+    """
+
+    prompt_tokens: list[int]
+    kept_tokens: list[int]
+    start_layer: int
+    num_layers: int
+    kv_tokens_per_layer: list[int]
+    ideal_speedup: float
+    plain_kv_tokens_per_layer: list[int] | None = None
+
+    @property
+    def halted_tokens(self) -> list[int]:
+        return [n - k for n, k in zip(self.prompt_tokens, self.kept_tokens)]
+
+    @property
+    def kv_saved_fraction(self) -> float:
+        """Fraction of the KV-cache entries plain prefill would hold that DASH does not."""
+        plain = self.plain_kv_tokens_per_layer or [sum(self.prompt_tokens)] * self.num_layers
+        return 1.0 - sum(self.kv_tokens_per_layer) / sum(plain)
+
+
+@dataclass
+class PrefillResult:
+    """The output of :func:`prefill`, and the state decoding continues from.
+
+    cache : transformers.DynamicCache
+        Layers >= start_layer hold only the active tokens.
+    logits : (batch, vocab) float32
+        Logits of the last prompt position.
+    stats : PrefillStats
+    active_index : (batch, kept) LongTensor or None
+        Original indices of the active tokens (None when nothing was halted).
+    scores : (batch, seq) float32 or None
+        The policy's scores at the start layer.
+    key_layouts : list[KeyLayout]
+        Original positions of every layer's cached keys (shared by layers of a group).
+    next_positions : (batch,) LongTensor
+        Position of each row's next token: decoding continues at position T.
+    rope_offset : (batch,) or (rows, batch) LongTensor or None
+        Rotary position minus sequence position of generated tokens (M-RoPE models, whose
+        image tokens take fewer rotary positions than tokens, have 3 rows); None when equal.
+    """
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    stats: PrefillStats
+    active_index: torch.Tensor | None
+    scores: torch.Tensor | None
+    key_layouts: list[KeyLayout] = field(repr=False)
+    next_positions: torch.Tensor = field(repr=False)
+    rope_offset: torch.Tensor | None = field(default=None, repr=False)
+
+
+class LayerInputs:
+    """Rotary tables and masks for queries at ``positions`` over keys laid out as ``keys``:
+    built once per layer type on the home device (the embeddings'), moved once per layer
+    device (layers may live on different GPUs)."""
+
+    def __init__(self, adapter: PreNormAdapter, dtype: torch.dtype, positions: torch.Tensor,
+                 keys: KeyLayout | None, rope: torch.Tensor | None = None,
+                 query_blocks: torch.Tensor | None = None):
+        self.adapter, self.positions, self.keys = adapter, positions, keys
+        self.rope = positions if rope is None else rope
+        self.query_blocks = query_blocks
+        self.like = torch.empty(0, dtype=dtype, device=positions.device)  # dtype and device only
+        self.built: dict[tuple[str, torch.device], tuple] = {}
+
+    def get(self, layer_idx: int, device: torch.device) -> tuple[tuple, torch.Tensor | None]:
+        """(cos, sin) and the mask (or None) of layer ``layer_idx``, on ``device``."""
+        adapter, home = self.adapter, self.like.device
+        layer_type = adapter.layer_types[layer_idx]
+        if (layer_type, home) not in self.built:
+            rotary = adapter.rotary(self.like, self.rope, layer_idx)
+            mask = None if self.keys is None else attention_mask(
+                adapter.config._attn_implementation, self.positions, self.keys,
+                adapter.windows[layer_idx], self.like.dtype, self.query_blocks)
+            self.built[layer_type, home] = (rotary, mask)
+        if (layer_type, device) not in self.built:
+            rotary, mask = self.built[layer_type, home]
+            self.built[layer_type, device] = (
+                tuple(t.to(device) for t in rotary), None if mask is None else mask.to(device))
+        return self.built[layer_type, device]
+
+
+def layer_step(adapter: PreNormAdapter, layer, hidden: torch.Tensor, rotary, mask, cache,
+               gate=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer, shared by prefill, decoding and ``inspect``.
+
+    hidden : (batch, seq, hidden), the residual stream entering the layer.
+    gate : optional ``gate(h + U, U) -> (batch, kept, hidden)``, run between the attention and
+        the feed-forward sublayer: at the start layer it halts tokens and compacts the sequence.
+    Returns the residual stream leaving the layer and U (batch, seq, hidden), the attention
+    output DASH scores.
+    """
+    output = adapter.attention_output(layer, hidden, rotary, mask, cache)  # U: (batch, seq, hidden)
+    hidden = hidden + adapter.residual_update(layer, output)
+    if gate is not None:
+        hidden = gate(hidden, output)  # (batch, kept, hidden)
+    return adapter.feed_forward(layer, hidden), output
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Where and how one prefill halts: the config, its start layer index, and the record of
+    which tokens may halt (``policy.Eligibility``)."""
+
+    config: DashConfig
+    start_layer: int
+    eligibility: Eligibility
+
+
+class PrefillState:
+    """One prefill in flight: the residual stream of the tokens still computed, where they sit,
+    and the cache.
+
+    hidden : (batch, seq or kept, hidden)
+    layout : KeyLayout of those tokens (original positions, real tokens, Gemma-3 image blocks)
+    rope : (batch, seq) or (3, batch, seq) rotary positions (M-RoPE), or None (= positions)
+    cache : DynamicCache; layouts : the KeyLayout of what each finished layer's cache holds.
+    """
+
+    def __init__(self, adapter: PreNormAdapter, prompt: PromptInputs, padding_mask: torch.Tensor | None,
+                 lengths: list[int]):
+        self.adapter, self.lengths = adapter, lengths
+        self.hidden = prompt.embeds  # (batch, seq, hidden)
+        device = self.hidden.device
+        batch, self.seq_len = self.hidden.shape[:2]
+        if padding_mask is None:
+            real = None
+            positions = torch.arange(self.seq_len, device=device)[None].expand(batch, -1)
+        else:
+            real = padding_mask.to(device)
+            positions = (real.long().cumsum(-1) - 1).clamp_min(0)  # left padding: first token at 0
+        blocks = None if prompt.blocks is None else prompt.blocks.to(device)
+        self.rope = None if prompt.rope is None else prompt.rope.to(device)
+        self.rope_offset = self._rope_offset(positions)
+        self.layout = KeyLayout(positions, real, self.seq_len, blocks=blocks)
+        self.cached = self.layout  # the keys the layer being run writes to its cache
+        self.inputs = LayerInputs(adapter, self.hidden.dtype, positions, self.layout, self.rope, blocks)
+        self.cache = DynamicCache()
+        self.layouts: list[KeyLayout] = []
+        self.cropped: dict[tuple[int, int], KeyLayout] = {}  # one cropped layout per (layout, window)
+        self.selection: Selection | None = None
+        self.scores: torch.Tensor | None = None
+
+    def _rope_offset(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Generated tokens follow the largest rotary position (M-RoPE), else the sequence."""
+        if self.rope is None:
+            return None
+        batch, seq_len = positions.shape
+        following = self.rope.reshape(-1, batch, seq_len).amax(dim=(0, 2)) + 1
+        offset = following - (positions[:, -1] + 1)
+        # (rows, batch) for M-RoPE: decoding passes every rotary row, as the model does.
+        return offset if self.rope.dim() == 2 else offset.expand(self.rope.shape[0], -1)
+
+    def fork(self) -> PrefillState:
+        """A state that continues from here; shares tensors (nothing is modified in place)."""
+        twin = copy.copy(self)
+        twin.cache = copy.copy(self.cache)
+        twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        twin.layouts, twin.cropped = list(self.layouts), dict(self.cropped)
+        return twin
+
+    def halt(self, gate: Gate, layer, layer_idx: int, hidden: torch.Tensor, after: torch.Tensor,
+             output: torch.Tensor, rotary) -> torch.Tensor:
+        """The halting decision at the start layer: score every token, select the active set,
+        compact once. hidden, after, output : (batch, seq, hidden) = h, h + U, U.
+        Returns h + U of the active tokens (batch, kept, hidden)."""
+        self.scores = policy_scores(self._score_context(gate.config, layer, layer_idx, hidden, output, rotary))
+        self.selection = gate.eligibility.select(self.scores)
+        if self.selection.index.shape[1] == after.shape[1] and self.selection.filled is None:
+            return after  # nothing halts
+        return self.compact(after, self.selection, layer_idx, gate.config.frozen_keys)
+
+    def _score_context(self, config: DashConfig, layer, layer_idx: int, hidden: torch.Tensor,
+                       output: torch.Tensor, rotary) -> ScoreContext:
+        window = min(max(config.protect_last, 1), hidden.shape[1])
+        cached = self.cache.layers[layer_idx]
+        padding = None if self.layout.real is None else ~self.layout.real.to(hidden.device)
+        return ScoreContext(
+            output=output, hidden=hidden, config=config, padding=padding,
+            window_queries=lambda: self.adapter.queries(layer, hidden[:, -window:],
+                                                        tuple(t[:, -window:] for t in rotary)),
+            keys=cached.keys, values=cached.values, positions=self.layout.positions.to(hidden.device),
+            scaling=layer.self_attn.scaling)
+
+    def compact(self, hidden: torch.Tensor, selection: Selection, layer_idx: int,
+                frozen_keys: bool) -> torch.Tensor:
+        """Keep only the active tokens, all at once: their hidden states, original positions,
+        rotary rows and key layout, and this layer's cache (unless halted keys stay visible,
+        ``frozen_keys``). hidden : (batch, seq, hidden) -> (batch, kept, hidden)."""
+        home = self.layout.positions.device
+        index = selection.index.to(home)  # (batch, kept)
+        filled = None if selection.filled is None else selection.filled.to(home)
+        active = self.layout.gather(index, filled)
+        if frozen_keys:  # the opt-in strategy: halted tokens stay visible as keys in later layers
+            from .frozen_keys import keep_halted_visible
+            self.cache, self.layout = keep_halted_visible(self, hidden, selection, active, layer_idx)
+        else:
+            keep_cached(self.cache, layer_idx, index.to(hidden.device))
+            self.layout = self.cached = active
+        if self.rope is not None:  # (batch, seq) or (3, batch, seq) -> (..., kept)
+            self.rope = self.rope.gather(-1, index.expand(*self.rope.shape[:-2], *index.shape))
+        self.inputs = LayerInputs(self.adapter, hidden.dtype, active.positions, self.layout, self.rope,
+                                  active.blocks)
+        return hidden.gather(1, index.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+    def finish_layer(self, layer_idx: int) -> None:
+        """Crop a sliding-window layer's cache as HF does; record the layout of what it keeps."""
+        window = self.adapter.windows[layer_idx]
+        kept = crop_to_window(self.cache, layer_idx, self.cached, window)
+        self.layouts.append(self.cropped.setdefault((id(self.cached), window), kept))
+        self.cached = self.layout  # later layers cache the tokens still computed
+
+    def result(self, model, gate: Gate | None) -> PrefillResult:
+        """The cache, the last position's logits and the stats."""
+        num_layers, lengths = len(self.adapter.layers), self.lengths
+        kept = self.selection.kept_per_row if self.selection is not None else lengths
+        batch = len(lengths)
+        start = gate.start_layer if gate is not None else num_layers
+        frozen_keys = gate is not None and gate.config.frozen_keys
+        stats = PrefillStats(
+            prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
+            kv_tokens_per_layer=kv_entries(self.cache),
+            ideal_speedup=ideal_speedup(model.config, self.seq_len, start, max(kept) / self.seq_len, frozen_keys),
+            plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
+        )
+        return PrefillResult(
+            cache=self.cache, logits=self.adapter.logits(self.hidden[:, -1]), stats=stats,
+            active_index=self.selection.index if kept != lengths else None, scores=self.scores,
+            key_layouts=self.layouts,
+            # The last token is real in every row (left padding): the next position follows it.
+            next_positions=self.layout.positions[:, -1] + 1,
+            rope_offset=self.rope_offset,
+        )
+
+
+def run_layers(state: PrefillState, layers: range, gate: Gate | None = None) -> None:
+    """The prefill loop: run ``layers`` on ``state``; at the gate's start layer halt tokens and
+    compact the sequence once, so every later layer runs on the active tokens only."""
+    adapter = state.adapter
+    for idx in layers:
+        layer = adapter.layers[idx]
+        hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
+        rotary, mask = state.inputs.get(idx, hidden.device)  # at the tokens' original positions
+        halt = None
+        if gate is not None and idx == gate.start_layer:
+            def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary):
+                return state.halt(gate, layer, idx, hidden, after, output, rotary)
+        state.hidden, _ = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt)
+        state.finish_layer(idx)
+
+
+def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """Checks at the boundary; returns 2-D ids, the mask (None without padding), row lengths."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, seq); got {tuple(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    if seq_len == 0 or batch == 0:
+        raise ValueError("the prompt is empty: pass at least one token")
+    limit = context_limit(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(
+            f"the prompt has {seq_len} tokens but the model's context is {limit}; shorten the prompt"
+        )
+    if attention_mask is None:
+        return input_ids, None, [seq_len] * batch
+    attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(-1)
+    expected = torch.arange(seq_len, device=attention_mask.device)[None] >= seq_len - lengths[:, None]
+    left_padded = (attention_mask.bool() == expected).all()
+    # The one host sync of a padded batch, before any layer runs: compacted widths need lengths.
+    *lengths, left_padded = torch.cat([lengths, left_padded[None].long()]).tolist()
+    if min(lengths) == 0:
+        raise ValueError("a row of the batch is empty (all padding): remove it")
+    if not left_padded:
+        raise ValueError(
+            "rows must be left-padded (padding first, prompt last); set tokenizer.padding_side = 'left'")
+    if min(lengths) == seq_len:
+        return input_ids, None, lengths
+    return input_ids, attention_mask.bool(), lengths
+
+
+def _prepare(model, input_ids, attention_mask, multimodal: dict, vision_config: DashConfig | None
+             ) -> tuple[PreNormAdapter, PromptInputs, torch.Tensor | None, list[int]]:
+    """The adapter, the decoder's inputs, the padding mask and the row lengths of a prompt."""
+    adapter = adapter_for(model)
+    check_not_offloaded(model)  # once per prompt, not per decoded token
+    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
+    prompt = prompt_inputs(adapter, input_ids, None if padding_mask is None else padding_mask.long(),
+                           multimodal, vision_config)
+    return adapter, prompt, padding_mask, lengths
+
+
+def _gate(config: DashConfig, adapter: PreNormAdapter, prompt: PromptInputs,
+          padding_mask: torch.Tensor | None, lengths: list[int]) -> Gate | None:
+    """The gate of ``config`` on this prompt, or None for plain prefill (policy "none")."""
+    if not config.scores_tokens:
+        return None
+    device = prompt.embeds.device
+    padding = None if padding_mask is None else ~padding_mask.to(device)
+    eligibility = Eligibility.of_prompt(
+        lengths, prompt.embeds.shape[1], config.halt_ratio, config.protect_first, config.protect_last,
+        padding, eligible_tokens(config, prompt, padding_mask), device)
+    return Gate(config, config.resolve_start_layer(len(adapter.layers)), eligibility)
+
+
+@torch.no_grad()
+def prefill(model, input_ids, config: DashConfig | None = None,
+            attention_mask: torch.Tensor | None = None, *,
+            vision_config: DashConfig | None = None, **multimodal) -> PrefillResult:
+    """Prefill a prompt with Delta Attention Selective Halting.
+
+    Parameters
+    ----------
+    model : a supported ``*ForCausalLM``, or a supported vision-language
+        ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
+    input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
+    config : DashConfig, default: the model's recommended setting
+        (:func:`dash_prefill.profiles.recommended_config`); halting in the decoder.
+    attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
+    vision_config : DashConfig, optional
+        VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).
+    **multimodal :
+        VLMs: the processor's other outputs (``pixel_values``, ``image_grid_thw``,
+        ``mm_token_type_ids``, ``token_type_ids``, ...), passed as the model's forward takes them.
+
+    Returns
+    -------
+    PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
+    """
+    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal, vision_config)
+    gate = _gate(config or recommended_config(model), adapter, prompt, padding_mask, lengths)
+    state = PrefillState(adapter, prompt, padding_mask, lengths)
+    run_layers(state, range(len(adapter.layers)), gate)
+    return state.result(model, gate)
+
+
+@torch.no_grad()
+def prefill_branches(model, input_ids, configs: list[DashConfig],
+                     attention_mask: torch.Tensor | None = None, *,
+                     vision_config: DashConfig | None = None, **multimodal) -> list[PrefillResult]:
+    """Prefill one prompt under several configs, running the layers before their earliest
+    start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
+    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal, vision_config)
+    num_layers = len(adapter.layers)
+    gates = [_gate(config, adapter, prompt, padding_mask, lengths) for config in configs]
+    shared = min(num_layers if gate is None else gate.start_layer for gate in gates)
+    trunk = PrefillState(adapter, prompt, padding_mask, lengths)
+    run_layers(trunk, range(shared))
+    results = []
+    for gate in gates:
+        branch = trunk.fork() if len(gates) > 1 else trunk
+        run_layers(branch, range(shared, num_layers), gate)
+        results.append(branch.result(model, gate))
+    return results
