@@ -159,17 +159,39 @@ def _crop_to_window(cache: DynamicCache, layer_idx: int, count: int) -> None:
         layer.values = layer.values[:, :, -count:].clone()
 
 
-def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+def _validate(model, input_ids, attention_mask, configs=()) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """Checks at the boundary; returns 2-D ids, the mask (None without padding), row lengths."""
+    for config in configs:
+        if not isinstance(config, DashConfig):
+            raise ValueError(f"config must be a DashConfig, e.g. DashConfig(halt_ratio=0.5); got {type(config).__name__}")
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, torch.Tensor) for r in input_ids):
+        input_ids = [r.tolist() for r in input_ids]  # a list of 1-D id tensors, one per row
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, (list, tuple)) for r in input_ids):
+        widths = sorted({len(r) for r in input_ids})
+        if len(widths) > 1:
+            raise ValueError(f"rows of input_ids have different lengths ({widths[0]} to {widths[-1]}): "
+                             "left-pad them and pass attention_mask, or use generate(), which pads")
     if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        try:
+            input_ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError("input_ids must be a (batch, seq) tensor or list of integer token ids; "
+                             f"got {type(input_ids).__name__}") from None
+    if input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}: "
+                         "pass tokenizer output, or .long() the tensor")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise ValueError(f"input_ids must be integer token ids of shape (batch, seq); got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq) or (seq,); got {tuple(input_ids.shape)}")
     batch, seq_len = input_ids.shape
     if seq_len == 0 or batch == 0:
         raise ValueError("the prompt is empty: pass at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    lowest, highest = (int(v) for v in torch.aminmax(input_ids))  # a host sync, before any layer runs
+    if lowest < 0 or highest >= vocab:
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary); got ids from "
+                         f"{lowest} to {highest}: tokenize with this model's tokenizer")
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ValueError(
@@ -389,7 +411,7 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
     start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
     adapter = adapter_for(model)
     check_not_offloaded(model)  # once per prompt, not per decoded token
-    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
+    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask, configs)
     prompt = prompt_inputs(adapter, input_ids, None if padding_mask is None else padding_mask.long(),
                            multimodal, vision_config)
     eligible = [eligible_tokens(c, prompt, padding_mask) for c in configs]
