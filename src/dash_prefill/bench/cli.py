@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import add_threads_option, start_layer_arg
+from ..cli import add_threads_option, count_arg, start_layer_arg
 from .report import _cell, columns, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
@@ -64,20 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,32k,128k"),
                         help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
     parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
-    parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75])
+    parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75],
+                        help="fractions of tokens halted (ρ), comma-separated")
     parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
                         help="floats are fractions of depth, ints are layer indices")
     parser.add_argument("--settings", type=parse_settings,
                         help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa")
+    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa",
+                        help="attention implementation")
     parser.add_argument("--device", choices=["cuda", "cpu"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--gpus", type=int, default=1,
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (cuda when a GPU is visible)")
+    parser.add_argument("--gpus", type=count_arg(1), default=1,
                         help="shard the layers over this many GPUs (accelerate, like device_map='auto')")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=count_arg(0), default=2, help="untimed calls per method first")
+    parser.add_argument("--repeats", type=count_arg(1), default=5, help="timed calls per method (median, min, max)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt ids")
     parser.add_argument("--policies", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
                         default=("dash",), help="halting policies timed per setting, NAME or NAME/pPOOL "
                         "(default dash; e.g. dash,attention/p15,contribution/p15)")
