@@ -52,10 +52,11 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` where an option has a default worth showing."""
+    """Shows ``(default: X)`` where an option has a default worth showing and its help has none."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if (action.default in (None, False) or action.default is argparse.SUPPRESS
+                or "default" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 
