@@ -76,3 +76,43 @@ def test_offloaded_weights_are_rejected_with_the_device_map_advice():
     model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty_like(weight, device="meta"))
     with pytest.raises(ValueError, match=r"offloaded .*device_map without CPU/disk offloading"):
         prefill(model, random_ids(1, 10))
+
+
+@pytest.mark.parametrize("input_ids,message", [
+    (torch.rand(1, 10) * 50, r"integer token ids \(torch.long\); got dtype torch.float32"),
+    ([[5, 6, 7], [5, 6, 7, 8, 9]], r"different lengths \(3 to 5\): left-pad them and pass attention_mask"),
+    ([torch.tensor([5, 6, 7]), torch.tensor([5, 6])], r"different lengths \(2 to 3\)"),
+    (torch.tensor([[5, 6, 97]]), r"must lie in \[0, 97\) .*got ids from 5 to 97"),
+    (torch.tensor([[-1, 6, 7]]), r"must lie in \[0, 97\)"),
+    ("hello", r"input_ids must be a \(batch, seq\) tensor or list of integer token ids; got str"),
+])
+def test_bad_input_ids_are_rejected_naming_what_is_wrong(input_ids, message):
+    with pytest.raises(ValueError, match=message):
+        prefill(build_model("llama"), input_ids)
+
+
+def test_a_list_of_equal_length_id_tensors_is_a_batch():
+    model = build_model("llama")
+    ids = random_ids(2, 12)
+    assert torch.equal(prefill(model, list(ids)).logits, prefill(model, ids).logits)
+
+
+def test_a_dict_instead_of_a_dash_config_is_rejected_by_prefill_and_generate():
+    model = build_model("llama")
+    with pytest.raises(ValueError, match=r"config must be a DashConfig.*got dict"):
+        prefill(model, random_ids(1, 10), {"halt_ratio": 0.5})
+    with pytest.raises(ValueError, match=r"config must be a DashConfig.*got dict"):
+        generate(model, _Tokenizer(), "some text", {"halt_ratio": 0.5})
+
+
+def test_generate_rejects_float_token_ids_naming_the_type():
+    with pytest.raises(ValueError, match=r"token ids must be integers; got float 5.0"):
+        generate(build_model("llama"), _Tokenizer(), [[5.0, 6.0, 7.0]])
+
+
+def test_generate_checks_the_start_layer_before_the_prefill(monkeypatch):
+    import dash_prefill.generation as generation
+
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
+    with pytest.raises(ValueError, match=r"start_layer=9 is beyond the model, which has 4 layers"):
+        generate(build_model("llama"), _Tokenizer(), "some text", DashConfig(start_layer=9))

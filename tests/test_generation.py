@@ -44,3 +44,25 @@ def test_sampling_is_reproducible_with_a_seed():
     assert runs[0] == runs[1]
     greedy = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.25), max_new_tokens=8, eos_token_id=[])
     assert runs[0] != greedy.token_ids
+
+
+class _ChatTokenizer(_Tokenizer):
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+def test_chat_true_prefills_the_prompt_as_a_chat_user_turn():
+    import pytest
+    from dash_prefill.generation import chat_prompt
+
+    model, tokenizer = build_model("llama"), _ChatTokenizer()
+    config = DashConfig(halt_ratio=0.0)
+    as_chat = generate(model, tokenizer, "what is it?", config, max_new_tokens=4, chat=True)
+    by_hand = generate(model, tokenizer, chat_prompt(tokenizer, "what is it?"), config, max_new_tokens=4)
+    plain = generate(model, tokenizer, "what is it?", config, max_new_tokens=4)
+    assert as_chat.stats.prompt_tokens == by_hand.stats.prompt_tokens != plain.stats.prompt_tokens
+    assert as_chat.token_ids == by_hand.token_ids
+    with pytest.raises(ValueError, match="chat=True applies to text prompts"):
+        generate(model, tokenizer, [5, 6, 7], config, chat=True)

@@ -57,6 +57,30 @@ def test_cli_reads_the_prompt_from_stdin(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load", lambda name, dtype: (build_model("qwen2"), CharTokenizer()))
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
     assert cli.main(["inspect", "--model", "x", "--prompt-file", "-", "--start-layer", "2",
-                     "--protect-last", "4", "--out", str(tmp_path)]) == 0
+                     "--protect-last", "4", "--out", str(tmp_path), "--raw"]) == 0
     assert f"{len(TEXT)} tokens, {len(TEXT) // 2} halted after layer 2" in capsys.readouterr().out
     assert (tmp_path / "tokens.html").exists() and (tmp_path / "delta_norms.png").exists()
+
+
+def test_cli_inspects_the_prompt_that_run_would_prefill(tmp_path, monkeypatch, capsys):
+    from dash_prefill import cli
+    from dash_prefill.generation import chat_prompt, encode_prompts
+
+    class ChatTokenizer(CharTokenizer):
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    seen = {}
+    monkeypatch.setattr("dash_prefill.demo.compare", lambda model, tok, prompt, *a: seen.setdefault("run", prompt))
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: (build_model("qwen2"), ChatTokenizer()))
+    monkeypatch.setattr(cli, "_print_comparison", lambda result: None)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(TEXT)
+    cli.main(["run", "--model", "x", "--prompt-file", str(prompt_file)])
+    assert cli.main(["inspect", "--model", "x", "--prompt-file", str(prompt_file), "--out", str(tmp_path),
+                     "--start-layer", "2"]) == 0
+    expected = encode_prompts(ChatTokenizer(), seen["run"], 0)[0].shape[1]
+    assert seen["run"] == chat_prompt(ChatTokenizer(), TEXT)
+    assert capsys.readouterr().out.startswith(f"{expected} tokens,") and expected > len(TEXT)

@@ -7,7 +7,11 @@ import importlib
 import logging
 import sys
 
+from . import __version__
 from .config import DashConfig
+
+DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selective Halting): compare "
+               "plain and DASH prefill on a prompt, benchmark, evaluate accuracy, inspect what halts.")
 
 DEMO_MODEL = "smollm2-135m"
 # Subcommands built on top of the core, each a module with add_arguments(parser) and main(args).
@@ -27,18 +31,57 @@ def start_layer_arg(text: str) -> int | float:
             f"start layer is a layer index (12) or a fraction of depth (0.4); got {text!r}") from None
 
 
+def count_arg(minimum: int):
+    """argparse type of an integer option that must be at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are two lines (the error, where help is), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n(see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where an option has a default worth showing and its help has none."""
+
+    def _get_help_string(self, action):
+        if (action.default in (None, False) or action.default is argparse.SUPPRESS
+                or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, applied by :func:`main` before the command runs."""
+    parser.add_argument("--threads", type=count_arg(1),
+                        help="torch CPU threads (default: torch's choice); 1 gives steadier times "
+                             "on a busy CPU")
+
+
 def _add_dash_options(parser: argparse.ArgumentParser, ratio: float = 0.5) -> None:
     parser.add_argument("--halt-ratio", type=float, default=ratio, help="fraction of tokens halted (ρ)")
     parser.add_argument("--start-layer", type=start_layer_arg, default=None,
                         help="layer index, or fraction of depth such as 0.4 (default: the "
                              "embedded model's measured recommendation, else 0.4)")
-    parser.add_argument("--protect-last", type=int, default=64, help="final prompt tokens always kept")
-    parser.add_argument("--score", choices=["absolute", "relative"], default="absolute")
+    parser.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
+    parser.add_argument("--score", choices=["absolute", "relative"], default="absolute",
+                        help="||U|| (absolute) or ||U||/||h|| (relative)")
     parser.add_argument("--frozen-keys", action="store_true",
                         help="halted tokens stay visible as keys/values in later layers")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument("--max-new-tokens", type=count_arg(1), default=32, help="length of the answers")
+    parser.add_argument("--repeats", type=count_arg(1), default=3, help="timed runs per method (median)")
+    add_threads_option(parser)
 
 
 def _config(args, model) -> DashConfig:
@@ -56,8 +99,8 @@ def _print_comparison(result, answer: str | None = None) -> None:
     rows = [
         ("prompt tokens", f"{result.prompt_tokens}"),
         ("DASH setting", f"halt_ratio={result.config.halt_ratio}, start_layer={stats.start_layer}/{stats.num_layers}"),
-        ("time to first token, plain", f"{result.plain_ttft:.3f} s"),
-        ("time to first token, DASH", f"{result.dash_ttft:.3f} s"),
+        ("time to first token, plain", _seconds(result.plain_ttft, result.plain_times)),
+        ("time to first token, DASH", _seconds(result.dash_ttft, result.dash_times)),
         ("speedup (measured)", f"{result.speedup:.2f}x"),
         ("speedup (ideal, cost model)", f"{stats.ideal_speedup:.2f}x"),
         ("tokens halted", f"{stats.halted_tokens[0]} of {stats.prompt_tokens[0]}"),
@@ -71,6 +114,18 @@ def _print_comparison(result, answer: str | None = None) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    from .bench.timing import trust_warnings
+
+    for line in trust_warnings({"plain prefill": list(result.plain_times), "DASH prefill": list(result.dash_times)},
+                               result.other_cores):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _seconds(median: float, times) -> str:
+    """"1.234 s (median of 3: 1.200-1.300 s)"."""
+    if len(times) < 2:
+        return f"{median:.3f} s"
+    return f"{median:.3f} s (median of {len(times)}: {min(times):.3f}-{max(times):.3f} s)"
 
 
 def _load(name: str, dtype: str | None):
@@ -79,24 +134,33 @@ def _load(name: str, dtype: str | None):
     return load_model(name, dtype=dtype)
 
 
+def _read_prompt(path: str) -> str:
+    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    if not text.strip():
+        raise ValueError("the prompt file is empty: give a file with the prompt text")
+    return text
+
+
 def cmd_demo(args) -> int:
     from .demo import compare, needle_prompt
+    from .generation import check_fits
 
     model, tokenizer = _load(args.model, args.dtype)
+    config = _config(args, model)
+    check_fits(model, config, args.tokens, args.max_new_tokens)  # before building the prompt
     prompt = needle_prompt(tokenizer, args.tokens)
-    result = compare(model, tokenizer, prompt.text, _config(args, model), args.max_new_tokens, args.repeats)
     print(f"DASH demo on {args.model} ({next(model.parameters()).device}): a fact hidden in the middle "
-          f"of {result.prompt_tokens} tokens of essays")
+          f"of {len(tokenizer(prompt.text)['input_ids'])} tokens of essays", flush=True)
+    result = compare(model, tokenizer, prompt.text, config, args.max_new_tokens, args.repeats)
     _print_comparison(result, prompt.answer)
     return 0
 
 
 def cmd_run(args) -> int:
-    from .demo import chat_prompt, compare
+    from .demo import compare
+    from .generation import chat_prompt
 
-    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
-    if not text.strip():
-        raise ValueError("the prompt file is empty: give a file with the prompt text")
+    text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
     prompt = text if args.raw else chat_prompt(tokenizer, text)
     _print_comparison(compare(model, tokenizer, prompt, _config(args, model), args.max_new_tokens,
@@ -107,11 +171,11 @@ def cmd_run(args) -> int:
 def cmd_inspect(args) -> int:
     from .inspect import inspect_prompt
 
-    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    text = _read_prompt(args.prompt_file)
     config = DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer,
                         policy=args.policy, score=args.score, protect_last=args.protect_last)
     model, tokenizer = _load(args.model, args.dtype)
-    found = inspect_prompt(model, tokenizer, text, config, args.out)
+    found = inspect_prompt(model, tokenizer, text, config, args.out, chat=not args.raw)
     stats = found.stats
     print(f"{stats.prompt_tokens[0]} tokens, {len(found.halted)} halted after layer {stats.start_layer}, "
           f"ideal speedup {stats.ideal_speedup:.2f}x")
@@ -120,33 +184,44 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dash-prefill", description=__doc__)
+    parser = Parser(prog="dash-prefill", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="plain vs DASH prefill on a long prompt, embedded model")
-    demo.add_argument("--model", default=DEMO_MODEL)
-    demo.add_argument("--tokens", type=int, default=6000, help="prompt length in tokens")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+
+    demo = add("demo", "plain vs DASH prefill on a long prompt, embedded model")
+    demo.add_argument("--model", default=DEMO_MODEL, help="registry name or model directory")
+    demo.add_argument("--tokens", type=count_arg(1), default=6000, help="prompt length in tokens")
     _add_dash_options(demo)
     demo.set_defaults(handler=cmd_demo)
-    run = commands.add_parser("run", help="plain vs DASH prefill on your own prompt and model")
-    run.add_argument("--model", required=True, help="registry name, local path or HF id")
+    run = add("run", "plain vs DASH prefill on your own prompt and model")
+    run.add_argument("--model", required=True, help="registry name or local model directory (hub ids need hub access)")
     run.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for stdin")
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     _add_dash_options(run)
     run.set_defaults(handler=cmd_run)
-    inspect = commands.add_parser("inspect", help="per-layer ||U|| of a prompt and which tokens halt")
-    inspect.add_argument("--model", required=True, help="registry name, directory or hub id")
+    inspect = add("inspect", "per-layer ||U|| of a prompt and which tokens halt")
+    inspect.add_argument("--model", required=True, help="registry name or local model directory (hub ids need hub access)")
     inspect.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
-    inspect.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"))
+    inspect.add_argument("--raw", action="store_true",
+                         help="do not wrap the prompt in the chat template (run wraps it the same way)")
+    inspect.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"),
+                         help="which halting rule marks the halted tokens")
     inspect.add_argument("--out", default="inspect_out", help="directory for the PNG and the HTML page")
-    inspect.add_argument("--halt-ratio", type=float, default=0.5)
-    inspect.add_argument("--start-layer", type=start_layer_arg, default=0.4)
-    inspect.add_argument("--protect-last", type=int, default=64)
-    inspect.add_argument("--score", choices=["absolute", "relative"], default="absolute")
-    inspect.add_argument("--dtype", default=None)
+    inspect.add_argument("--halt-ratio", type=float, default=0.5, help="fraction of tokens halted (ρ)")
+    inspect.add_argument("--start-layer", type=start_layer_arg, default=0.4,
+                         help="layer index, or fraction of depth, where the halting is decided")
+    inspect.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
+    inspect.add_argument("--score", choices=["absolute", "relative"], default="absolute",
+                         help="||U|| (absolute) or ||U||/||h|| (relative)")
+    inspect.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    add_threads_option(inspect)
     inspect.set_defaults(handler=cmd_inspect)
     for name, (module, help_text) in TOOLS.items():
-        sub = commands.add_parser(name, help=help_text)
+        sub = add(name, help_text)
         try:
             tool = importlib.import_module(module)
         except ImportError as error:
@@ -167,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
+    except (ValueError, OSError, ImportError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

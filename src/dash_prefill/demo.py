@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .adapters import input_device
 from .config import DashConfig
-from .generation import GenerationResult, encode_prompts, generate
+from .generation import GenerationResult, chat_prompt, check_fits, encode_prompts, generate
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,11 @@ class NeedlePrompt:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Plain and DASH runs of one prompt; times are medians over the repeats (seconds)."""
+    """Plain and DASH runs of one prompt; times are medians over the repeats (seconds).
+
+    plain_times, dash_times : every repeat's time to first token (seconds).
+    other_cores : CPU cores kept busy by other processes while timing (None where unknown).
+    """
 
     prompt_tokens: int
     plain: GenerationResult
@@ -42,18 +46,13 @@ class Comparison:
     plain_ttft: float
     dash_ttft: float
     config: DashConfig
+    plain_times: tuple[float, ...] = ()
+    dash_times: tuple[float, ...] = ()
+    other_cores: float | None = None
 
     @property
     def speedup(self) -> float:
         return self.plain_ttft / self.dash_ttft
-
-
-def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as a user turn of the tokenizer's chat template (as is without a template)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    return text + "\nAnswer:"
 
 
 def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedlePrompt:
@@ -101,17 +100,26 @@ def compare(model, tokenizer, prompt: str, config: DashConfig, max_new_tokens: i
     Plain prefill is the model's own forward pass (``model.generate`` for the answer); DASH is
     :func:`dash_prefill.generate`. Runs alternate so that machine noise hits both alike.
     """
+    from .bench.timing import OtherLoad
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, _ = encode_prompts(tokenizer, prompt, pad_id)
+    check_fits(model, config, ids.shape[1], max_new_tokens)  # before the first (long) prefill
     ids = ids.to(input_device(model))
     plain_times, dash_times = [], []
-    dash = None
-    for step in tqdm(range(warmup + repeats), desc="timing plain vs DASH prefill", leave=False):
-        plain_time = _plain_ttft(model, ids)
-        dash = generate(model, tokenizer, ids, config, max_new_tokens=1)
-        if step >= warmup:
-            plain_times.append(plain_time)
-            dash_times.append(dash.time_to_first_token)
+    # The bar covers the answers too: they take a plain and a DASH generation after the timing.
+    progress = tqdm(total=warmup + repeats + 2, desc="timing plain vs DASH prefill", leave=False)
+    with OtherLoad() as load:
+        for step in range(warmup + repeats):
+            plain_time = _plain_ttft(model, ids)
+            dash = generate(model, tokenizer, ids, config, max_new_tokens=1)
+            if step >= warmup:
+                plain_times.append(plain_time)
+                dash_times.append(dash.time_to_first_token)
+            progress.update()
+    progress.set_description(f"answering with plain prefill ({max_new_tokens} tokens)")
     with torch.no_grad():
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=pad_id)
@@ -119,7 +127,13 @@ def compare(model, tokenizer, prompt: str, config: DashConfig, max_new_tokens: i
     plain = GenerationResult(
         texts=[tokenizer.decode(new, skip_special_tokens=True)], token_ids=[new], stats=None,
         time_to_first_token=statistics.median(plain_times), decode_seconds=float("nan"))
+    progress.update()
+    progress.set_description(f"answering with DASH prefill ({max_new_tokens} tokens)")
     dash = generate(model, tokenizer, ids, config, max_new_tokens=max_new_tokens)
+    progress.update()
+    progress.close()
     return Comparison(prompt_tokens=ids.shape[1], plain=plain, dash=dash,
                       plain_ttft=statistics.median(plain_times),
-                      dash_ttft=statistics.median(dash_times), config=config)
+                      dash_ttft=statistics.median(dash_times), config=config,
+                      plain_times=tuple(plain_times), dash_times=tuple(dash_times),
+                      other_cores=load.cores if ids.device.type == "cpu" else None)

@@ -21,7 +21,11 @@ from .prefill import PrefillStats, prefill
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Texts and token ids per prompt, the prefill stats and the measured times (seconds)."""
+    """Texts and token ids per prompt, the prefill stats and the measured times.
+
+    time_to_first_token : seconds from the start of the prefill to the first generated token.
+    decode_seconds : seconds spent generating the remaining tokens.
+    """
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -43,26 +47,56 @@ def plain_prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]
     return output.logits[:, -1], cache if cache is not None else output.past_key_values
 
 
-def encode_prompts(tokenizer, prompts, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (ids, attention_mask) from a string, strings, token ids or lists of them."""
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as a user turn of the tokenizer's chat template (as is without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    return text + "\nAnswer:"
+
+
+def check_fits(model, config: DashConfig | None, prompt_tokens: int, max_new_tokens: int) -> None:
+    """ValueError, before any model work, unless the prompt and the new tokens fit the model's
+    context and the start layer lies inside the model."""
+    from .loading import max_context
+
+    limit = max_context(model)
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
+            f"but the model's context is {limit}; shorten the prompt or lower max_new_tokens")
+    if config is not None and config.scores_tokens:
+        config.resolve_start_layer(model.config.get_text_config().num_hidden_layers)
+
+
+def encode_prompts(tokenizer, prompts, pad_token_id: int, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention_mask) from a string, strings, token ids or lists of them.
+
+    Strings are tokenized as given, or as a chat user turn with ``chat`` (:func:`chat_prompt`)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a string, a list of strings, or token ids; got nothing")
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else p for p in prompts]  # rows as tensors
     if all(isinstance(p, int) for p in prompts):
         prompts = [list(prompts)]
     if all(isinstance(p, str) for p in prompts):
         if any(not p.strip() for p in prompts):
             raise ValueError("a prompt is empty: pass some text")
-        rows = [tokenizer(p)["input_ids"] for p in prompts]
+        rows = [tokenizer(chat_prompt(tokenizer, p) if chat else p)["input_ids"] for p in prompts]
+    elif chat:
+        raise ValueError("chat=True applies to text prompts; token ids are used as given")
     elif all(isinstance(p, (list, tuple)) for p in prompts):
         rows = [list(p) for p in prompts]
     else:
         raise ValueError("prompts must be all strings or all token-id lists, not a mix")
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt is empty: pass at least one token")
+    wrong = next((t for r in rows for t in r if not isinstance(t, int) or isinstance(t, bool)), None)
+    if wrong is not None:
+        raise ValueError(f"token ids must be integers; got {type(wrong).__name__} {wrong!r}")
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -109,14 +143,19 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
-             vision_config: DashConfig | None = None, **multimodal) -> GenerationResult:
+             vision_config: DashConfig | None = None, chat: bool = False,
+             **multimodal) -> GenerationResult:
     """Answer ``prompts`` with DASH prefill and ordinary decoding.
 
     Parameters
     ----------
     prompts : str, list[str], list[int], list[list[int]] or (batch, seq) tensor
         Batches are left-padded here; token ids are used as given (no special tokens added).
+        Strings are tokenized as given unless ``chat`` is set.
     config : DashConfig, default: the model's recommended setting (``recommended_config``).
+    chat : wrap string prompts in the tokenizer's chat template as a user turn, as
+        ``dash-prefill run`` does (:func:`chat_prompt`); instruction-tuned models answer
+        far better that way.
     max_new_tokens : tokens generated per prompt at most (stops early at the EOS token).
     do_sample, temperature, top_k, top_p, seed : sampling as in HF ``generate``; greedy by default.
     attention_mask : (batch, seq), with ``prompts`` given as an already left-padded id tensor
@@ -127,6 +166,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if config is not None and not isinstance(config, DashConfig):
+        raise ValueError(f"config must be a DashConfig (dp.DashConfig(halt_ratio=0.5)); got {type(config).__name__}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if attention_mask is not None and not isinstance(prompts, torch.Tensor):
         raise ValueError("attention_mask goes with prompts given as a left-padded id tensor (a "
@@ -135,12 +176,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         ids, mask = prompts if prompts.dim() == 2 else prompts[None], attention_mask
         mask = mask if mask.dim() == 2 else mask[None]
     else:
-        ids, mask = encode_prompts(tokenizer, prompts, pad_id)
-    limit = context_limit(model)
-    if limit is not None and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"the prompt has {ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for, "
-            f"but the model's context is {limit}; shorten the prompt or lower max_new_tokens")
+        ids, mask = encode_prompts(tokenizer, prompts, pad_id, chat)
+    check_fits(model, config, ids.shape[1], max_new_tokens)
     warpers = LogitsProcessorList()
     if do_sample:
         if temperature <= 0:

@@ -10,7 +10,8 @@ Writes two files:
 - ``tokens.html``: the prompt's tokens, the halted ones greyed out, for one ``DashConfig``
   (from ``prefill(...).active_index``), with a legend and the prefill stats.
 
-The prompt is tokenized as given (no chat template).
+The prompt is tokenized as ``generate`` tokenizes it: as given, or (``chat=True``, the
+command's default unless ``--raw``) as a user turn of the chat template, like ``dash-prefill run``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .adapters import adapter_for
 from .config import DashConfig
 from .cache import KeyLayout
+from .generation import check_fits, encode_prompts
 from .prefill import LayerInputs, PrefillStats, layer_step, prefill
 from .policy import delta_norm
 
@@ -125,24 +127,23 @@ def token_html(pieces: list[str], halted: set[int], config: DashConfig, stats: P
             f"<div class='text'>{''.join(spans)}</div></body></html>\n")
 
 
-def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir) -> Inspection:
+def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir, chat: bool = False) -> Inspection:
     """Plot the per-layer update norms of ``text`` and render its halted tokens.
 
     Parameters
     ----------
     model, tokenizer : a supported causal LM and its tokenizer.
     text : str
-        The prompt, tokenized as is.
+        The prompt, tokenized as is (``chat``: as a user turn of the chat template).
     config : DashConfig
         The halting to show (its policy, ratio, start layer and protection windows).
     out_dir : path
         Receives ``delta_norms.png`` and ``tokens.html``.
     """
-    if not text.strip():
-        raise ValueError("the prompt is empty: pass some text")
+    ids = encode_prompts(tokenizer, text, 0, chat)[0][0]  # (seq,)
+    check_fits(model, config, len(ids), 0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
     absolute, relative = delta_norms(model, ids)
     result = prefill(model, ids[None], config)
     active = set(range(len(ids))) if result.active_index is None else set(result.active_index[0].tolist())

@@ -255,8 +255,12 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:  # transformers' several-line messages: keep the first line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot load {name_or_path!r}: {first}") from error
     if spec is not None:
         check_tokenizer(spec, tokenizer, source)
     tokenizer.padding_side = "left"
@@ -292,17 +296,81 @@ def max_context(model) -> int:
     return int(context_limit(model))
 
 
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _what_works() -> str:
+    return f"pass a registry name ({', '.join(REGISTRY)}) or a local model directory"
+
+
 def _checkpoint_source(name_or_path: str) -> str:
-    """Accept an existing directory or an ``org/name`` hub id; reject anything else."""
+    """A checked local directory, a hub id (from the local cache, or with hub access); a
+    ModelNotFoundError saying what works for anything else, before any weights are read."""
     path = Path(name_or_path).expanduser()
     if path.exists():
+        _check_model_dir(path)
         return str(path)
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith(("./", "../", "~")):
-        return name_or_path
-    raise ModelNotFoundError(
-        f"{name_or_path!r} is not an existing directory, a hub id like 'org/name', or a "
-        f"registry name. Pass one of: {', '.join(REGISTRY)}, a local model directory, or a hub id."
-    )
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith(("./", "../", "~")):
+        raise ModelNotFoundError(
+            f"{name_or_path!r} is not an existing directory, a hub id like 'org/name', or a "
+            f"registry name; {_what_works()}")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):  # downloaded before: load the snapshot without asking the hub
+        _check_model_dir(Path(cached).parent)
+        return str(Path(cached).parent)
+    if not _hub_reachable():
+        raise ModelNotFoundError(
+            f"{name_or_path!r} is not in the local Hugging Face cache and there is no hub access "
+            f"here; {_what_works()}")
+    return name_or_path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (False at once when offline mode is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; from_pretrained will tell
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_model_dir(path: Path) -> None:
+    """ModelNotFoundError, one line, unless ``path`` holds a loadable config, weights and a tokenizer."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    config = path / "config.json"
+    fix = "save the model there with model.save_pretrained and tokenizer.save_pretrained"
+    if not path.is_dir() or not config.is_file():
+        raise ModelNotFoundError(f"{path} is not a model directory (no config.json); {fix}")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ModelNotFoundError(f"{config} is not a valid JSON object ({error}); fix it or {fix}") from None
+    if model_type not in CONFIG_MAPPING:
+        from .adapters import ADAPTERS
+
+        raise ModelNotFoundError(
+            f"{config} has model_type {model_type!r}, which is not a transformers architecture; "
+            f"dash_prefill supports {', '.join(sorted(ADAPTERS))}")
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
+        raise ModelNotFoundError(f"{path} has a config.json but no weights (*.safetensors or *.bin); {fix}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{path} has no tokenizer files (tokenizer.json, ...); {fix}")
 
 
 def _registry_checkpoint(spec: RegistryModel) -> str:

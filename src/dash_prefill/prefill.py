@@ -288,17 +288,40 @@ def run_layers(state: PrefillState, layers: range, gate: Gate | None = None) -> 
         state.finish_layer(idx)
 
 
-def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+def _validate(model, input_ids, attention_mask, configs=()) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """Checks at the boundary; returns 2-D ids, the mask (None without padding), row lengths."""
+    for config in configs:
+        if not isinstance(config, DashConfig):
+            raise ValueError(f"config must be a DashConfig, e.g. DashConfig(halt_ratio=0.5); got {type(config).__name__}")
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, torch.Tensor) for r in input_ids):
+        input_ids = [r.tolist() for r in input_ids]  # a list of 1-D id tensors, one per row
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(r, (list, tuple)) for r in input_ids):
+        widths = sorted({len(r) for r in input_ids})
+        if len(widths) > 1:
+            raise ValueError(f"rows of input_ids have different lengths ({widths[0]} to {widths[-1]}): "
+                             "left-pad them and pass attention_mask, or use generate(), which pads")
     if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        try:
+            input_ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError("input_ids must be a (batch, seq) tensor or list of integer token ids; "
+                             f"got {type(input_ids).__name__}") from None
+    if input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"input_ids must be integer token ids (torch.long); got dtype {input_ids.dtype}: "
+                         "pass tokenizer output, or .long() the tensor")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise ValueError(f"input_ids must be integer token ids of shape (batch, seq); got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq) or (seq,); got {tuple(input_ids.shape)}")
     batch, seq_len = input_ids.shape
     if seq_len == 0 or batch == 0:
         raise ValueError("the prompt is empty: pass at least one token")
+    if input_ids.device.type == "cpu":  # ids already on a GPU are not read back (no host sync)
+        vocab = model.get_input_embeddings().num_embeddings
+        lowest, highest = (int(v) for v in torch.aminmax(input_ids))
+        if lowest < 0 or highest >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary); got ids from "
+                             f"{lowest} to {highest}: tokenize with this model's tokenizer")
     limit = context_limit(model)
     if limit is not None and seq_len > limit:
         raise ValueError(
@@ -327,12 +350,12 @@ def _validate(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Ten
     return input_ids, attention_mask.bool(), lengths
 
 
-def _prepare(model, input_ids, attention_mask, multimodal: dict, vision_config: DashConfig | None
-             ) -> tuple[PreNormAdapter, PromptInputs, torch.Tensor | None, list[int]]:
+def _prepare(model, input_ids, attention_mask, multimodal: dict, vision_config: DashConfig | None,
+             configs=()) -> tuple[PreNormAdapter, PromptInputs, torch.Tensor | None, list[int]]:
     """The adapter, the decoder's inputs, the padding mask and the row lengths of a prompt."""
     adapter = adapter_for(model)
     check_not_offloaded(model)  # once per prompt, not per decoded token
-    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask)
+    input_ids, padding_mask, lengths = _validate(model, input_ids, attention_mask, configs)
     prompt = prompt_inputs(adapter, input_ids, None if padding_mask is None else padding_mask.long(),
                            multimodal, vision_config)
     return adapter, prompt, padding_mask, lengths
@@ -375,8 +398,10 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal, vision_config)
-    gate = _gate(config or recommended_config(model), adapter, prompt, padding_mask, lengths)
+    config = config or recommended_config(model)
+    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
+                                                      vision_config, [config])
+    gate = _gate(config, adapter, prompt, padding_mask, lengths)
     state = PrefillState(adapter, prompt, padding_mask, lengths)
     run_layers(state, range(len(adapter.layers)), gate)
     return state.result(model, gate)
@@ -388,7 +413,8 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
                      vision_config: DashConfig | None = None, **multimodal) -> list[PrefillResult]:
     """Prefill one prompt under several configs, running the layers before their earliest
     start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
-    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal, vision_config)
+    adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
+                                                      vision_config, configs)
     num_layers = len(adapter.layers)
     gates = [_gate(config, adapter, prompt, padding_mask, lengths) for config in configs]
     shared = min(num_layers if gate is None else gate.start_layer for gate in gates)

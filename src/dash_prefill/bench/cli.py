@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli import start_layer_arg
+from ..cli import add_threads_option, count_arg, start_layer_arg
 from .report import _cell, columns, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
-from .shapes import ARCHITECTURES, arch_config, build_random_model, split_across
+from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
+from .timing import OtherLoad, trust_warnings
 from .vlm import VLM_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
@@ -63,20 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,32k,128k"),
                         help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
     parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
-    parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75])
+    parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75],
+                        help="fractions of tokens halted (ρ), comma-separated")
     parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
                         help="floats are fractions of depth, ints are layer indices")
     parser.add_argument("--settings", type=parse_settings,
                         help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa")
+    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa",
+                        help="attention implementation")
     parser.add_argument("--device", choices=["cuda", "cpu"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--gpus", type=int, default=1,
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (cuda when a GPU is visible)")
+    parser.add_argument("--gpus", type=count_arg(1), default=1,
                         help="shard the layers over this many GPUs (accelerate, like device_map='auto')")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=count_arg(0), default=2, help="untimed calls per method first")
+    parser.add_argument("--repeats", type=count_arg(1), default=5, help="timed calls per method (median, min, max)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt ids")
     parser.add_argument("--policies", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
                         default=("dash",), help="halting policies timed per setting, NAME or NAME/pPOOL "
                         "(default dash; e.g. dash,attention/p15,contribution/p15)")
@@ -84,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-check", action="store_true",
                         help="count host synchronisations of one call per method (CUDA only)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png")
+    add_threads_option(parser)
     vlm = parser.add_argument_group("vision-language archs (llava-1.5-7b, qwen2-vl-7b)")
     vlm.add_argument("--image-tokens", type=_numbers(int),
                      help="decoder tokens of the synthetic images (default 576,2304 for llava, "
@@ -102,6 +107,35 @@ def _check_context(name: str, context: int, lengths: list[int]) -> None:
                          f"drop them from --lengths")
 
 
+def available_memory(device: torch.device, gpus: int = 1) -> int | None:
+    """Bytes free for a run on ``device`` (the sum over ``gpus`` GPUs); None where unknown."""
+    if device.type == "cuda":
+        return sum(torch.cuda.mem_get_info(i)[0] for i in range(gpus))
+    free = []
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
+
+
+def _check_memory(arch: str, dtype: torch.dtype, args) -> None:
+    """ValueError with the numbers when ``arch`` at the largest batch and length cannot fit."""
+    weights, cache = least_memory(arch, dtype, max(args.batch), max(args.lengths))
+    free = available_memory(torch.device(args.device), args.gpus)
+    if free is not None and weights + cache > free:
+        raise ValueError(
+            f"{arch} needs at least {(weights + cache) / 2**30:.1f} GiB ({weights / 2**30:.1f} weights + "
+            f"{cache / 2**30:.1f} KV cache at batch {max(args.batch)}, length {max(args.lengths)}) and "
+            f"{free / 2**30:.1f} GiB are free on {args.device}; use a GPU, shorter --lengths or a "
+            "smaller --arch such as smollm2-135m")
+
+
 def _targets(args, dtype: torch.dtype) -> list[Target]:
     if args.model:
         def load():
@@ -113,6 +147,7 @@ def _targets(args, dtype: torch.dtype) -> list[Target]:
     targets = []
     for arch in [a for a in args.arch if a not in VLM_ARCHITECTURES]:
         _check_context(arch, arch_config(arch).max_position_embeddings, args.lengths)
+        _check_memory(arch, dtype, args)
         def build(arch=arch):
             model = build_random_model(arch, dtype, args.device, args.attn, args.seed)
             return split_across(model, [f"cuda:{i}" for i in range(args.gpus)])
@@ -180,12 +215,17 @@ def main(args: argparse.Namespace) -> int:
                          policies=args.policies)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
-        rows, syncs = run_bench(plan) if plan.targets else ([], [])
-        rows += _vlm_rows(args, settings, device, dtype)
+        with OtherLoad() as load:
+            rows, syncs = run_bench(plan) if plan.targets else ([], [])
+            rows += _vlm_rows(args, settings, device, dtype)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_table(rows, syncs)
+    timed = {f"{r['arch']} b={r['batch']} T={r['length']} {r['method']} ρ={r['halt_ratio']}":
+             [r["min_s"], r["median_s"], r["max_s"]] for r in rows if r.get("median_s") is not None}
+    for line in trust_warnings(timed, load.cores if device.type == "cpu" else None):
+        print(f"warning: {line}", file=sys.stderr)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
@@ -196,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="dash-prefill bench", description=__doc__)
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+if __name__ == "__main__":  # python -m dash_prefill.bench.cli: the same as dash-prefill bench
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -7,6 +7,7 @@ the same discipline: warm-up calls, then repeated calls each bracketed by CUDA e
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -139,3 +140,61 @@ def measure(method: Method, model, input_ids: torch.Tensor, warmup: int = 2, rep
         peak_bytes=max(peaks) if peaks else None, peak_over_weights_bytes=max(overs) if overs else None,
         kv_cache_bytes=kv_bytes, kept_fraction=kept_fraction,
     )
+
+
+# Repeats spread wider than this fraction of their median are reported as untrustworthy.
+SPREAD_LIMIT = 0.25
+
+
+def spread(seconds: list[float]) -> float:
+    """(max - min) / median of repeated timings: 0 for perfectly steady repeats."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds)
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on the machine has used so far (Linux /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Cores kept busy by *other* processes during a with-block: ``cores`` (None where unknown).
+
+    The machine's busy CPU time minus this process's, over the wall time.
+    """
+
+    def __enter__(self):
+        self.cores = None
+        self._start = (_busy_cpu_seconds(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        if busy is not None and self._start[0] is not None and wall > self._start[2]:
+            other = (busy - self._start[0]) - (own - self._start[1])
+            self.cores = max(0.0, other / (wall - self._start[2]))
+        return False
+
+
+def trust_warnings(timings: dict[str, list[float]], other_cores: float | None = None,
+                   threads: int | None = None) -> list[str]:
+    """One line per reason not to trust the timings: repeats spread wider than SPREAD_LIMIT,
+    or other processes competing for the cores this process's threads use."""
+    lines = []
+    for name, seconds in timings.items():
+        if len(seconds) > 1 and spread(seconds) > SPREAD_LIMIT:
+            lines.append(f"{name}: the repeats spread over {spread(seconds):.0%} of their median "
+                         f"({min(seconds):.3g}-{max(seconds):.3g} s); do not trust this number: rerun "
+                         "with --threads 1 and more --repeats on a quiet machine")
+    threads = threads or torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if other_cores is not None and other_cores >= 0.5 and other_cores + threads > cores:
+        lines.append(f"other processes kept {other_cores:.1f} of {cores} CPU cores busy while timing "
+                     f"({threads} threads here); times are slower and noisier than on a quiet "
+                     "machine: pass --threads 1 or rerun when the machine is idle")
+    return lines

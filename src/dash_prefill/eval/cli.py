@@ -13,13 +13,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from .report import text_table, write_report
 from .runner import evaluate, parse_policies, policy_label, read_records
 from .tasks import OFFLINE_TASKS, TASKS
 from ..bench.cli import parse_lengths
-from ..cli import start_layer_arg
+from ..cli import add_threads_option, count_arg, start_layer_arg
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +39,9 @@ class Run:
     start_layer: int | float = 0.4
 
 
+# Measured durations, shown in --help and before a preset starts (EVAL.md).
+PRESET_DURATIONS = {"quick": "about 16 minutes on a quiet 2-core CPU",
+                    "full-smollm2": "hours on a CPU", "full-gemma": "hours on a CPU; minutes on a GPU"}
 PRESETS: dict[str, tuple[Run, ...]] = {
     "quick": (Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5,random@0.5"),),
     "full-smollm2": (
@@ -66,6 +67,8 @@ def _tasks(text: str) -> tuple[str, ...]:
     if text in ("all", "offline"):
         return TASKS if text == "all" else OFFLINE_TASKS
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"give at least one task: all, offline or {', '.join(TASKS)}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown tasks {unknown}; valid: all, offline, {', '.join(TASKS)}")
@@ -76,11 +79,12 @@ def _tasks(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``eval`` options to ``parser``."""
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="a predefined grid; explicit options below override its values")
+                        help="a predefined grid; explicit options below override its values ("
+                        + "; ".join(f"{name}: {PRESET_DURATIONS[name]}" for name in sorted(PRESETS)) + ")")
     parser.add_argument("--model", help="registry name (smollm2-135m, gemma3-270m), directory or hub id")
     parser.add_argument("--tasks", type=_tasks, help="comma-separated task names, 'all' or 'offline'")
     parser.add_argument("--length", type=_length, help="prompt + answer tokens per sample (4k = 4096)")
-    parser.add_argument("--samples", type=int, help="samples per task")
+    parser.add_argument("--samples", type=count_arg(1), help="samples per task")
     parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
                         "attention@0.5,attention@0.5/p15,dash@0.5/s0.25'; 'calibrated' is the model's "
                         "recommended setting (its calibration profile)")
@@ -91,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity", type=int, default=0, metavar="N",
                         help="also compare every policy with plain prefill on N prompts (>= 50 advised)")
     parser.add_argument("--fidelity-tokens", type=int, default=16, help="greedy tokens compared (default 16)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is often faster on a busy CPU)")
+    add_threads_option(parser)
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="float32",
                         help="model dtype (default float32, as on CPU; bfloat16 changes the numbers)")
@@ -145,10 +149,10 @@ def main(args: argparse.Namespace) -> int:
     """Run the evaluation (unless ``--report-only``), write the report, print a table."""
     results = args.out / "results.jsonl"
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         if not args.report_only:
             runs = plan(args)
+            if args.preset:
+                print(f"preset {args.preset}: {PRESET_DURATIONS[args.preset]}", flush=True)
             started = time.perf_counter()
             _run_all(runs, args, results)
             print(f"evaluation took {time.perf_counter() - started:.0f} s")
@@ -161,8 +165,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m dash_prefill.eval.cli
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _parser = argparse.ArgumentParser(prog="dash-prefill eval", description=__doc__)
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+if __name__ == "__main__":  # python -m dash_prefill.eval.cli: the same as dash-prefill eval
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["eval", *sys.argv[1:]]))

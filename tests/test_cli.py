@@ -1,0 +1,267 @@
+"""The command line: every bad input is one short error and exit code 2, found before model work."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_model
+from dash_prefill import cli, demo
+from dash_prefill.bench.timing import OtherLoad, trust_warnings
+from test_errors import _Tokenizer as CharTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def fails_cleanly(capsys, argv) -> str:
+    """Run the CLI; assert exit code 2 and at most three lines on stderr; return stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and 1 <= len(err.strip().splitlines()) <= 3, err
+    return err
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("The pass key is 12345. What is the pass key?")
+    return str(path)
+
+
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Loading weights fails the test: the error must come before."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights were loaded before the error"))
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """The CLI loads a tiny random llama (context 256, 4 layers); no prefill may run."""
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: (build_model("llama"), CharTokenizer()))
+    monkeypatch.setattr(demo, "_plain_ttft", lambda *a: pytest.fail("a prefill ran before the error"))
+    monkeypatch.setattr(demo, "needle_prompt", lambda *a: pytest.fail("the prompt was built before the error"))
+
+
+def test_a_hub_id_without_hub_access_says_so_at_once_and_names_what_works(prompt_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "dash_prefill.cli", "run", "--model", "some-org/some-model",
+                           "--prompt-file", prompt_file], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "no hub access here" in done.stderr and "smollm2-135m" in done.stderr
+    assert "local model directory" in done.stderr
+
+
+def test_a_hub_id_is_refused_when_the_hub_cannot_be_reached(monkeypatch, tmp_path, no_weights_loaded):
+    from dash_prefill import loading as models
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    with pytest.raises(models.ModelNotFoundError, match="not in the local Hugging Face cache"):
+        models.load_model("some-org/some-model", device="cpu")
+
+
+def _model_dir(tmp_path, config: str | None, weights: bool = True, tokenizer: bool = True) -> str:
+    path = tmp_path / "model"
+    path.mkdir()
+    if config is not None:
+        (path / "config.json").write_text(config)
+    if weights:
+        (path / "model.safetensors").write_bytes(b"\0" * 8)
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return str(path)
+
+
+@pytest.mark.parametrize("config,weights,tokenizer,message", [
+    ('{"model_type": "llama",', True, True, r"config.json is not a valid JSON object"),
+    ('{"model_type": "llama"}', False, True, r"has a config.json but no weights"),
+    ('{"model_type": "bogus"}', True, True, r"model_type 'bogus'.* not a transformers architecture; "
+                                            r"dash_prefill supports gemma3_text, llama"),
+    ('{"model_type": "llama"}', True, False, r"has no tokenizer files"),
+    (None, True, True, r"is not a model directory \(no config.json\)"),
+])
+def test_a_broken_model_directory_is_one_line_before_any_weights_load(
+        config, weights, tokenizer, message, tmp_path, prompt_file, capsys, no_weights_loaded):
+    import re
+
+    directory = _model_dir(tmp_path, config, weights, tokenizer)
+    err = fails_cleanly(capsys, ["run", "--model", directory, "--prompt-file", prompt_file])
+    assert re.search(message, err), err
+    assert "pip install" not in err
+
+
+def test_run_refuses_a_prompt_longer_than_the_context_before_any_prefill(tmp_path, capsys, tiny):
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 300)
+    err = fails_cleanly(capsys, ["run", "--model", "x", "--prompt-file", str(long), "--raw"])
+    assert "the prompt has 300 tokens and 32 new tokens were asked for" in err
+    assert "context is 256" in err
+
+
+def test_demo_refuses_tokens_beyond_the_context_before_building_the_prompt(capsys, tiny):
+    err = fails_cleanly(capsys, ["demo", "--tokens", "9000", "--max-new-tokens", "16"])
+    assert "the prompt has 9000 tokens and 16 new tokens were asked for, but the model's context is 256" in err
+
+
+def test_a_start_layer_beyond_the_model_is_refused_before_any_prefill(prompt_file, capsys, tiny):
+    err = fails_cleanly(capsys, ["run", "--model", "x", "--prompt-file", prompt_file, "--start-layer", "9"])
+    assert "start_layer=9 is beyond the model, which has 4 layers" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--samples", "0", "--preset", "quick"], "--samples: must be >= 1; got 0"),
+    (["eval", "--tasks", ",", "--preset", "quick"], "give at least one task"),
+    (["demo", "--tokens", "0"], "--tokens: must be >= 1"),
+    (["demo", "--repeats", "0"], "--repeats: must be >= 1"),
+    (["run", "--model", "x", "--prompt-file", "p", "--threads", "0"], "--threads: must be >= 1"),
+    (["inspect", "--model", "x", "--prompt-file", "/no/such/file"], "No such file"),
+])
+def test_bad_options_are_one_short_error_with_exit_code_2(argv, message, capsys, no_weights_loaded):
+    assert message in fails_cleanly(capsys, argv)
+
+
+def test_bench_refuses_an_arch_that_does_not_fit_in_memory_with_the_numbers(monkeypatch, capsys):
+    from dash_prefill.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "available_memory", lambda device, gpus=1: 4 * 2**30)
+    monkeypatch.setattr(bench_cli, "build_random_model", lambda *a, **k: pytest.fail("the model was built"))
+    err = fails_cleanly(capsys, ["bench", "--arch", "llama-3.1-8b", "--device", "cpu", "--lengths", "1k"])
+    # 8.03e9 parameters in fp32 = 29.9 GiB; keys and values: 2 x 32 layers x 8 heads x 128 x 1024 x 4 B = 0.25 GiB.
+    assert "llama-3.1-8b needs at least 30.2 GiB (29.9 weights + 0.2 KV cache" in err
+    assert "4.0 GiB are free on cpu" in err
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "inspect", "bench", "eval"])
+def test_every_command_takes_threads_and_applies_it(command, monkeypatch):
+    seen = []
+
+    def record(args):
+        seen.append(torch.get_num_threads())
+        return 0
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices[command].set_defaults(handler=record)
+    required = {"run": ["--model", "x", "--prompt-file", "p"], "inspect": ["--model", "x", "--prompt-file", "p"],
+                "bench": ["--arch", "smollm2-135m"]}
+    torch.set_num_threads(2)
+    assert cli.main([command, *required.get(command, []), "--threads", "1"]) == 0
+    assert seen == [1]
+
+
+def test_help_describes_the_tool_shows_defaults_and_every_option(capsys):
+    parser = cli.build_parser()
+    top = parser.format_help()
+    assert "Only this layer prints" not in top and "Delta Attention Selective Halting" in top
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("demo", "run"):
+        assert "(default: 64)" in commands[name].format_help()
+        assert "(default: 32)" in commands[name].format_help()
+    assert "(default: 6000)" in commands["demo"].format_help()
+    for name, sub in commands.items():
+        undocumented = [a.dest for a in sub._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+    assert "about 16 minutes" in " ".join(commands["eval"].format_help().split())
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == "dash-prefill 0.1.0"
+
+
+def test_demo_prints_its_header_before_the_timing(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: (build_model("llama"), CharTokenizer()))
+
+    def compare(*args):
+        assert "DASH demo on smollm2-135m" in capsys.readouterr().out
+        raise ValueError("stop here")
+    monkeypatch.setattr(demo, "compare", compare)
+    assert cli.main(["demo", "--tokens", "200", "--max-new-tokens", "8"]) == 2
+
+
+def _comparison(monkeypatch):
+    """A real compare() on the tiny model, its progress bar recorded."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, leave):
+            self.total, self.n, self.descriptions = total, 0, [desc]
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_description(self, text):
+            self.descriptions.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(demo, "tqdm", Bar)
+    from dash_prefill import DashConfig
+
+    result = demo.compare(build_model("llama"), CharTokenizer(), "x" * 120,
+                          DashConfig(halt_ratio=0.5, start_layer=1, protect_last=4), max_new_tokens=4, repeats=3)
+    return result, bars[0]
+
+
+def test_the_progress_bar_reaches_its_end_only_after_the_answers(monkeypatch):
+    _, bar = _comparison(monkeypatch)
+    assert bar.n == bar.total == 1 + 3 + 2
+    assert bar.descriptions[-1].startswith("answering with DASH prefill")
+
+
+def test_timings_show_the_spread_and_warn_when_it_is_too_wide(monkeypatch, capsys):
+    result, _ = _comparison(monkeypatch)
+    assert len(result.plain_times) == len(result.dash_times) == 3
+    noisy = dataclasses.replace(result, plain_ttft=1.0, plain_times=(1.0, 1.0, 3.0), dash_ttft=0.5,
+                                dash_times=(0.5, 0.51, 0.5), other_cores=None)
+    cli._print_comparison(noisy)
+    out, err = capsys.readouterr()
+    assert "1.000 s (median of 3: 1.000-3.000 s)" in out and "0.500 s (median of 3: 0.500-0.510 s)" in out
+    assert err.splitlines() == [err.splitlines()[0]]
+    assert err.startswith("warning: plain prefill: the repeats spread over 200% of their median")
+
+
+def test_steady_repeats_on_a_quiet_cpu_give_no_warning():
+    assert trust_warnings({"plain": [1.0, 1.02, 0.99], "dash": [0.5, 0.51, 0.5]}, other_cores=0.1, threads=1) == []
+
+
+def test_other_processes_loading_the_cpu_are_reported(monkeypatch):
+    from dash_prefill.bench import timing
+
+    clock = iter([100.0, 103.0])  # the machine used 3 CPU-seconds
+    monkeypatch.setattr(timing, "_busy_cpu_seconds", lambda: next(clock))
+    with OtherLoad() as load:
+        pass  # this process used ~0 CPU-seconds: the 3 s are another process's
+    assert load.cores > 1.0
+    lines = trust_warnings({}, other_cores=1.5, threads=2)
+    assert len(lines) == 1 and "other processes kept 1.5 of" in lines[0]
+
+
+def test_setup_script_says_what_it_is_doing_before_each_install():
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text().splitlines()
+    installs = [i for i, line in enumerate(script) if "install" in line and line.startswith("$PIP")]
+    assert installs
+    for index in installs:
+        assert script[index - 1].lstrip().startswith("echo "), script[index]
+
+
+def test_readme_documents_the_optional_test_tokenizer_no_deps_installs_and_gpu_bench():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "DASH_PREFILL_TEST_TOKENIZER" in readme
+    assert "pip install --no-deps" in readme
+    bench_lines = [line for line in readme.splitlines() if line.startswith("dash-prefill bench")]
+    assert bench_lines and all("GPU" in line for line in bench_lines)
+    assert "time_to_first_token" in readme and "seconds" in readme
