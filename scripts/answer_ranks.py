@@ -22,8 +22,8 @@ import torch
 
 from dash_prefill import prefill_branches
 from dash_prefill.eval.cli import _length, _tasks
-from dash_prefill.eval.runner import (_encode, _has_template, _render, encode_sample, parse_policies,
-                                      sample_configs, token_counter)
+from dash_prefill.eval.runner import (_has_template, encode_sample, parse_policies, sample_configs,
+                                      sample_text, token_counter)
 from dash_prefill.eval.tasks import generate_samples
 from dash_prefill.loading import load_model
 
@@ -31,10 +31,7 @@ from dash_prefill.loading import load_model
 def answer_tokens(tokenizer, sample, ids: list[int]) -> list[list[int]]:
     """Token indices of every occurrence of every reference inside the context, one list per
     occurrence (in order), from the tokenizer's offsets over the exact prompt text."""
-    if _has_template(tokenizer):
-        text = _render(tokenizer, sample.context + sample.question) + sample.answer_prefix
-    else:
-        text = sample.context + sample.question + sample.answer_prefix
+    text = sample_text(tokenizer, sample)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not _has_template(tokenizer))
     if list(encoded["input_ids"]) != ids:
         raise SystemExit("offsets tokenization differs from the evaluated prompt")

@@ -88,3 +88,11 @@ def test_user_prompts_file_needs_a_context_on_every_line(tmp_path):
         read_prompts(bad, Words())
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_prompts(tmp_path / "missing.jsonl", Words())
+
+
+def test_without_a_held_out_continuation_the_reference_is_plains_greedy_continuation():
+    model = build_model("llama")
+    ids = random_ids(1, 40, seed=2)[0].tolist()
+    grid = [("exact", DashConfig(halt_ratio=0.0, start_layer=1))]
+    (row,) = measure(model, [CalibrationPrompt(ids, [], 4, "test")], grid, num_tokens=5)
+    assert row["kl"] < 1e-6 and row["top1_agreement"] == 1.0 and row["nll_change"] is None

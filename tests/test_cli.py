@@ -128,6 +128,11 @@ def test_a_start_layer_beyond_the_model_is_refused_before_any_prefill(prompt_fil
     (["demo", "--repeats", "0"], "--repeats: must be >= 1"),
     (["run", "--model", "x", "--prompt-file", "p", "--threads", "0"], "--threads: must be >= 1"),
     (["inspect", "--model", "x", "--prompt-file", "/no/such/file"], "No such file"),
+    (["calibrate", "--model", "x", "--policies", "fastv"], "unknown policy 'fastv'"),
+    (["calibrate", "--model", "x", "--budget", "0"], "the KL budget must be > 0 nats; got 0.0"),
+    (["calibrate", "--model", "x", "--min-agreement", "2"], "agreement budget must be in [0, 1]; got 2.0"),
+    (["calibrate", "--model", "x", "--count", "0"], "--count must be >= 1; got 0"),
+    (["calibrate", "--model", "x", "--starts", "a,b"], "give comma-separated numbers"),
 ])
 def test_bad_options_are_one_short_error_with_exit_code_2(argv, message, capsys, no_weights_loaded):
     assert message in fails_cleanly(capsys, argv)

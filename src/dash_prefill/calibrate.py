@@ -16,13 +16,11 @@ plain continuation of the text (local context).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +30,8 @@ from tqdm.auto import tqdm
 from .config import DashConfig
 from .decode import decode_step, extend
 from .prefill import prefill_branches
-from .policy import POLICIES
-from .profiles import PROFILE_FIELDS, profile_name, user_profile_path
+from .policy import parse_pooled
+from .profiles import PROFILE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -158,16 +156,17 @@ def read_prompts(path, tokenizer, continuation_tokens: int = 24) -> list[Calibra
 
 
 def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAULT_RATIOS) -> list[tuple[str, DashConfig]]:
-    """(label, config) for every policy x start x ratio; a policy is ``NAME`` or ``NAME/pPOOL``."""
+    """(label, config) for every policy x start x ratio; a policy is ``NAME`` or ``NAME/pPOOL``.
+    Labels are the evaluation's (``attention@0.75/s0.3/p15``), so a choice can be evaluated."""
+    from .eval.runner import policy_label
+
     grid = []
     for item in policies:
-        name, _, pool = item.partition("/p")
-        if name not in POLICIES:
-            raise ValueError(f"unknown policy {name!r} in the grid; use one of {', '.join(POLICIES)}")
+        name, pool = parse_pooled(item)
         for start in starts:
             for ratio in ratios:
-                config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=int(pool or 1))
-                grid.append((f"{name}@{ratio}/s{start}" + (f"/p{pool}" if pool else ""), config))
+                config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=pool)
+                grid.append((policy_label(config), config))
     if not grid:
         raise ValueError("the calibration grid is empty: give at least one policy, start and ratio")
     return grid
@@ -199,14 +198,16 @@ def measure(model, prompts: list[CalibrationPrompt], grid, num_tokens: int = 24)
         states = prefill_branches(model, torch.tensor([prompt.ids], device=device), configs)
         given = prompt.continuation
         count = len(given) if given else num_tokens
-        if not given:  # no held-out text: the greedy continuation of plain prefill
-            given, state = [], states[0]
-            token = state.logits.argmax(-1)
-            for _ in range(count):
-                given.append(int(token))
-                token = decode_step(model, state, token[:, None]).argmax(-1)
-            states[0] = prefill_branches(model, torch.tensor([prompt.ids], device=device), [plain])[0]
-        reference = _log_probs(model, states[0], given, count)
+        if given:
+            reference = _log_probs(model, states[0], given, count)
+        else:  # no held-out text: the greedy continuation of plain prefill is the reference
+            logits, given = [states[0].logits[0]], []
+            for _ in range(count - 1):
+                given.append(int(logits[-1].argmax()))
+                ids = torch.tensor([[given[-1]]], device=device)
+                logits.append(decode_step(model, states[0], ids)[0])
+            given.append(int(logits[-1].argmax()))
+            reference = torch.stack(logits).double().log_softmax(-1)
         targets = torch.tensor(given[:count], device=reference.device)
         reference_nll = -reference.gather(1, targets[:, None]).mean()
         for (label, _), state in zip(grid, states[1:]):
@@ -311,77 +312,3 @@ def table(rows: list[dict], chosen: dict | None = None, limit: int = 12) -> str:
         lines.append(f"{row['label']:32s} {row['ideal_speedup']:5.2f}x {row['kl']:7.3f} "
                      f"{row['top1_agreement']:6.2f} {nll:>7s}{mark}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give comma-separated numbers; got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``calibrate`` options to ``parser``."""
-    parser.add_argument("--model", required=True, help="registry name, model directory or hub id")
-    parser.add_argument("--prompts", type=Path, help="JSONL of {\"context\", \"question\"?, "
-                        "\"continuation\"?} (default: built-in essay prompts)")
-    parser.add_argument("--count", type=int, default=16, help="built-in prompts (default 16)")
-    parser.add_argument("--length", type=int, default=4096, help="tokens per built-in prompt (default 4096)")
-    parser.add_argument("--budget", type=float, default=Budget.max_kl,
-                        help=f"largest mean KL(plain || halted) in nats per token (default {Budget.max_kl})")
-    parser.add_argument("--min-agreement", type=float, default=Budget.min_agreement,
-                        help=f"smallest top-1 agreement with plain prefill (default {Budget.min_agreement})")
-    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                        help=f"NAME or NAME/pPOOL, comma-separated (default {','.join(DEFAULT_POLICIES)})")
-    parser.add_argument("--starts", type=_floats, default=DEFAULT_STARTS, help="start layers, fractions of depth")
-    parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
-    parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
-                        "where recommended_config finds it)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Calibrate, print the front, write the profile and its plot."""
-    import sys
-
-    from .loading import load_model
-
-    try:
-        budget = Budget(args.budget, args.min_agreement)
-        grid = settings_grid([p.strip() for p in args.policies.split(",") if p.strip()],
-                             args.starts, args.ratios)
-        if args.count < 1 and args.prompts is None:
-            raise ValueError(f"--count must be >= 1; got {args.count}")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        prompts = (read_prompts(args.prompts, tokenizer) if args.prompts
-                   else builtin_prompts(tokenizer, args.length, args.count))
-        print(f"calibrating {args.model}: {len(grid)} settings on {len(prompts)} prompts "
-              f"of ~{sum(len(p.ids) for p in prompts) // len(prompts)} tokens", flush=True)
-        started = time.perf_counter()
-        rows = measure(model, prompts, grid)
-        try:
-            chosen = choose(rows, budget)
-        except BudgetNotMetError:
-            print(table(rows))
-            raise
-        weight = next(model.parameters())
-        about = {"prompts": str(args.prompts) if args.prompts else f"built-in x{len(prompts)} at {args.length}",
-                 "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
-                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
-                 "seconds": round(time.perf_counter() - started)}
-        path = write_profile(args.out or user_profile_path(model), args.model, chosen, rows, budget, about)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(table(rows, chosen))
-    print(f"chosen: {chosen['label']} ({chosen['ideal_speedup']:.2f}x ideal, KL {chosen['kl']:.3f}, "
-          f"top-1 {chosen['top1_agreement']:.2f})")
-    print(f"profile: {path}\nplot: {plot(rows, chosen, path.with_suffix('.png'))}")
-    return 0

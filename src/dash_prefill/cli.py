@@ -18,7 +18,7 @@ DEMO_MODEL = "smollm2-135m"
 TOOLS = {
     "bench": ("dash_prefill.bench.cli", "measure time to first token: plain vs DASH vs hook-based"),
     "eval": ("dash_prefill.eval.cli", "RULER-style accuracy and fidelity of halting policies"),
-    "calibrate": ("dash_prefill.calibrate", "choose the fastest halting setting that stays faithful"),
+    "calibrate": ("dash_prefill.calibrate_cli", "choose the fastest halting setting that stays faithful"),
 }
 
 

@@ -47,13 +47,6 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions:
     return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
-def received_attention(queries, keys, query_positions, key_positions, key_valid, scaling):
-    """Attention each key receives from the last queries, averaged over heads and queries:
-    the FastV / LazyLLM / GemFilter-style baseline. Shapes as :func:`window_attention`; -> (batch, seq)."""
-    return window_attention(queries, keys, query_positions, key_positions, key_valid,
-                            scaling).mean(dim=(1, 2))
-
-
 def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> torch.Tensor:
     """Uniform scores from a seeded CPU generator (same draw on every device): (batch, seq)."""
     generator = torch.Generator().manual_seed(seed)
@@ -186,6 +179,16 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty_like(order).scatter_(
         -1, order, torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order))
     return ranks.float() / scores.shape[-1]
+
+
+def parse_pooled(item: str) -> tuple[str, int]:
+    """A policy named with its pooling, ``NAME`` or ``NAME/pPOOL`` (``attention/p15``) ->
+    (name, pool); ValueError naming the registered policies otherwise."""
+    name, _, pool = item.strip().partition("/p")
+    if name not in POLICIES or not (pool == "" or pool.isdigit()):
+        raise ValueError(f"unknown policy {item!r}; use NAME or NAME/pPOOL with NAME one of "
+                         f"{', '.join(POLICIES)} (e.g. attention/p15)")
+    return name, int(pool or 1)
 
 
 def policy_scores(context: ScoreContext) -> torch.Tensor:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import start_layer_index
 from ..cost import ideal_speedup
+from ..policy import parse_pooled
 from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, Ca
     for start, ratio in plan.settings:
         index = start_layer_index(start, num_layers)
         for policy in plan.policies:
-            name, _, pool = policy.partition("/p")
-            methods.append((policy, ratio, index, dash_method(ratio, index, name, int(pool or 1))))
+            methods.append((policy, ratio, index, dash_method(ratio, index, *parse_pooled(policy))))
         if plan.hooks:
             methods.append(("hooks", ratio, index, hooks_method(ratio, index)))
     return methods

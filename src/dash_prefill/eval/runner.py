@@ -119,6 +119,14 @@ def token_counter(tokenizer) -> Callable[[str], int]:
     return lambda text: len(_encode(tokenizer, text))
 
 
+def sample_text(tokenizer, sample: Sample) -> str:
+    """The exact prompt text of a sample: ``context + question`` as the user turn of the chat
+    template (when the tokenizer has one), then the answer prefix."""
+    if _has_template(tokenizer):
+        return _render(tokenizer, sample.context + sample.question) + sample.answer_prefix
+    return sample.context + sample.question + sample.answer_prefix
+
+
 def encode_sample(tokenizer, sample: Sample) -> EncodedPrompt:
     """Tokenize a sample's prompt and count the tokens after its context.
 
@@ -126,10 +134,7 @@ def encode_sample(tokenizer, sample: Sample) -> EncodedPrompt:
     prompt cut right after the context, so merges across the boundary are counted as tail.
     """
     templated = _has_template(tokenizer)
-    if templated:
-        text = _render(tokenizer, sample.context + sample.question) + sample.answer_prefix
-    else:
-        text = sample.context + sample.question + sample.answer_prefix
+    text = sample_text(tokenizer, sample)
     at = text.find(sample.context)
     context = sample.context if at >= 0 else sample.context.strip()
     at = text.find(context)

@@ -1,6 +1,6 @@
 """Calibration profiles: the halting setting recommended for a model, and where it came from.
 
-A profile is the JSON that ``dash-prefill calibrate`` writes (see :mod:`dash_prefill.calibrate`).
+A profile is the JSON that ``dash-prefill calibrate`` writes (see :mod:`dash_prefill.calibrate` and :mod:`dash_prefill.calibrate_cli`).
 The user's own profiles live under ``<cache_dir>/profiles/``; this package ships the profiles
 of the registry models, produced by that command (each file records its command).
 """

@@ -1,0 +1,88 @@
+"""``dash-prefill calibrate``: measure a grid of halting settings on a model, print the front,
+write the profile that :func:`dash_prefill.recommended_config` reads, and its plot.
+
+Wire-up: ``add_arguments(subparser)`` adds the options, ``main(args)`` runs and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
+                        builtin_prompts, choose, measure, plot, read_prompts, settings_grid, table,
+                        write_profile)
+from .profiles import user_profile_path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give comma-separated numbers; got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``calibrate`` options to ``parser``."""
+    parser.add_argument("--model", required=True, help="registry name, model directory or hub id")
+    parser.add_argument("--prompts", type=Path, help="JSONL of {\"context\", \"question\"?, "
+                        "\"continuation\"?} (default: built-in essay prompts)")
+    parser.add_argument("--count", type=int, default=16, help="built-in prompts (default 16)")
+    parser.add_argument("--length", type=int, default=4096, help="tokens per built-in prompt (default 4096)")
+    parser.add_argument("--budget", type=float, default=Budget.max_kl,
+                        help=f"largest mean KL(plain || halted) in nats per token (default {Budget.max_kl})")
+    parser.add_argument("--min-agreement", type=float, default=Budget.min_agreement,
+                        help=f"smallest top-1 agreement with plain prefill (default {Budget.min_agreement})")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                        help=f"NAME or NAME/pPOOL, comma-separated (default {','.join(DEFAULT_POLICIES)})")
+    parser.add_argument("--starts", type=_floats, default=DEFAULT_STARTS, help="start layers, fractions of depth")
+    parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
+    parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
+                        "where recommended_config finds it)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Calibrate, print the front, write the profile and its plot."""
+    from .loading import load_model
+
+    try:
+        budget = Budget(args.budget, args.min_agreement)
+        grid = settings_grid([p.strip() for p in args.policies.split(",") if p.strip()],
+                             args.starts, args.ratios)
+        if args.count < 1 and args.prompts is None:
+            raise ValueError(f"--count must be >= 1; got {args.count}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        prompts = (read_prompts(args.prompts, tokenizer) if args.prompts
+                   else builtin_prompts(tokenizer, args.length, args.count))
+        print(f"calibrating {args.model}: {len(grid)} settings on {len(prompts)} prompts "
+              f"of ~{sum(len(p.ids) for p in prompts) // len(prompts)} tokens", flush=True)
+        started = time.perf_counter()
+        rows = measure(model, prompts, grid)
+        try:
+            chosen = choose(rows, budget)
+        except BudgetNotMetError:
+            print(table(rows))
+            raise
+        weight = next(model.parameters())
+        about = {"prompts": str(args.prompts) if args.prompts else f"built-in x{len(prompts)} at {args.length}",
+                 "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
+                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+                 "seconds": round(time.perf_counter() - started)}
+        path = write_profile(args.out or user_profile_path(model), args.model, chosen, rows, budget, about)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(table(rows, chosen))
+    print(f"chosen: {chosen['label']} ({chosen['ideal_speedup']:.2f}x ideal, KL {chosen['kl']:.3f}, "
+          f"top-1 {chosen['top1_agreement']:.2f})")
+    print(f"profile: {path}\nplot: {plot(rows, chosen, path.with_suffix('.png'))}")
+    return 0
