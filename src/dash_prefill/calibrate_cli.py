@@ -7,6 +7,7 @@ Wire-up: ``add_arguments(subparser)`` adds the options, ``main(args)`` runs and 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
               f"of ~{sum(len(p.ids) for p in prompts) // len(prompts)} tokens", flush=True)
         started = time.perf_counter()
         rows = measure(model, prompts, grid)
+        target = Path(args.out or user_profile_path(model))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")  # kept when no setting meets the budget
         try:
             chosen = choose(rows, budget)
         except BudgetNotMetError:
@@ -77,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
                  "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
                  "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                  "seconds": round(time.perf_counter() - started)}
-        path = write_profile(args.out or user_profile_path(model), args.model, chosen, rows, budget, about)
+        path = write_profile(target, args.model, chosen, rows, budget, about)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
