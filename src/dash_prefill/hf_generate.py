@@ -37,8 +37,9 @@ from .profiles import recommended_config
 logger = logging.getLogger(__name__)
 
 WHERE = "under dash_prefill.halting"
-# What generate passes that the DASH state makes redundant (positions, masks) or that asks nothing.
-BOOKKEEPING = ("attention_mask", "position_ids", "use_cache", "return_dict", "logits_to_keep",
+# What generate passes that the DASH state makes redundant (positions, masks) or that asks nothing
+# (cache_position: what earlier 5.x releases passed).
+BOOKKEEPING = ("attention_mask", "position_ids", "cache_position", "use_cache", "return_dict", "logits_to_keep",
                "output_attentions", "output_hidden_states")
 _ABSENT = object()
 
@@ -180,7 +181,8 @@ def _checked_generate(model, generate):
     @functools.wraps(generate)
     def checked(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
-        # The same resolution generate makes first: model defaults, then the caller's options.
+        # The same resolution generate makes first (a private helper of transformers 5.x): the
+        # model's defaults, then the caller's options.
         generation_config, model_kwargs = model._prepare_generation_config(
             arguments.get("generation_config"), **arguments.get("kwargs", {}))
         _check_generation(generation_config, model_kwargs, arguments.get("assistant_model"))
