@@ -17,6 +17,11 @@ from .adapters import context_limit, input_device
 from .config import DashConfig
 from .decode import decode_step
 from .prefill import PrefillStats, prefill
+from .static_decode import static_step
+
+# Tokens between host reads of the stop check when decoding statically (more decoded tokens
+# past the last stop, fewer syncs); the output is the same, cut after each row's stop token.
+STOP_CHECK_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -116,22 +121,28 @@ def stop_token_ids(model, tokenizer, eos_token_id: int | list[int] | None = None
 
 
 def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, stop: set[int],
-                      choose=None, pad_id: int = 0) -> list[list[int]]:
+                      choose=None, pad_id: int = 0, static: bool = False) -> list[list[int]]:
     """Decode from a prefill whose first generated token per row is ``token`` (batch,).
 
     ``choose(logits, tokens_so_far)`` picks the next tokens (greedy by default). Rows stop at
     a token in ``stop`` (kept) or after ``max_new_tokens``; finished rows are padded with
     ``pad_id`` while others go on. Returns each row's tokens, cut after its stop token.
+    ``static``: decode into preallocated buffers (:mod:`static_decode`, a CUDA graph on a GPU),
+    reading the stop check on the host every ``STOP_CHECK_EVERY`` tokens instead of every token.
     """
     choose = choose or (lambda logits, tokens: logits.argmax(-1))
+    if static:
+        step, check_every = static_step(model, state, max_new_tokens - 1), STOP_CHECK_EVERY
+    else:
+        step, check_every = (lambda ids: decode_step(model, state, ids)), 1
     tokens = [token]
     finished = torch.zeros_like(token, dtype=torch.bool)
     stop_tensor = torch.tensor(sorted(stop), device=token.device, dtype=token.dtype)
-    for _ in range(max_new_tokens - 1):
+    for index in range(max_new_tokens - 1):
         finished |= torch.isin(token, stop_tensor)
-        if bool(finished.all()):
+        if (index + 1) % check_every == 0 and bool(finished.all()):  # the one host sync
             break
-        logits = decode_step(model, state, token[:, None]).to(token.device)
+        logits = step(token[:, None]).to(token.device)
         token = choose(logits, torch.stack(tokens, 1))
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -144,7 +155,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
              top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
              vision_config: DashConfig | None = None, chat: bool = False,
-             **multimodal) -> GenerationResult:
+             static_decode: bool = False, **multimodal) -> GenerationResult:
     """Answer ``prompts`` with DASH prefill and ordinary decoding.
 
     Parameters
@@ -160,6 +171,9 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     do_sample, temperature, top_k, top_p, seed : sampling as in HF ``generate``; greedy by default.
     attention_mask : (batch, seq), with ``prompts`` given as an already left-padded id tensor
         (a processor's output); otherwise the padding is made here.
+    static_decode : decode into per-layer caches preallocated for the new tokens, the decode step
+        replayed as one CUDA graph per token on a GPU (eagerly elsewhere; the same tokens as the
+        default path). Needs the model on one device and sdpa or eager attention.
     vision_config, **multimodal :
         Vision-language models: halting in the vision encoder, and the processor's other outputs
         (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ...); see :func:`prefill`.
@@ -208,7 +222,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     _synchronize(device)
     first_token_at = time.perf_counter()
     trimmed = continue_decoding(model, state, token, max_new_tokens, stop,
-                                lambda logits, tokens: choose(logits, torch.cat([ids, tokens], 1)), pad_id)
+                                lambda logits, tokens: choose(logits, torch.cat([ids, tokens], 1)), pad_id,
+                                static_decode)
     _synchronize(device)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in trimmed]
     return GenerationResult(texts=texts, token_ids=trimmed, stats=state.stats,

@@ -1,0 +1,150 @@
+"""Static-shape decoding after a DASH prefill: preallocated caches, one step replayed per token.
+
+The dynamic path (``decode.py``) grows every layer's cache by concatenation, so each token
+allocates and launches anew. Here every layer's keys and values are allocated once, for the
+entries the prefill left plus the new tokens; a step writes its token at slot
+``cached + count`` (``count`` a device counter), and its mask is rebuilt on the device from
+each slot's original position and whether it holds a key yet. No step reads a host value, so
+on a GPU the step is captured once as a CUDA graph and replayed; on a CPU (or with a rotary
+table that reads positions on the host, dynamic / long RoPE) the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapters import adapter_for, device_of
+from .prefill import PrefillResult, layer_step
+
+logger = logging.getLogger(__name__)
+
+
+class StaticDecoder:
+    """Decode up to ``new_tokens`` tokens per row from ``state`` into preallocated buffers.
+
+    keys, values : per layer (batch, kv_heads, cached + new_tokens, head_dim)
+    positions, written : per group of layers sharing a ``KeyLayout``, (batch, cached + new_tokens):
+        each slot's original position, and whether it holds a real key (prompt padding and
+        filler slots never do; slot ``cached + i`` does once token i is written).
+    The decoder takes over ``state``: its dynamic cache is not advanced.
+    """
+
+    def __init__(self, model, state: PrefillResult, new_tokens: int):
+        self.adapter = adapter = adapter_for(model)
+        devices = {device_of(layer) for layer in adapter.layers} | {adapter.device, device_of(model.lm_head)}
+        if len(devices) > 1:
+            raise ValueError("static_decode needs every layer on one device; got "
+                             f"{sorted(map(str, devices))}: use static_decode=False")
+        if adapter.config._attn_implementation == "flash_attention_2":
+            raise ValueError("static_decode masks the preallocated slots, which flash_attention_2 cannot; "
+                             "load the model with attn_implementation='sdpa' or use static_decode=False")
+        self.first = [layer.keys.shape[2] for layer in state.cache.layers]  # host ints
+        self.keys = [self._grown(layer.keys, new_tokens) for layer in state.cache.layers]
+        self.values = [self._grown(layer.values, new_tokens) for layer in state.cache.layers]
+        groups: dict[int, int] = {}
+        self.group_of, self.positions, self.written, self.group_first = [], [], [], []
+        for layout in state.key_layouts:
+            if id(layout) not in groups:
+                groups[id(layout)] = len(self.positions)
+                real = layout.real if layout.real is not None else torch.ones_like(layout.positions, dtype=torch.bool)
+                self.positions.append(self._grown(layout.positions, new_tokens, dim=1))
+                self.written.append(self._grown(real, new_tokens, dim=1))
+                self.group_first.append(layout.num_keys)
+            self.group_of.append(groups[id(layout)])
+        self.next_positions = state.next_positions.to(adapter.device)  # (batch,)
+        self.rope_offset = None if state.rope_offset is None else state.rope_offset.to(adapter.device)
+        self.count = torch.zeros((), dtype=torch.long, device=adapter.device)  # tokens written so far
+
+    @staticmethod
+    def _grown(tensor: torch.Tensor, extra: int, dim: int = 2) -> torch.Tensor:
+        shape = list(tensor.shape)
+        shape[dim] = extra
+        return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """What an attention module calls on its cache: write this token's (batch, kv_heads, 1,
+        head_dim) key and value into its slot; return the whole buffers."""
+        slot = (self.first[layer_idx] + self.count).view(1)
+        self.keys[layer_idx].index_copy_(2, slot, key_states)
+        self.values[layer_idx].index_copy_(2, slot, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row (batch, 1) at the next original positions; logits (batch, vocab)."""
+        adapter = self.adapter
+        hidden = adapter.embed(token_ids)  # (batch, 1, hidden)
+        positions = (self.next_positions + self.count)[:, None]  # (batch, 1)
+        rope = positions if self.rope_offset is None else positions + self.rope_offset[..., None]
+        for group, first in enumerate(self.group_first):
+            slot = (first + self.count).view(1)
+            self.positions[group].index_copy_(1, slot, positions)
+            self.written[group].index_fill_(1, slot, True)
+        rotary, masks = {}, {}  # per layer type, per (group, window)
+        for idx, layer in enumerate(adapter.layers):
+            layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
+            if layer_type not in rotary:
+                rotary[layer_type] = adapter.rotary(hidden, rope, idx)
+            if key not in masks:
+                masks[key] = self._mask(*key, positions, hidden.dtype)
+            hidden, _ = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
+        self.count += 1
+        return adapter.logits(hidden[:, -1])
+
+    def _mask(self, group: int, window: int | None, query: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, 1, slots): written keys at original positions <= the query's, inside the window."""
+        key_pos, query_pos = self.positions[group][:, None, :], query[:, :, None]
+        allowed = self.written[group][:, None, :] & (key_pos <= query_pos)
+        if window is not None:
+            allowed &= key_pos > query_pos - window
+        allowed = allowed[:, None]
+        if self.adapter.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+
+def graphable(decoder: StaticDecoder) -> bool:
+    """Whether the step can be captured: on CUDA, with rotary tables that never read positions
+    on the host (dynamic and long RoPE pick their frequencies from the largest position)."""
+    rope_type = getattr(decoder.adapter.base.rotary_emb, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return decoder.count.device.type == "cuda" and not any("dynamic" in t or t == "longrope" for t in types)
+
+
+class GraphedStep:
+    """``decoder.step`` captured as one CUDA graph; calling it replays the graph on ``token_ids``.
+
+    The first call runs the step eagerly (on a side stream, the warm-up capture asks for), then
+    captures it; every later call copies the tokens into the graph's input and replays.
+    The logits returned are the graph's output buffer, overwritten by the next call.
+    """
+
+    def __init__(self, decoder: StaticDecoder):
+        self.decoder, self.graph = decoder, None
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = self.decoder.step(token_ids)  # the real first step, also the warm-up
+            torch.cuda.current_stream().wait_stream(stream)
+            self.tokens, self.graph = token_ids.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the step; runs nothing
+                self.logits = self.decoder.step(self.tokens)
+            return logits
+        self.tokens.copy_(token_ids)
+        self.graph.replay()
+        return self.logits
+
+
+def static_step(model, state: PrefillResult, new_tokens: int):
+    """The step function of a static decoder for ``new_tokens`` tokens: graphed where it can be."""
+    decoder = StaticDecoder(model, state, new_tokens)
+    if graphable(decoder):
+        return GraphedStep(decoder)
+    logger.info("static decoding runs eagerly on %s (no CUDA graph)", decoder.count.device)
+    return decoder.step

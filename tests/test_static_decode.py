@@ -1,0 +1,123 @@
+"""Static decoding (preallocated caches, a CUDA graph per step on a GPU) against dynamic decoding.
+
+On a CPU the static step runs eagerly; the CUDA tests run with DASH_TEST_DEVICE=cuda.
+"""
+
+import os
+
+import pytest
+import torch
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig, decode_step, prefill
+from dash_prefill.generation import generate
+from dash_prefill.static_decode import GraphedStep, StaticDecoder, static_step
+from test_errors import _Tokenizer
+from test_vlm import GRIDS
+from vlms import BUILDERS, build_vlm, vlm_inputs
+
+CUDA = os.environ.get("DASH_TEST_DEVICE") == "cuda"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs DASH_TEST_DEVICE=cuda")
+
+
+def _config(ratio, **extra):
+    return DashConfig(halt_ratio=ratio, start_layer=1, protect_first=2, protect_last=3, **extra)
+
+
+def _padded():
+    short = torch.cat([torch.zeros(11, dtype=torch.long), random_ids(1, 19, seed=4)[0]])
+    ids = torch.stack([random_ids(1, 30, seed=3)[0], short])
+    return ids, (torch.arange(30)[None] >= torch.tensor([0, 11])[:, None]).long()
+
+
+def _both(model, ids, mask, config, **options):
+    """token_ids of generate with static_decode off and on."""
+    return [generate(model, _Tokenizer(), ids, config, max_new_tokens=10, attention_mask=mask,
+                     static_decode=static, **options).token_ids for static in (False, True)]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_static_decoding_gives_the_tokens_of_dynamic_decoding(family, implementation, padded, ratio, one_thread):
+    model = build_model(family, implementation)
+    ids, mask = _padded() if padded else (random_ids(1, 30), torch.ones(1, 30, dtype=torch.long))
+    dynamic, static = _both(model, ids, mask, _config(ratio), eos_token_id=[])
+    assert static == dynamic
+
+
+def test_static_step_logits_match_decode_step_past_the_sliding_window(family, one_thread):
+    # 30-token prompts and 10 new tokens: Mistral's window (12) and Gemma-3's (8) bite.
+    model = build_model(family)
+    ids, mask = _padded()
+    dynamic, static = prefill(model, ids, _config(0.5), mask), prefill(model, ids, _config(0.5), mask)
+    decoder = StaticDecoder(model, static, 10)
+    token = dynamic.logits.argmax(-1)[:, None]
+    for _ in range(10):
+        expected = decode_step(model, dynamic, token)
+        torch.testing.assert_close(decoder.step(token), expected, atol=1e-5, rtol=1e-5)
+        token = expected.argmax(-1)[:, None]
+
+
+def test_frozen_keys_and_stop_tokens_decode_statically_as_dynamically(one_thread):
+    model = build_model("gemma3")
+    ids, mask = _padded()
+    config = _config(0.5, frozen_keys=True)
+    dynamic, static = _both(model, ids, mask, config, eos_token_id=[])
+    assert static == dynamic
+    stop = dynamic[1][3]  # row 1 stops early; the static path reads the stop check later
+    dynamic, static = _both(model, ids, mask, config, eos_token_id=stop)
+    assert static == dynamic and len(dynamic[1]) < 10
+
+
+def test_seeded_sampling_draws_the_same_tokens_statically(one_thread):
+    model = build_model("qwen3")
+    ids, mask = _padded()
+    sampling = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.9, seed=7, eos_token_id=[])
+    dynamic, static = _both(model, ids, mask, _config(0.25), **sampling)
+    assert static == dynamic
+
+
+@pytest.mark.parametrize("vlm", list(BUILDERS))
+def test_vlm_static_decoding_continues_at_the_rotary_offset(vlm, one_thread):
+    model = build_vlm(vlm)
+    inputs = vlm_inputs(model, images=2, grids=GRIDS)
+    ids = inputs.pop("input_ids")
+    dynamic, static = _both(model, ids, torch.ones_like(ids), _config(0.5), eos_token_id=[], **inputs)
+    assert static == dynamic
+
+
+def test_on_a_cpu_the_static_step_runs_eagerly_and_flash_attention_is_refused(one_thread):
+    if CUDA:
+        pytest.skip("checks the CPU fallback")
+    model = build_model("llama")
+    step = static_step(model, prefill(model, random_ids(1, 20), _config(0.5)), 4)
+    assert not isinstance(step, GraphedStep) and step.__self__.count.device.type == "cpu"
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2 cannot"):
+        StaticDecoder(model, prefill(build_model("llama"), random_ids(1, 20), _config(0.5)), 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("padded", [False, True])
+def test_graphed_decoding_gives_the_tokens_of_eager_decoding(family, padded):
+    model = build_model(family)
+    ids, mask = _padded() if padded else (random_ids(1, 30), torch.ones(1, 30, dtype=torch.long))
+    dynamic, static = _both(model, ids, mask, _config(0.5), eos_token_id=[])
+    assert static == dynamic
+
+
+@needs_cuda
+def test_graphed_steps_never_sync_the_host(family):
+    model = build_model(family)
+    ids, mask = _padded()
+    state = prefill(model, ids.cuda(), _config(0.5), mask.cuda())
+    step = static_step(model, state, 10)
+    assert isinstance(step, GraphedStep)
+    token = step(state.logits.argmax(-1)[:, None]).argmax(-1)[:, None]  # the first call captures
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            token = step(token).argmax(-1)[:, None]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
