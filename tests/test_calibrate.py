@@ -96,3 +96,37 @@ def test_without_a_held_out_continuation_the_reference_is_plains_greedy_continua
     grid = [("exact", DashConfig(halt_ratio=0.0, start_layer=1))]
     (row,) = measure(model, [CalibrationPrompt(ids, [], 4, "test")], grid, num_tokens=5)
     assert row["kl"] < 1e-6 and row["top1_agreement"] == 1.0 and row["nll_change"] is None
+
+
+def _rows_file(tmp_path):
+    rows = [{"label": "dash@0.5/s0.4", "config": {"policy": "dash", "halt_ratio": 0.5, "start_layer": 0.4,
+                                                 "pool": 1, "score": "absolute", "protect_first": 4},
+             "kl": 0.03, "top1_agreement": 0.97, "nll_change": 0.01, "ideal_speedup": 1.46},
+            {"label": "dash@0.75/s0.4", "config": {"policy": "dash", "halt_ratio": 0.75, "start_layer": 0.4,
+                                                  "pool": 1, "score": "absolute", "protect_first": 4},
+             "kl": 0.2, "top1_agreement": 0.8, "nll_change": 0.1, "ideal_speedup": 1.86}]
+    path = tmp_path / "m.rows.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_calibrate_rows_chooses_again_under_a_new_budget_without_the_model(tmp_path, capsys):
+    from dash_prefill.cli import main
+
+    rows, out = _rows_file(tmp_path), tmp_path / "profile.json"
+    assert main(["calibrate", "--model", "not-a-model", "--rows", str(rows), "--budget", "0.05",
+                 "--min-agreement", "0.9", "--out", str(out)]) == 0
+    profile = json.loads(out.read_text())
+    assert profile["label"] == "dash@0.5/s0.4" and profile["budget"] == {"max_kl": 0.05, "min_agreement": 0.9}
+    assert main(["calibrate", "--model", "not-a-model", "--rows", str(rows), "--budget", "0.5",
+                 "--min-agreement", "0.5", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["label"] == "dash@0.75/s0.4"
+
+
+def test_calibrate_rows_under_an_unmet_budget_names_the_closest_and_exits_2(tmp_path, capsys):
+    from dash_prefill.cli import main
+
+    assert main(["calibrate", "--model", "m", "--rows", str(_rows_file(tmp_path)), "--budget", "0.01",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    assert "closest: dash@0.5/s0.4" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dash_prefill import DashConfig
-from dash_prefill.policy import POLICIES, halted_count, random_scores, select_active, span_max
+from dash_prefill.policy import (POLICIES, delta_norm, halted_count, random_scores, select_active, span_max,
+                                 window_attention)
 
 
 @pytest.mark.parametrize("seq_len,ratio,kept", [(100, 0.5, 50), (101, 0.33, 68), (64, 0.75, 16),
@@ -84,3 +85,23 @@ def test_every_registered_policy_is_a_valid_config_and_says_whether_it_reads_the
 def test_pool_must_be_an_odd_positive_int(pool):
     with pytest.raises(ValueError, match="pool must be an odd int"):
         DashConfig(pool=pool)
+
+
+def test_delta_norm_upcast_in_chunks_equals_the_whole_float32_norm():
+    torch.manual_seed(0)
+    update = torch.randn(2, 9000, 48, dtype=torch.bfloat16)  # longer than one 4096-token chunk
+    hidden = torch.randn(2, 9000, 48, dtype=torch.bfloat16)
+    whole = update.float().norm(dim=-1)
+    assert torch.equal(delta_norm(update), whole)
+    assert torch.allclose(delta_norm(update, hidden), whole / hidden.float().norm(dim=-1), rtol=1e-6)
+
+
+def test_window_attention_of_grouped_heads_equals_attention_over_repeated_keys():
+    torch.manual_seed(0)
+    queries, keys = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 30, 16)
+    positions = torch.arange(30).expand(2, 30)
+    ours = window_attention(queries, keys, positions[:, -5:], positions, None, 0.25)
+    repeated = keys.repeat_interleave(4, dim=1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", queries, repeated) * 0.25
+    causal = positions[:, None, None, :] <= positions[:, -5:][:, None, :, None]
+    assert torch.allclose(ours, logits.masked_fill(~causal, float("-inf")).softmax(-1), atol=1e-6)

@@ -59,8 +59,8 @@ class CalibrationPrompt:
 class Budget:
     """Largest mean KL (nats per continuation token) and smallest top-1 agreement allowed."""
 
-    max_kl: float = 0.05
-    min_agreement: float = 0.9
+    max_kl: float = 0.02
+    min_agreement: float = 0.95
 
     def __post_init__(self):
         if not self.max_kl > 0:

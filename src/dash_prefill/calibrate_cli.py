@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
     parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
                         "where recommended_config finds it)")
+    parser.add_argument("--rows", type=Path, help="choose again from the rows an earlier run measured "
+                        "(its .rows.json), under this run's budget, without loading the model")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -59,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
                              args.starts, args.ratios)
         if args.count < 1 and args.prompts is None:
             raise ValueError(f"--count must be >= 1; got {args.count}")
+        if args.rows is not None:
+            return _choose_again(args, budget)
         if args.threads:
             torch.set_num_threads(args.threads)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -85,6 +89,34 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return _report(rows, chosen, path)
+
+
+def _choose_again(args: argparse.Namespace, budget: Budget) -> int:
+    """``--rows``: the choice under ``budget`` from rows measured earlier; the profile records
+    the measuring run (``measured``) and this command."""
+    if not args.rows.is_file():
+        raise FileNotFoundError(f"--rows {args.rows}: no such file (calibrate writes <profile>.rows.json)")
+    rows = json.loads(args.rows.read_text())
+    measured_profile = args.rows.with_name(args.rows.name.removesuffix(".rows.json") + ".json")
+    measured = json.loads(measured_profile.read_text()) if measured_profile.is_file() else {}
+    try:
+        chosen = choose(rows, budget)
+    except BudgetNotMetError:
+        print(table(rows))
+        raise
+    about = {"prompts": measured.get("prompts", "unknown"),
+             "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
+             "measured": {k: measured.get(k) for k in ("command", "device", "dtype", "seconds")},
+             "device": measured.get("device"), "dtype": measured.get("dtype")}
+    from .loading import cache_dir
+
+    path = write_profile(args.out or cache_dir() / "profiles" / f"{args.model}.json", args.model,
+                         chosen, rows, budget, about)
+    return _report(rows, chosen, path)
+
+
+def _report(rows: list[dict], chosen: dict, path: Path) -> int:
     print(table(rows, chosen))
     print(f"chosen: {chosen['label']} ({chosen['ideal_speedup']:.2f}x ideal, KL {chosen['kl']:.3f}, "
           f"top-1 {chosen['top1_agreement']:.2f})")

@@ -21,10 +21,17 @@ def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torc
 
     update, hidden: (batch, seq, hidden_size) -> (batch, seq) float32.
     """
-    norm = update.float().norm(dim=-1)
+    norm = _float_norm(update)
     if hidden is None:
         return norm
-    return norm / hidden.float().norm(dim=-1).clamp_min(1e-6)
+    return norm / _float_norm(hidden).clamp_min(1e-6)
+
+
+def _float_norm(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """||x_t||₂ in float32 over the last dim, (batch, seq, d) -> (batch, seq), upcasting
+    ``chunk`` tokens at a time: a whole float32 copy of a 128K-token bf16 tensor is 2 GiB more
+    peak memory than the prefill otherwise needs."""
+    return torch.cat([part.float().norm(dim=-1) for part in x.split(chunk, dim=1)], dim=1)
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
@@ -39,8 +46,9 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions:
     query_positions : (batch, n); key_positions, key_valid : (batch, seq).
     -> (batch, heads, n, seq) float32.
     """
-    keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # GQA: heads per kv head
-    logits = torch.einsum("bhqd,bhkd->bhqk", queries.float(), keys.float()) * scaling
+    batch, heads, n, dim = queries.shape
+    grouped = queries.float().view(batch, keys.shape[1], heads // keys.shape[1], n, dim)  # GQA groups
+    logits = torch.einsum("bkgqd,bksd->bkgqs", grouped, keys.float()).reshape(batch, heads, n, -1) * scaling
     allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
