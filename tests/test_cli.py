@@ -119,6 +119,16 @@ def test_run_refuses_a_prompt_longer_than_the_context_before_any_prefill(tmp_pat
     assert "context is 256" in err
 
 
+def test_inspect_refuses_a_prompt_longer_than_the_context_before_any_prefill(tmp_path, capsys, tiny, monkeypatch):
+    from dash_prefill import inspect
+
+    monkeypatch.setattr(inspect, "delta_norms", lambda *a: pytest.fail("a prefill ran before the error"))
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 300)
+    err = fails_cleanly(capsys, ["inspect", "--model", "x", "--prompt-file", str(long), "--raw"])
+    assert "the prompt has 300 tokens but the model's context is 256; shorten the prompt" in err
+
+
 def test_demo_refuses_tokens_beyond_the_context_before_building_the_prompt(capsys, tiny):
     err = fails_cleanly(capsys, ["demo", "--tokens", "9000", "--max-new-tokens", "16"])
     assert "the prompt has 9000 tokens and 16 new tokens were asked for, but the model's context is 256" in err
@@ -184,6 +194,8 @@ def test_help_describes_the_tool_shows_defaults_and_every_option(capsys):
         assert "(default: 64)" in commands[name].format_help()
         assert "(default: 32)" in commands[name].format_help()
     assert "(default: 6000)" in commands["demo"].format_help()
+    for name in ("demo", "run", "inspect"):
+        assert "(default: the model's recommended setting)" in " ".join(commands[name].format_help().split())
     for name, sub in commands.items():
         undocumented = [a.dest for a in sub._actions if not a.help]
         assert not undocumented, (name, undocumented)
