@@ -83,8 +83,8 @@ RECOMMENDED = "default: the model's recommended setting"
 
 
 def add_setting_options(parser: argparse.ArgumentParser) -> None:
-    """The halting options of demo, run and inspect; each left out comes from the model's
-    recommended setting (:func:`setting`)."""
+    """The options demo, run and inspect share: the halting options (each one left out comes
+    from the model's recommended setting, see :func:`setting`), ``--dtype`` and ``--threads``."""
     parser.add_argument("--halt-ratio", type=ratio_arg, help=f"fraction of tokens halted, ρ ({RECOMMENDED})")
     parser.add_argument("--start-layer", type=start_layer_arg,
                         help=f"layer index, or fraction of depth such as 0.4 ({RECOMMENDED})")
