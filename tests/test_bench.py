@@ -181,3 +181,13 @@ def test_vlm_bench_times_every_method_on_the_same_synthetic_image_prompt(monkeyp
     halted = rows[2]
     assert halted["kept_fraction"] < 1.0 and halted["decoder_ideal_speedup"] > 1.0
     assert halted["ideal_speedup"] is None and halted["efficiency"] is None  # encoder not modelled
+
+
+def test_bench_warns_when_the_repeats_spread_too_wide_to_trust(tiny_arch, monkeypatch, capsys):
+    noisy = {"arch": tiny_arch, "batch": 1, "length": 96, "method": "dash", "halt_ratio": 0.5, "status": "ok",
+             "min_s": 0.1, "median_s": 0.2, "max_s": 0.9}
+    monkeypatch.setattr(cli, "run_bench", lambda plan: ([noisy], []))
+    assert cli.main(_parse(["--arch", tiny_arch, "--device", "cpu", "--lengths", "96"])) == 0
+    out, err = capsys.readouterr()
+    assert "0.2000" in out and "0.1000" in out and "0.9000" in out  # median, min and max of the repeats
+    assert "dash ρ=0.5: the repeats spread over 400% of their median" in err

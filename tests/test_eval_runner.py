@@ -208,5 +208,5 @@ def test_quick_preset_runs_for_real(tmp_path):
     assert cli.main(parser.parse_args(["--preset", "quick", "--out", str(tmp_path)])) == 0
     records = read_records(tmp_path / "results.jsonl")
     assert len(records) == 3 * 10 * 3
-    assert {r["label"] for r in records} == {"plain", "dash@0.5", "random@0.5"}
+    assert {r["label"] for r in records} == {"plain", "dash@0.5/s0.8", "random@0.5/s0.8"}
     assert all(r["prompt_tokens"] <= 4096 for r in records)

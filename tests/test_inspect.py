@@ -83,4 +83,4 @@ def test_cli_inspects_the_prompt_that_run_would_prefill(tmp_path, monkeypatch, c
                      "--start-layer", "2"]) == 0
     expected = encode_prompts(ChatTokenizer(), seen["run"], 0)[0].shape[1]
     assert seen["run"] == chat_prompt(ChatTokenizer(), TEXT)
-    assert capsys.readouterr().out.startswith(f"{expected} tokens,") and expected > len(TEXT)
+    assert f"\n{expected} tokens," in capsys.readouterr().out and expected > len(TEXT)

@@ -63,3 +63,19 @@ def test_qwen_coder_answers_the_needle_at_rho_zero():
                       max_new_tokens=12)
     assert "7243393" in result.texts[0]
     assert result.stats.halted_tokens[0] == 0
+
+
+def test_the_readme_python_example_run_verbatim_answers_the_hidden_number(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    names = {}
+    exec(compile(code, "README.md", "exec"), names)
+    out = capsys.readouterr().out
+    answer = next(line for line in out.splitlines() if line.startswith("answer:"))
+    assert names["prompt"].answer in answer.split("| hidden number:")[0], out
+    assert names["prompt"].answer in names["out"].texts[0]
+    assert "registry start layer of smollm2-135m" in out or "calibration profile" in out  # where it came from
+    assert names["result"].stats.start_layer == 24  # the example's own DashConfig: 0.8 of 30 layers

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import DashConfig
+from .config import POLICIES, DashConfig
 
 DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selective Halting): compare "
                "plain and DASH prefill on a prompt, benchmark, evaluate accuracy, inspect what halts.")
@@ -29,6 +29,17 @@ def start_layer_arg(text: str) -> int | float:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"start layer is a layer index (12) or a fraction of depth (0.4); got {text!r}") from None
+
+
+def ratio_arg(text: str) -> float:
+    """argparse type of ``--halt-ratio``: a number in [0, 1), checked before any model loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"halt ratio must be a number in [0, 1); got {text!r}")
+    return value
 
 
 def count_arg(minimum: int):
@@ -68,29 +79,52 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
                              "on a busy CPU")
 
 
-def _add_dash_options(parser: argparse.ArgumentParser, ratio: float = 0.5) -> None:
-    parser.add_argument("--halt-ratio", type=float, default=ratio, help="fraction of tokens halted (ρ)")
-    parser.add_argument("--start-layer", type=start_layer_arg, default=None,
-                        help="layer index, or fraction of depth such as 0.4 (default: the "
-                             "embedded model's measured recommendation, else 0.4)")
+RECOMMENDED = "default: the model's recommended setting"
+
+
+def add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """The options demo, run and inspect share: the halting options (each one left out comes
+    from the model's recommended setting, see :func:`setting`), ``--dtype`` and ``--threads``."""
+    parser.add_argument("--halt-ratio", type=ratio_arg, help=f"fraction of tokens halted, ρ ({RECOMMENDED})")
+    parser.add_argument("--start-layer", type=start_layer_arg,
+                        help=f"layer index, or fraction of depth such as 0.4 ({RECOMMENDED})")
     parser.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
-    parser.add_argument("--score", choices=["absolute", "relative"], default="absolute",
-                        help="||U|| (absolute) or ||U||/||h|| (relative)")
-    parser.add_argument("--frozen-keys", action="store_true",
-                        help="halted tokens stay visible as keys/values in later layers")
+    parser.add_argument("--score", choices=["absolute", "relative"],
+                        help=f"||U|| (absolute) or ||U||/||h|| (relative) ({RECOMMENDED})")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--max-new-tokens", type=count_arg(1), default=32, help="length of the answers")
-    parser.add_argument("--repeats", type=count_arg(1), default=3, help="timed runs per method (median)")
     add_threads_option(parser)
 
 
-def _config(args, model) -> DashConfig:
-    start = args.start_layer
-    if start is None:
-        spec = getattr(model, "dash_prefill_spec", None)
-        start = spec.recommended_start_layer if spec is not None else 0.4
-    return DashConfig(halt_ratio=args.halt_ratio, start_layer=start,
-                      protect_last=args.protect_last, score=args.score, frozen_keys=args.frozen_keys)
+def _add_dash_options(parser: argparse.ArgumentParser) -> None:
+    add_setting_options(parser)
+    parser.add_argument("--frozen-keys", action="store_true",
+                        help="halted tokens stay visible as keys/values in later layers")
+    parser.add_argument("--max-new-tokens", type=count_arg(1), default=32, help="length of the answers")
+    parser.add_argument("--repeats", type=count_arg(1), default=3, help="timed runs per method (median)")
+
+
+def setting(args, model) -> tuple[DashConfig, str]:
+    """The halting setting of a command: the options given, the rest from the model's
+    recommended setting (:func:`dash_prefill.recommended_setting`), and where it came from."""
+    from dataclasses import replace
+
+    from .profiles import recommended_setting
+
+    recommended, source = recommended_setting(model, getattr(args, "policy", None))
+    given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score")
+             if getattr(args, name, None) is not None}
+    config = replace(recommended, **given, protect_last=args.protect_last,
+                     frozen_keys=getattr(args, "frozen_keys", False))
+    if given:
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        source = f"{options} as given, the rest from the {source}"
+    return config, source
+
+
+def _print_setting(config: DashConfig, source: str) -> None:
+    from .eval.runner import policy_label
+
+    print(f"DASH setting: {policy_label(config)} ({source})", flush=True)
 
 
 def _print_comparison(result, answer: str | None = None) -> None:
@@ -146,11 +180,12 @@ def cmd_demo(args) -> int:
     from .generation import check_fits
 
     model, tokenizer = _load(args.model, args.dtype)
-    config = _config(args, model)
+    config, source = setting(args, model)
     check_fits(model, config, args.tokens, args.max_new_tokens)  # before building the prompt
     prompt = needle_prompt(tokenizer, args.tokens)
     print(f"DASH demo on {args.model} ({next(model.parameters()).device}): a fact hidden in the middle "
           f"of {len(tokenizer(prompt.text)['input_ids'])} tokens of essays", flush=True)
+    _print_setting(config, source)
     result = compare(model, tokenizer, prompt.text, config, args.max_new_tokens, args.repeats)
     _print_comparison(result, prompt.answer)
     return 0
@@ -162,9 +197,10 @@ def cmd_run(args) -> int:
 
     text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
+    config, source = setting(args, model)
     prompt = text if args.raw else chat_prompt(tokenizer, text)
-    _print_comparison(compare(model, tokenizer, prompt, _config(args, model), args.max_new_tokens,
-                              args.repeats))
+    _print_setting(config, source)
+    _print_comparison(compare(model, tokenizer, prompt, config, args.max_new_tokens, args.repeats))
     return 0
 
 
@@ -172,9 +208,9 @@ def cmd_inspect(args) -> int:
     from .inspect import inspect_prompt
 
     text = _read_prompt(args.prompt_file)
-    config = DashConfig(halt_ratio=args.halt_ratio, start_layer=args.start_layer,
-                        policy=args.policy, score=args.score, protect_last=args.protect_last)
     model, tokenizer = _load(args.model, args.dtype)
+    config, source = setting(args, model)
+    _print_setting(config, source)
     found = inspect_prompt(model, tokenizer, text, config, args.out, chat=not args.raw)
     stats = found.stats
     print(f"{stats.prompt_tokens[0]} tokens, {len(found.halted)} halted after layer {stats.start_layer}, "
@@ -208,17 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
     inspect.add_argument("--raw", action="store_true",
                          help="do not wrap the prompt in the chat template (run wraps it the same way)")
-    inspect.add_argument("--policy", default="dash", choices=("dash", "random", "attention", "none"),
-                         help="which halting rule marks the halted tokens")
+    inspect.add_argument("--policy", choices=POLICIES,
+                         help=f"which halting rule marks the halted tokens ({RECOMMENDED})")
     inspect.add_argument("--out", default="inspect_out", help="directory for the PNG and the HTML page")
-    inspect.add_argument("--halt-ratio", type=float, default=0.5, help="fraction of tokens halted (ρ)")
-    inspect.add_argument("--start-layer", type=start_layer_arg, default=0.4,
-                         help="layer index, or fraction of depth, where the halting is decided")
-    inspect.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
-    inspect.add_argument("--score", choices=["absolute", "relative"], default="absolute",
-                         help="||U|| (absolute) or ||U||/||h|| (relative)")
-    inspect.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    add_threads_option(inspect)
+    add_setting_options(inspect)
     inspect.set_defaults(handler=cmd_inspect)
     for name, (module, help_text) in TOOLS.items():
         sub = add(name, help_text)

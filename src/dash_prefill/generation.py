@@ -17,6 +17,7 @@ from .adapters import context_limit, input_device
 from .config import DashConfig
 from .decode import decode_step
 from .prefill import PrefillStats, prefill
+from .profiles import config_or_recommended
 from .static_decode import static_step
 
 # Tokens between host reads of the stop check when decoding statically (more decoded tokens
@@ -30,6 +31,7 @@ class GenerationResult:
 
     time_to_first_token : seconds from the start of the prefill to the first generated token.
     decode_seconds : seconds spent generating the remaining tokens.
+    config : the DashConfig the prefill ran with (the recommended one when none was given).
     """
 
     texts: list[str]
@@ -37,6 +39,7 @@ class GenerationResult:
     stats: PrefillStats
     time_to_first_token: float
     decode_seconds: float
+    config: DashConfig | None = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -67,6 +70,9 @@ def check_fits(model, config: DashConfig | None, prompt_tokens: int, max_new_tok
 
     limit = max_context(model)
     if prompt_tokens + max_new_tokens > limit:
+        if not max_new_tokens:  # inspect: a prefill only
+            raise ValueError(f"the prompt has {prompt_tokens} tokens but the model's context is {limit}; "
+                             f"shorten the prompt")
         raise ValueError(
             f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
             f"but the model's context is {limit}; shorten the prompt or lower max_new_tokens")
@@ -163,7 +169,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     prompts : str, list[str], list[int], list[list[int]] or (batch, seq) tensor
         Batches are left-padded here; token ids are used as given (no special tokens added).
         Strings are tokenized as given unless ``chat`` is set.
-    config : DashConfig, default: the model's recommended setting (``recommended_config``).
+    config : DashConfig, default: the model's recommended setting (:func:`dash_prefill.recommended_setting`,
+        logged at INFO; ``result.config`` holds the one used).
     chat : wrap string prompts in the tokenizer's chat template as a user turn, as
         ``dash-prefill run`` does (:func:`chat_prompt`); instruction-tuned models answer
         far better that way.
@@ -182,6 +189,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if config is not None and not isinstance(config, DashConfig):
         raise ValueError(f"config must be a DashConfig (dp.DashConfig(halt_ratio=0.5)); got {type(config).__name__}")
+    config = config_or_recommended(model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if attention_mask is not None and not isinstance(prompts, torch.Tensor):
         raise ValueError("attention_mask goes with prompts given as a left-padded id tensor (a "
@@ -228,4 +236,4 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in trimmed]
     return GenerationResult(texts=texts, token_ids=trimmed, stats=state.stats,
                             time_to_first_token=first_token_at - started,
-                            decode_seconds=time.perf_counter() - first_token_at)
+                            decode_seconds=time.perf_counter() - first_token_at, config=config)

@@ -22,7 +22,7 @@ from .config import DashConfig
 from .cost import ideal_speedup
 from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
 from .policy import Eligibility, ScoreContext, Selection, policy_scores
-from .profiles import recommended_config
+from .profiles import config_or_recommended
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
         ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
     input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
     config : DashConfig, default: the model's recommended setting
-        (:func:`dash_prefill.profiles.recommended_config`); halting in the decoder.
+        (:func:`dash_prefill.recommended_setting`, logged at INFO); halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
     vision_config : DashConfig, optional
         VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).
@@ -398,7 +398,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    config = config or recommended_config(model)
+    config = config_or_recommended(model, config)
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, [config])
     gate = _gate(config, adapter, prompt, padding_mask, lengths)

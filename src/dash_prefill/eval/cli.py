@@ -36,7 +36,7 @@ class Run:
     tasks: tuple[str, ...]
     samples: int
     policies: str
-    start_layer: int | float = 0.4
+    start_layer: int | float | None = None  # of labels without /s; None: the model's recommended
 
 
 # Measured durations, shown in --help and before a preset starts (EVAL.md).
@@ -44,14 +44,15 @@ PRESET_DURATIONS = {"quick": "about 16 minutes on a quiet 2-core CPU",
                     "full-smollm2": "hours on a CPU", "full-gemma": "hours on a CPU; minutes on a GPU"}
 PRESETS: dict[str, tuple[Run, ...]] = {
     "quick": (Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5,random@0.5"),),
+    # The grids of EVAL.md, at the paper's start layer 0.4 as measured there.
     "full-smollm2": (
-        Run("smollm2-135m", 4096, TASKS, 10, MAIN_GRID),
+        Run("smollm2-135m", 4096, TASKS, 10, MAIN_GRID, 0.4),
         # Start-layer sweep at rho=0.5 (0.4 is dash@0.5 of the main grid, reused from the file).
-        Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5/s0.25,dash@0.5,dash@0.5/s0.6"),
+        Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5/s0.25,dash@0.5,dash@0.5/s0.6", 0.4),
     ),
     "full-gemma": (
-        Run("gemma3-270m", 8192, TASKS, 10, GEMMA_GRID),
-        Run("gemma3-270m", 16384, QUICK_TASKS, 10, GEMMA_GRID),
+        Run("gemma3-270m", 8192, TASKS, 10, GEMMA_GRID, 0.4),
+        Run("gemma3-270m", 16384, QUICK_TASKS, 10, GEMMA_GRID, 0.4),
     ),
 }
 
@@ -88,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
                         "attention@0.5,attention@0.5/p15,dash@0.5/s0.25'; 'calibrated' is the model's "
                         "recommended setting (its calibration profile)")
-    parser.add_argument("--start-layer", type=start_layer_arg, help="start layer of labels without /s (default 0.4)")
+    parser.add_argument("--start-layer", type=start_layer_arg,
+                        help="start layer of labels without /s (default: the model's recommended start "
+                             "layer, which the labels then name, e.g. dash@0.5/s0.8; presets full-*: 0.4)")
     parser.add_argument("--seed", type=int, default=42, help="sample generator seed (default 42)")
     parser.add_argument("--out", type=Path, default=Path("eval_results"),
                         help="output directory: results.jsonl, report.md, PNGs")
@@ -131,8 +134,15 @@ def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
             raise ValueError(f"--length {run.length} exceeds {run.model}'s context of {max_context(model)}")
         calibrated, source = recommended_setting(model)
         if "calibrated" in run.policies:
-            logger.info("calibrated = %s, from %s", policy_label(calibrated), source)
-        policies = parse_policies(run.policies, run.start_layer, calibrated)
+            print(f"calibrated = {policy_label(calibrated)} ({source})", flush=True)
+        start = run.start_layer
+        if start is None:  # the start layer recommended for DASH, for every label alike
+            recommended, source = recommended_setting(model, "dash")
+            start = recommended.start_layer
+            print(f"{run.model}: labels without /s start at {start} ({source})", flush=True)
+        policies = parse_policies(run.policies, start, calibrated)
+        if run.start_layer is None:  # the labels name the start layer they ran at
+            policies = [(policy_label(config), config) for _, config in policies]
         started = time.perf_counter()
         evaluate(model, tokenizer, run.model, run.tasks, run.length, run.samples, policies,
                  results, seed=args.seed)

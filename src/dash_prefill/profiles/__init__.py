@@ -8,12 +8,15 @@ of the registry models, produced by that command (each file records its command)
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import DashConfig
 
 PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first")
 _SHIPPED = Path(__file__).parent
+logger = logging.getLogger(__name__)
 
 
 def profile_name(model) -> str:
@@ -32,21 +35,47 @@ def user_profile_path(model) -> Path:
     return cache_dir() / "profiles" / f"{profile_name(model)}.json"
 
 
-def recommended_setting(model) -> tuple[DashConfig, str]:
+def _read_setting(path: Path) -> DashConfig:
+    try:
+        return DashConfig(**json.loads(path.read_text())["setting"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid calibration profile ({error}); "
+                         f"write it again with dash-prefill calibrate, or delete it") from None
+
+
+def recommended_setting(model, policy: str | None = None) -> tuple[DashConfig, str]:
     """The model's recommended DashConfig and where it comes from: the user's calibration
     profile, else the profile shipped for a registry model, else the paper's setting (with
-    a registry model's measured start layer)."""
+    a registry model's measured start layer).
+
+    ``policy``: the recommendation for that policy: a profile's setting only if it is of
+    that policy (its start layer was chosen with it), else the fallback with that policy.
+    """
+    skipped = ""
     for path in (user_profile_path(model), _SHIPPED / f"{profile_name(model)}.json"):
         if path.is_file():
-            setting = json.loads(path.read_text())["setting"]
-            return DashConfig(**setting), f"calibration profile {path}"
+            config = _read_setting(path)
+            if policy is None or config.policy == policy:
+                return config, f"calibration profile {path}"
+            skipped = f", the calibration profile {path} is for policy {config.policy}"
+            break
+    base = DashConfig(policy=policy or "dash")
     spec = getattr(model, "dash_prefill_spec", None)
     if spec is not None:
-        return (DashConfig(start_layer=spec.recommended_start_layer),
-                f"registry start layer of {spec.name} (no calibration profile)")
-    return DashConfig(), "the paper's setting (no calibration profile: run dash-prefill calibrate)"
+        return (replace(base, start_layer=spec.recommended_start_layer),
+                f"registry start layer of {spec.name}" + (skipped or ", no calibration profile"))
+    return base, "the paper's setting" + (skipped or ", no calibration profile: run dash-prefill calibrate")
 
 
 def recommended_config(model) -> DashConfig:
     """The DashConfig to use on ``model`` when none is given (see :func:`recommended_setting`)."""
     return recommended_setting(model)[0]
+
+
+def config_or_recommended(model, config: DashConfig | None) -> DashConfig:
+    """``config``, or when it is None the model's recommended setting, logged with its source."""
+    if config is not None:
+        return config
+    config, source = recommended_setting(model)
+    logger.info("no config given: using %s, from %s", config, source)
+    return config
