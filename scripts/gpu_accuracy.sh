@@ -10,6 +10,7 @@
 #           converts Gemma-3's wrongly and load_model refuses it)
 #   WORK    output folder (parts/, calibration/); kept between runs
 #   SECONDS every evaluation job stops after this long (results are appended per sample)
+# Labels without /s start at 0.4, as in EVAL.md (eval alone would use the recommended start layer).
 # Then: python scripts/merge_results.py results/eval/<dir>/results.jsonl WORK/parts/<model>-*/results.jsonl
 set -uo pipefail
 bundle=${1:?usage: scripts/gpu_accuracy.sh BUNDLE WORK SECONDS}
@@ -65,7 +66,7 @@ eval_job() {  # eval_job NAME MODEL DTYPE DONE ARGS...
   local name=$1 model=$2 dtype=$3 done_cells=$4; shift 4
   mkdir -p "$work/parts/$name"
   [ -n "$done_cells" ] && [ ! -f "$work/parts/$name/results.jsonl" ] && cp "$done_cells" "$work/parts/$name/results.jsonl"
-  timeout "$limit" python3 -m dash_prefill.cli eval --device cuda --dtype "$dtype" --model "$model" \
+  timeout "$limit" python3 -m dash_prefill.cli eval --device cuda --dtype "$dtype" --model "$model" --start-layer 0.4 \
     --out "$work/parts/$name" "$@" >"$work/parts/$name.log" 2>&1
 }
 GROUPS_="niah_single_1,niah_single_2,niah_multikey_1 niah_single_3,niah_multikey_2 niah_multikey_3,niah_multivalue
