@@ -94,6 +94,7 @@ def test_delta_norm_upcast_in_chunks_equals_the_whole_float32_norm():
     whole = update.float().norm(dim=-1)
     assert torch.equal(delta_norm(update), whole)
     assert torch.allclose(delta_norm(update, hidden), whole / hidden.float().norm(dim=-1), rtol=1e-6)
+    assert torch.equal(delta_norm(update[0]), whole[0])  # packed (seq, d), as Qwen2-VL's encoder scores
 
 
 def test_window_attention_of_grouped_heads_equals_attention_over_repeated_keys():

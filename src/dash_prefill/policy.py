@@ -28,10 +28,10 @@ def delta_norm(update: torch.Tensor, hidden: torch.Tensor | None = None) -> torc
 
 
 def _float_norm(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """||x_t||₂ in float32 over the last dim, (batch, seq, d) -> (batch, seq), upcasting
+    """||x_t||₂ in float32 over the last dim, (..., seq, d) -> (..., seq), upcasting
     ``chunk`` tokens at a time: a whole float32 copy of a 128K-token bf16 tensor is 2 GiB more
     peak memory than the prefill otherwise needs."""
-    return torch.cat([part.float().norm(dim=-1) for part in x.split(chunk, dim=1)], dim=1)
+    return torch.cat([part.float().norm(dim=-1) for part in x.split(chunk, dim=-2)], dim=-1)
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
