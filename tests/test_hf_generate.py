@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
@@ -15,6 +16,14 @@ from vlms import BUILDERS, build_vlm, vlm_inputs
 
 NEW = 8
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)  # no EOS: every row runs NEW tokens
+
+# The cache's name in a forward's arguments and outputs: ``cache`` since transformers' rename,
+# ``past_key_values`` before it (5.17, the GPU machine's version).
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache(output):
+    return getattr(output, CACHE)
 
 
 def _config(ratio):
@@ -214,13 +223,13 @@ def test_direct_forward_calls_prefill_then_decode_like_the_library(one_thread):
     expected = [state.logits, decode_step(model, state, token)]
     with halting(model, _config(0.5)):
         first = model(ids, logits_to_keep=1)
-        second = model(token, cache=first.cache)
+        second = model(token, **{CACHE: _cache(first)})
     torch.testing.assert_close(first.logits[:, -1], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(second.logits[:, -1], expected[1], rtol=0, atol=0)
 
 
 def _filled_cache(model, ids):
-    return model(ids, use_cache=True).cache
+    return _cache(model(ids, use_cache=True))
 
 
 @pytest.mark.parametrize("options,message", [
@@ -268,18 +277,18 @@ def test_a_cache_that_is_not_a_plain_dynamic_cache_is_refused(one_thread):
     with halting(model, _config(0.5)):
         for cache, name in ((static, "StaticCache"), (offloaded, "an offloaded DynamicCache")):
             with pytest.raises(ValueError, match=f"{name} is not supported"):
-                model(ids, cache=cache)
+                model(ids, **{CACHE: cache})
         with pytest.raises(ValueError, match="already holding past_key_values"):
-            model(ids, cache=_filled_cache(build_model("llama"), ids))
+            model(ids, **{CACHE: _filled_cache(build_model("llama"), ids)})
 
 
 def test_a_dash_cache_outside_the_block_is_refused_by_the_plain_forward(one_thread):
     model = build_model("llama")
     ids = random_ids(1, 20)
     with halting(model, _config(0.5)):
-        cache = model(ids).cache
+        cache = _cache(model(ids))
     with pytest.raises(ValueError, match="only be decoded inside dash_prefill.halting"):
-        model(torch.tensor([[5]]), cache=cache)
+        model(torch.tensor([[5]]), **{CACHE: cache})
 
 
 def test_nesting_bad_configs_and_unsupported_families_are_refused():

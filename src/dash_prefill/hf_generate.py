@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 WHERE = "under dash_prefill.halting"
 # What generate passes that the DASH state makes redundant (positions, masks) or that asks nothing
 # (cache_position: what earlier 5.x releases passed).
+# The output's cache field: ``cache`` since transformers' rename, ``past_key_values`` before (5.17).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 BOOKKEEPING = ("attention_mask", "position_ids", "cache_position", "use_cache", "return_dict", "logits_to_keep",
                "output_attentions", "output_hidden_states")
 _ABSENT = object()
@@ -132,7 +134,7 @@ def _halted_forward(model, forward, config: DashConfig, vision_config: DashConfi
             logits = state.logits[:, None]  # (batch, 1, vocab)
             logger.debug("DASH prefill kept %s of %s tokens per row", state.stats.kept_tokens,
                          state.stats.prompt_tokens)
-        output = CausalLMOutputWithPast(logits=logits, cache=cache)
+        output = CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
         return output if inputs.get("return_dict", True) is not False else output.to_tuple()
 
     # generate pre-encodes images for a forward that takes mm_encoder_outputs; DASH's prefill
