@@ -114,21 +114,21 @@ def vlm_inputs(model, text_before: int = 6, text_after: int = 9, images: int = 1
         ids = []
         for index in range(images):
             grid = grids[index % len(grids)]
-            ids += torch.randint(3, 100, (text_before,), generator=generator).tolist()
+            ids += torch.randint(3, 100, (text_before,), generator=generator, device="cpu").tolist()
             ids += [VISION_START] + [IMAGE_TOKEN] * image_token_count(model, grid) + [VISION_END]
             if family in ("qwen2_vl", "qwen2_5_vl"):
                 vision = model.config.vision_config
                 t, h, w = grid
                 width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-                pixels.append(torch.randn(t * h * w, width, generator=generator))
+                pixels.append(torch.randn(t * h * w, width, generator=generator, device="cpu"))
                 grid_rows.append(list(grid))
             else:
                 size = model.config.vision_config.image_size
-                pixels.append(torch.randn(1, 3, size, size, generator=generator))
-        ids += torch.randint(3, 100, (text_after,), generator=generator).tolist()
+                pixels.append(torch.randn(1, 3, size, size, generator=generator, device="cpu"))
+        ids += torch.randint(3, 100, (text_after,), generator=generator, device="cpu").tolist()
         rows.append(ids)
     input_ids = torch.tensor(rows)
-    inputs = {"input_ids": input_ids, "pixel_values": torch.cat(pixels)}
+    inputs = {"input_ids": input_ids, "pixel_values": torch.cat(pixels).to(input_ids.device)}  # the CPU draw, on the default device
     is_image = (input_ids == IMAGE_TOKEN).long()
     if family in ("qwen2_vl", "qwen2_5_vl"):
         inputs["image_grid_thw"] = torch.tensor(grid_rows)
