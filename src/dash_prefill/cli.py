@@ -128,11 +128,13 @@ def _print_setting(config: DashConfig, source: str) -> None:
 
 
 def _print_comparison(result, answer: str | None = None) -> None:
+    from .eval.runner import policy_label
+
     stats = result.dash.stats
     saved = stats.kv_saved_fraction
     rows = [
         ("prompt tokens", f"{result.prompt_tokens}"),
-        ("DASH setting", f"halt_ratio={result.config.halt_ratio}, start_layer={stats.start_layer}/{stats.num_layers}"),
+        ("DASH setting", f"{policy_label(result.config)} (layer {stats.start_layer} of {stats.num_layers})"),
         ("time to first token, plain", _seconds(result.plain_ttft, result.plain_times)),
         ("time to first token, DASH", _seconds(result.dash_ttft, result.dash_times)),
         ("speedup (measured)", f"{result.speedup:.2f}x"),
