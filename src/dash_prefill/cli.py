@@ -16,7 +16,7 @@ DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selectiv
 DEMO_MODEL = "smollm2-135m"
 # Subcommands built on top of the core, each a module with add_arguments(parser) and main(args).
 TOOLS = {
-    "bench": ("dash_prefill.bench.cli", "measure time to first token: plain vs DASH vs hook-based"),
+    "bench": ("dash_prefill.bench.cli", "measure time to first token: plain vs DASH vs hook-based (end to end with --new-tokens)"),
     "eval": ("dash_prefill.eval.cli", "RULER-style accuracy and fidelity of halting policies"),
     "calibrate": ("dash_prefill.calibrate_cli", "choose the fastest halting setting that stays faithful"),
 }

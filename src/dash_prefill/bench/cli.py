@@ -1,4 +1,5 @@
-"""``dash-prefill bench``: time to first token of plain HF, DASH and the hooks press, side by side.
+"""``dash-prefill bench``: time to first token of plain HF, DASH and the hooks press, side by side;
+with ``--new-tokens``, generation end to end (:mod:`.e2e`).
 
 Wire-up: ``add_arguments(subparser)`` adds the options, ``main(args)`` runs and prints the table.
 """
@@ -54,6 +55,30 @@ def parse_settings(text: str) -> list[tuple[int | float, float]]:
     return pairs
 
 
+def parse_new_tokens(text: str) -> list[int]:
+    """"1,16,128" -> [1, 16, 128]: positive integers."""
+    counts = []
+    for item in text.split(","):
+        try:
+            value = int(item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"new tokens are positive integers such as 16,128; got {item!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"new tokens must be >= 1; got {value}")
+        counts.append(value)
+    return counts
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number such as 3.35e12; got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options to ``parser`` (a subcommand parser)."""
     source = parser.add_mutually_exclusive_group(required=True)
@@ -87,7 +112,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hooks", action="store_true", help="skip the kvpress-style hooks comparison")
     parser.add_argument("--sync-check", action="store_true",
                         help="count host synchronisations of one call per method (CUDA only)")
-    parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png")
+    parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png "
+                        "(bench_e2e.json and bench_e2e.md with --new-tokens)")
+    e2e = parser.add_argument_group("end to end (--new-tokens): hf, hf-static, dash, dash-static, dash-hf")
+    e2e.add_argument("--new-tokens", type=parse_new_tokens,
+                     help="instead of prefill only, time generating N new tokens (comma-separated): "
+                     "TTFT, decode ms/token and total per method")
+    e2e.add_argument("--bandwidth", type=positive_float,
+                     help="memory bandwidth in bytes/s for the per-token floor (default: H100 3.35e12, "
+                     "H200 4.8e12 by GPU name; none on CPU)")
     add_threads_option(parser)
     vlm = parser.add_argument_group("vision-language archs (llava-1.5-7b, qwen2-vl-7b)")
     vlm.add_argument("--image-tokens", type=_numbers(int),
@@ -190,6 +223,40 @@ def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
               f"{record['method']} ρ={record['halt_ratio']}: {record['sync_warnings']}")
 
 
+def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
+    """``--new-tokens``: the end-to-end table (bench/e2e.py); ValueError for bad input."""
+    from .e2e import bandwidth_for, run_e2e
+    from .report import markdown
+
+    if args.arch and any(a in VLM_ARCHITECTURES for a in args.arch):
+        raise ValueError("--new-tokens times text models only; drop the vision-language archs from --arch")
+    if args.batch != [1]:
+        raise ValueError("--new-tokens times batch 1 only; drop --batch")
+    for arch in args.arch or []:  # prompt plus new tokens must fit the context
+        _check_context(f"{arch} (prompt + {max(args.new_tokens)} new tokens)",
+                       arch_config(arch).max_position_embeddings, [n + max(args.new_tokens) for n in args.lengths])
+    bandwidth = bandwidth_for(device, args.bandwidth)
+    rows = []
+    with OtherLoad():
+        for target in _targets(args, dtype):
+            model = target.load()
+            rows += run_e2e(target.name, model, args.lengths, args.new_tokens, settings, device,
+                            args.warmup, args.repeats, args.seed, bandwidth)
+            del model
+    print("\n".join(table_lines(rows)))
+    if bandwidth is None:
+        print("floor ms/tok: '-' (no bandwidth known for this device; pass --bandwidth BYTES_PER_S)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
+                      gpus=args.gpus, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                      new_tokens=args.new_tokens, bandwidth=bandwidth)
+        write_json(args.out / "bench_e2e.json", head, rows)
+        (args.out / "bench_e2e.md").write_text(markdown([args.out / "bench_e2e.json"]))
+        logger.info("wrote %s", args.out / "bench_e2e.json")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; print the table; 0 on success, 2 on bad input."""
     if not logging.getLogger().handlers:
@@ -209,6 +276,8 @@ def main(args: argparse.Namespace) -> int:
             if not 0.0 <= ratio < 1.0 or (isinstance(start, float) and not 0.0 < start < 1.0):
                 raise ValueError(f"setting start={start}, ratio={ratio}: ratio must be in [0, 1) and a "
                                  "fractional start in (0, 1)")
+        if args.new_tokens:
+            return _e2e_main(args, settings, device, dtype)
         plan = BenchPlan(targets=_targets(args, dtype), lengths=args.lengths, batches=args.batch,
                          settings=settings, device=device, warmup=args.warmup, repeats=args.repeats,
                          hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed,

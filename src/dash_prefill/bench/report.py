@@ -24,6 +24,14 @@ COLUMNS = [("arch", "arch", "{}"), ("batch", "batch", "{}"), ("length", "length"
            ("decoder_ideal_speedup", "decoder ideal", "{:.2f}x"),
            ("efficiency", "eff.", "{:.0%}"), ("speedup_over_hooks", "vs hooks", "{:.2f}x")]
 
+# The end-to-end table (--new-tokens): TTFT, decode ms per token, total, and the bandwidth floor.
+E2E_COLUMNS = [("arch", "arch", "{}"), ("length", "length", "{}"), ("new_tokens", "N", "{}"),
+               ("method", "method", "{}"), ("halt_ratio", "ρ", "{:.2f}"), ("start_layer", "start", "{}"),
+               ("status", "status", "{}"), ("ttft_s", "TTFT s", "{:.4f}"),
+               ("decode_ms_per_token", "decode ms/tok", "{:.2f}"),
+               ("floor_ms_per_token", "floor ms/tok", "{:.3f}"), ("total_s", "total s", "{:.4f}"),
+               ("generated_tokens", "tokens", "{}"), ("tokens_sha1", "ids sha1", "{}")]
+
 
 def header(device: torch.device, argv: list[str] | None = None, **settings) -> dict:
     """The JSON header record: machine, library versions, exact command line, date, settings."""
@@ -50,7 +58,10 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """COLUMNS without those no row has a value for (image tokens of text models, ...)."""
+    """COLUMNS without those no row has a value for (image tokens of text models, ...);
+    E2E_COLUMNS, all of them, for end-to-end rows."""
+    if any("new_tokens" in row for row in rows):
+        return E2E_COLUMNS
     return [c for c in COLUMNS if c[0] in ("median_s", "arch", "method")
             or any(row.get(c[0]) is not None for row in rows)]
 
@@ -114,7 +125,7 @@ def markdown(paths: list[Path]) -> str:
         syncs = [r for r in records if r.get("record") == "sync_check"]
         gpus = head.get("gpus", 1)
         machine = f"{gpus} × {head['machine']}" if gpus > 1 else head["machine"]
-        command = "dash-prefill " + head["command"].split(" ", 1)[1]
+        command = "dash-prefill " + head["command"].partition(" ")[2]
         parts.append(f"**{machine}**, torch {head['torch']}, transformers {head['transformers']}, "
                      f"{head['dtype']}, {head['attn']}, {head['date'][:10]} — `{command}`\n")
         shown = columns(rows)

@@ -178,14 +178,18 @@ def parameter_count(model: torch.nn.Module) -> int:
 def least_memory(arch: str, dtype: torch.dtype, batch: int, length: int) -> tuple[int, int]:
     """(weights, plain-prefill KV cache) in bytes for ``arch`` at ``batch`` x ``length``: the
     least a benchmark run holds at once (activations come on top)."""
-    config = arch_config(arch)
     size = torch.empty((), dtype=dtype).element_size()
     weights = parameter_count(build_random_model(arch, dtype, "meta")) * size
+    return weights, kv_bytes(arch_config(arch), batch, length, size)
+
+
+def kv_bytes(config, batch: int, length: int, element_size: int) -> int:
+    """Keys plus values of a plain cache of ``length`` tokens (sliding-window layers capped)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None) or length
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     cached = sum(min(window, length) if kind == "sliding_attention" else length for kind in types)
-    return weights, 2 * cached * config.num_key_value_heads * head_dim * batch * size
+    return 2 * cached * config.num_key_value_heads * head_dim * batch * element_size
 
 
 def split_across(model: torch.nn.Module, devices: list) -> torch.nn.Module:
