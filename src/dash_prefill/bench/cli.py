@@ -24,20 +24,24 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def parse_lengths(text: str) -> list[int]:
-    """"4k,32k,1000" -> [4096, 32768, 1000]: a k suffix multiplies by 1024."""
-    lengths = []
+def _positive_ints(text: str, what: str, example: str, k_suffix: bool = False) -> list[int]:
+    """Comma-separated positive integers (with ``k_suffix``, 4k = 4096); one clear error otherwise."""
+    values = []
     for item in text.split(","):
         item = item.strip().lower()
         try:
-            value = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+            value = int(item[:-1]) * 1024 if k_suffix and item.endswith("k") else int(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"lengths are integers with an optional k suffix (4k = 4096); got {item!r}") from None
+            raise argparse.ArgumentTypeError(f"{what} are positive integers such as {example}; got {item!r}") from None
         if value < 1:
-            raise argparse.ArgumentTypeError(f"lengths must be positive; got {item!r}")
-        lengths.append(value)
-    return lengths
+            raise argparse.ArgumentTypeError(f"{what} must be positive; got {item!r}")
+        values.append(value)
+    return values
 
+
+def parse_lengths(text: str) -> list[int]:
+    """"4k,32k,1000" -> [4096, 32768, 1000]: a k suffix multiplies by 1024."""
+    return _positive_ints(text, "lengths", "4k,32k (4k = 4096)", k_suffix=True)
 
 
 def _numbers(kind):
@@ -57,16 +61,7 @@ def parse_settings(text: str) -> list[tuple[int | float, float]]:
 
 def parse_new_tokens(text: str) -> list[int]:
     """"1,16,128" -> [1, 16, 128]: positive integers."""
-    counts = []
-    for item in text.split(","):
-        try:
-            value = int(item.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"new tokens are positive integers such as 16,128; got {item!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"new tokens must be >= 1; got {value}")
-        counts.append(value)
-    return counts
+    return _positive_ints(text, "new tokens", "16,128")
 
 
 def positive_float(text: str) -> float:
