@@ -17,7 +17,7 @@ import torch
 from .calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
                         builtin_prompts, choose, measure, plot, read_prompts, settings_grid, table,
                         write_profile)
-from .profiles import user_profile_path
+from .profiles import profile_path, user_profile_path
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -75,11 +75,7 @@ def main(args: argparse.Namespace) -> int:
         target = Path(args.out or user_profile_path(model))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")  # kept when no setting meets the budget
-        try:
-            chosen = choose(rows, budget)
-        except BudgetNotMetError:
-            print(table(rows))
-            raise
+        chosen = _choose_or_show(rows, budget)
         weight = next(model.parameters())
         about = {"prompts": str(args.prompts) if args.prompts else f"built-in x{len(prompts)} at {args.length}",
                  "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
@@ -100,20 +96,23 @@ def _choose_again(args: argparse.Namespace, budget: Budget) -> int:
     rows = json.loads(args.rows.read_text())
     measured_profile = args.rows.with_name(args.rows.name.removesuffix(".rows.json") + ".json")
     measured = json.loads(measured_profile.read_text()) if measured_profile.is_file() else {}
-    try:
-        chosen = choose(rows, budget)
-    except BudgetNotMetError:
-        print(table(rows))
-        raise
+    chosen = _choose_or_show(rows, budget)
     about = {"prompts": measured.get("prompts", "unknown"),
              "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
              "measured": {k: measured.get(k) for k in ("command", "device", "dtype", "seconds")},
              "device": measured.get("device"), "dtype": measured.get("dtype")}
-    from .loading import cache_dir
-
-    path = write_profile(args.out or cache_dir() / "profiles" / f"{args.model}.json", args.model,
-                         chosen, rows, budget, about)
+    path = write_profile(args.out or profile_path(args.model), args.model, chosen, rows, budget, about)
     return _report(rows, chosen, path)
+
+
+def _choose_or_show(rows: list[dict], budget: Budget) -> dict:
+    """The choice under ``budget``; when none is within it, the table of what was measured is
+    printed before the error that names the closest setting."""
+    try:
+        return choose(rows, budget)
+    except BudgetNotMetError:
+        print(table(rows))
+        raise
 
 
 def _report(rows: list[dict], chosen: dict, path: Path) -> int:

@@ -30,9 +30,14 @@ def profile_name(model) -> str:
 
 def user_profile_path(model) -> Path:
     """Where ``dash-prefill calibrate`` writes a model's profile by default."""
+    return profile_path(profile_name(model))
+
+
+def profile_path(name: str) -> Path:
+    """The user's profile of the model stored under ``name`` (see :func:`profile_name`)."""
     from ..loading import cache_dir
 
-    return cache_dir() / "profiles" / f"{profile_name(model)}.json"
+    return cache_dir() / "profiles" / f"{name}.json"
 
 
 def _read_setting(path: Path) -> DashConfig:
