@@ -130,3 +130,11 @@ def test_calibrate_rows_under_an_unmet_budget_names_the_closest_and_exits_2(tmp_
                  "--out", str(tmp_path / "p.json")]) == 2
     assert "closest: dash@0.5/s0.4" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_rows_of_a_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from dash_prefill.cli import main
+
+    assert main(["calibrate", "--model", "m", "--rows", str(tmp_path / "none.rows.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
