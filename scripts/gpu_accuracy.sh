@@ -15,24 +15,10 @@
 set -uo pipefail
 bundle=${1:?usage: scripts/gpu_accuracy.sh BUNDLE WORK SECONDS}
 work=${2:?}; limit=${3:?}
-mkdir -p "$work/parts" "$work/calibration" /tmp/site
+mkdir -p "$work/parts" "$work/calibration"
 export PYTHONPATH="/tmp/site:src" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-if [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$bundle"/wheels/*.whl \
-    && touch /tmp/site/.installed
-fi
-cache=${DASH_PREFILL_CACHE:-$HOME/.cache/dash_prefill}
 models="smollm2-135m gemma3-270m qwen2.5-coder-1.5b"
-for model in $models; do  # convert once, in parallel
-  python3 -c "from dash_prefill.loading import load_model; load_model('$model', device='cpu')" \
-    >"$work/convert-$model.log" 2>&1 &
-done
-wait
-mkdir -p "$cache" && cp -r "$bundle"/tok/* "$cache"/
-for model in $models; do
-  python3 -c "from dash_prefill.loading import load_model; load_model('$model', device='cpu')" \
-    >>"$work/convert-$model.log" 2>&1 || { echo "cannot load $model"; tail -3 "$work/convert-$model.log"; }
-done
+bash scripts/gpu_setup.sh "$bundle" $models
 
 # Calibration (rows kept in <model>.rows.json even when no setting meets the budget): a small grid, 8 built-in prompts, the three models at once (nothing else on the GPU).
 CAL_POLICIES="dash,dash/p63,attention/p15,attention/p63,contribution/p63"

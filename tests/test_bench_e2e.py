@@ -81,20 +81,59 @@ def test_bandwidth_comes_from_the_gpu_name_or_the_option(monkeypatch):
 
 
 def test_a_static_cache_that_raises_is_a_row_status_not_a_crash(monkeypatch, one_thread):
-    plain = e2e._hf
+    plain = e2e._HF.__call__
 
-    def hf(cache_implementation=None):
-        if cache_implementation == "static":
-            def fail(model, ids, n):
-                raise RuntimeError("static cache unsupported here\nsecond line")
-            return fail
-        return plain(cache_implementation)
-    monkeypatch.setattr(e2e, "_hf", hf)
+    def call(self, model, ids, n, clock=None):
+        if self.static:
+            raise RuntimeError("static cache unsupported here\nsecond line")
+        return plain(self, model, ids, n, clock)
+    monkeypatch.setattr(e2e._HF, "__call__", call)
     rows = e2e.run_e2e("tiny", build_model("llama"), [24], [2], [(1, 0.5)], torch.device("cpu"),
                        warmup=0, repeats=1)
     status = {(r["method"], r["halt_ratio"]): r["status"] for r in rows}
     assert status.pop(("hf-static", 0.0)) == "error: RuntimeError: static cache unsupported here"
     assert set(status.values()) == {"ok"}
+
+
+def test_each_n_is_read_from_one_run_of_the_largest_n_its_tokens_a_prefix(one_thread):
+    rows = e2e.run_e2e("tiny", build_model("llama"), [30], [6, 2], [(1, 0.5)], torch.device("cpu"),
+                       warmup=0, repeats=2)
+    assert [r["new_tokens"] for r in rows] == [2] * 8 + [6] * 8  # sorted, then method order
+    short, long = rows[:8], rows[8:]
+    for a, b in zip(short, long):
+        assert (a["method"], a["halt_ratio"]) == (b["method"], b["halt_ratio"])
+        assert a["token_ids"] == b["token_ids"][:2] and len(b["token_ids"]) == 6
+        assert a["ttft_s"] == b["ttft_s"]  # the same runs
+        assert a["ttft_s"] <= a["total_s"] <= b["total_s"]
+
+
+def test_the_clock_syncs_only_at_its_marks_and_sees_tokens_as_streamer_or_processor():
+    clock = e2e.Clock([1, 3], torch.device("cpu"))
+    clock.start()
+    clock.put(torch.zeros(1, 5))  # the prompt
+    for _ in range(4):
+        clock.put(torch.zeros(1))
+    times = clock.stop()
+    assert sorted(times) == [1, 3] and clock.count == 4
+    clock.start()
+    for _ in range(2):
+        clock(None, None)  # as a logits processor: no prompt call
+    assert sorted(clock.stop()) == [1, 3] and clock.count == 2
+
+
+def test_methods_option_times_only_the_named_methods(tiny_arch, tmp_path):
+    argv = ["bench", "--arch", tiny_arch, "--new-tokens", "2", "--lengths", "80", "--device", "cpu", "--repeats",
+            "1", "--warmup", "0", "--settings", "0.4:0.5", "--methods", "dash-static,hf", "--out", str(tmp_path)]
+    assert cli_main(argv) == 0
+    rows = json.loads((tmp_path / "bench_e2e.json").read_text())[1:]
+    assert [(r["method"], r["halt_ratio"]) for r in rows] == [("hf", 0.0), ("dash-static", 0.0), ("dash-static", 0.5)]
+
+
+def test_an_unknown_method_is_one_error_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--arch", "smollm2-135m", "--device", "cpu", "--new-tokens", "4", "--methods", "hf,fast"])
+    assert exit_.value.code == 2
+    assert "methods are some of hf,hf-static" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "x", "2.5", "3,-1"])

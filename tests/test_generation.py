@@ -66,3 +66,27 @@ def test_chat_true_prefills_the_prompt_as_a_chat_user_turn():
     assert as_chat.token_ids == by_hand.token_ids
     with pytest.raises(ValueError, match="chat=True applies to text prompts"):
         generate(model, tokenizer, [5, 6, 7], config, chat=True)
+
+
+class _Collect:
+    """An HF-style streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.tolist())
+
+    def end(self):
+        self.chunks.append("end")
+
+
+def test_streamer_gets_the_prompt_then_each_token_then_end_as_hf_streamers_do():
+    model, ids = build_model("llama"), random_ids(2, 30)
+    for static in (False, True):
+        streamer = _Collect()
+        result = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.5, protect_last=2), max_new_tokens=5,
+                          eos_token_id=[], static_decode=static, streamer=streamer)
+        assert streamer.chunks[0] == ids.tolist() and streamer.chunks[-1] == "end"
+        streamed = [list(step) for step in zip(*streamer.chunks[1:-1])]  # per row
+        assert streamed == result.token_ids and len(streamed[0]) == 5

@@ -21,10 +21,15 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @functools.cache
-def _cache_keyword(attention_class: type) -> str:
+def _cache_keyword(module_class: type) -> str:
     # transformers renamed `past_key_values` to `cache` during 5.x; accept both.
-    parameters = inspect.signature(attention_class.forward).parameters
+    parameters = inspect.signature(module_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def generate_cache_keyword(model) -> str:
+    """The keyword under which ``model``'s forward (and HF ``generate``) takes a cache."""
+    return _cache_keyword(type(model))
 
 
 def layer_windows(config) -> list[int | None]:

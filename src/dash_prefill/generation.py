@@ -127,7 +127,7 @@ def stop_token_ids(model, tokenizer, eos_token_id: int | list[int] | None = None
 
 
 def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, stop: set[int],
-                      choose=None, pad_id: int = 0, static: bool = False) -> list[list[int]]:
+                      choose=None, pad_id: int = 0, static: bool = False, streamer=None) -> list[list[int]]:
     """Decode from a prefill whose first generated token per row is ``token`` (batch,).
 
     ``choose(logits, tokens_so_far)`` picks the next tokens (greedy by default). Rows stop at
@@ -135,6 +135,7 @@ def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, st
     ``pad_id`` while others go on. Returns each row's tokens, cut after its stop token.
     ``static``: decode into preallocated buffers (:mod:`static_decode`, a CUDA graph on a GPU),
     reading the stop check on the host every ``STOP_CHECK_EVERY`` tokens instead of every token.
+    ``streamer.put`` gets each later token (batch,), on the model's device.
     """
     choose = choose or (lambda logits, tokens: logits.argmax(-1))
     if static:
@@ -152,6 +153,8 @@ def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, st
         token = choose(logits, torch.stack(tokens, 1))
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
+        if streamer is not None:
+            streamer.put(token)
     rows = torch.stack(tokens, 1).tolist()
     return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
 
@@ -161,7 +164,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
              top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
              vision_config: DashConfig | None = None, chat: bool = False,
-             static_decode: bool = False, **multimodal) -> GenerationResult:
+             static_decode: bool = False, streamer=None, **multimodal) -> GenerationResult:
     """Answer ``prompts`` with DASH prefill and ordinary decoding.
 
     Parameters
@@ -181,6 +184,9 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     static_decode : decode into per-layer caches preallocated for the new tokens, the decode step
         replayed as one CUDA graph per token on a GPU (eagerly elsewhere; the same tokens as the
         default path). Needs the model on one device and sdpa or eager attention.
+    streamer : as in HF ``generate`` (e.g. ``transformers.TextStreamer``): ``put`` gets the prompt
+        ids (batch, seq), then each generated token (batch,) on the model's device, then ``end()``.
+        A streamer that reads the tokens makes the host wait for every token.
     vision_config, **multimodal :
         Vision-language models: halting in the vision encoder, and the processor's other outputs
         (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ...); see :func:`prefill`.
@@ -223,15 +229,21 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     ids, mask = ids.to(device), mask.to(device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
     _synchronize(device)
     started = time.perf_counter()
     state = prefill(model, ids, config, attention_mask=mask, vision_config=vision_config, **multimodal)
     token = choose(state.logits.to(device), ids)
     _synchronize(device)
     first_token_at = time.perf_counter()
+    if streamer is not None:
+        streamer.put(token)
     trimmed = continue_decoding(model, state, token, max_new_tokens, stop,
                                 lambda logits, tokens: choose(logits, torch.cat([ids, tokens], 1)), pad_id,
-                                static_decode)
+                                static_decode, streamer)
+    if streamer is not None:
+        streamer.end()
     _synchronize(device)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in trimmed]
     return GenerationResult(texts=texts, token_ids=trimmed, stats=state.stats,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..cli import add_threads_option, count_arg, start_layer_arg
+from .e2e import METHODS
 from .report import _cell, columns, header, table_lines, write_json, write_plot
 from .runner import BenchPlan, Target, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
@@ -62,6 +63,15 @@ def parse_settings(text: str) -> list[tuple[int | float, float]]:
 def parse_new_tokens(text: str) -> list[int]:
     """"1,16,128" -> [1, 16, 128]: positive integers."""
     return _positive_ints(text, "new tokens", "16,128")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """"hf,dash-static" -> ("hf", "dash-static"): names from METHODS, in METHODS' order."""
+    names = {item.strip() for item in text.split(",") if item.strip()}
+    unknown = sorted(names - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"methods are some of {','.join(METHODS)}; got {text!r}")
+    return tuple(m for m in METHODS if m in names)
 
 
 def positive_float(text: str) -> float:
@@ -113,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e2e.add_argument("--new-tokens", type=parse_new_tokens,
                      help="instead of prefill only, time generating N new tokens (comma-separated): "
                      "TTFT, decode ms/token and total per method")
+    e2e.add_argument("--methods", type=parse_methods, default=METHODS,
+                     help=f"the methods timed (default all: {','.join(METHODS)})")
     e2e.add_argument("--bandwidth", type=positive_float,
                      help="memory bandwidth in bytes/s for the per-token floor (default: H100 3.35e12, "
                      "H200 4.8e12 by GPU name; none on CPU)")
@@ -236,7 +248,7 @@ def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
         for target in _targets(args, dtype):
             model = target.load()
             rows += run_e2e(target.name, model, args.lengths, args.new_tokens, settings, device,
-                            args.warmup, args.repeats, args.seed, bandwidth)
+                            args.warmup, args.repeats, args.seed, bandwidth, args.methods)
             del model
     print("\n".join(table_lines(rows)))
     if bandwidth is None:
@@ -245,7 +257,7 @@ def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
                       gpus=args.gpus, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                      new_tokens=args.new_tokens, bandwidth=bandwidth)
+                      new_tokens=args.new_tokens, methods=list(args.methods), bandwidth=bandwidth)
         write_json(args.out / "bench_e2e.json", head, rows)
         (args.out / "bench_e2e.md").write_text(markdown([args.out / "bench_e2e.json"]))
         logger.info("wrote %s", args.out / "bench_e2e.json")

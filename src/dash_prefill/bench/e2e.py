@@ -1,8 +1,10 @@
 """End to end: time to first token, decode ms per token and total time for N new tokens.
 
 Every method is a function ``(model, input_ids, n) -> generated ids (batch, n)``, greedy, with
-stopping at EOS switched off, so every method decodes exactly ``n`` tokens. TTFT is the time of
-generating 1 token; total is the time of generating ``n``; decode ms/token = (total - TTFT)/(n - 1).
+stopping at EOS switched off, so every method decodes exactly ``n`` tokens. One run of the largest
+N serves every N: a :class:`Clock` notes when the 1st and each N-th token is reached (a host sync
+at those tokens only). TTFT is the time to the 1st token, total the time to the N-th; decode
+ms/token = (total - TTFT)/(N - 1).
 Beside each row: the memory-bandwidth floor of one decoded token, (weight bytes + KV-cache bytes
 at that length) / bandwidth.
 """
@@ -17,7 +19,10 @@ import time
 from typing import Callable
 
 import torch
+from transformers import StaticCache
+from transformers.generation.logits_process import LogitsProcessorList
 
+from ..adapters import generate_cache_keyword
 from ..config import DashConfig, start_layer_index
 from ..generation import generate
 from ..hf_generate import halting
@@ -39,6 +44,51 @@ class _IdsTokenizer:
         return ""
 
 
+class Clock:
+    """The times at which the generated token counts in ``marks`` are reached, in one run.
+
+    Seen by ``dp.generate`` as a streamer (``put``: the prompt, then each token) and by HF
+    ``generate`` as a logits processor (called once per token, before choosing it, with no
+    device-to-host copy, which HF's streamer protocol would add every token). The GPU is
+    synchronised only at a mark, so a run costs len(marks) host syncs.
+    """
+
+    def __init__(self, marks: list[int], device: torch.device):
+        self.marks, self.device, self.count, self.times = set(marks), device, 0, {}
+        self.begin = time.perf_counter()
+
+    def start(self) -> None:
+        _synchronize(self.device)
+        self.count, self.times, self.begin = 0, {}, time.perf_counter()
+
+    def _tick(self) -> None:
+        self.count += 1
+        if self.count in self.marks:
+            _synchronize(self.device)
+            self.times[self.count] = time.perf_counter() - self.begin
+
+    def put(self, value) -> None:  # streamer: the prompt first, then one token per call
+        if self._prompt_seen:
+            self._tick()
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids, scores):  # logits processor: token ``count + 1`` is chosen next
+        self._tick()
+        return scores
+
+    _prompt_seen = False
+
+    def stop(self) -> dict[int, float]:
+        """Seconds from :meth:`start` to each mark reached; the last mark is the run's end."""
+        _synchronize(self.device)
+        self.times[max(self.marks)] = time.perf_counter() - self.begin
+        self._prompt_seen = False
+        return self.times
+
+
 def bandwidth_for(device: torch.device, given: float | None = None) -> float | None:
     """``given`` if set; else the table's value for the GPU's name; None on CPU or an unknown GPU."""
     if given is not None:
@@ -54,41 +104,59 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _hf(cache_implementation: str | None = None) -> Callable:
-    def run(model, ids, n):
-        extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+class _HF:
+    """HF ``generate``, greedy, exactly ``n`` tokens. ``static``: HF's compiled fast path, a
+    ``StaticCache`` (which ``generate`` compiles the decoding step for), sized once per prompt
+    length for the most new tokens and reset per call, so one compilation serves every call."""
+
+    def __init__(self, static: bool = False, slots: int = 0):
+        self.static, self.slots, self.cache = static, slots, None
+
+    def __call__(self, model, ids, n, clock=None):
+        extra = {"logits_processor": LogitsProcessorList([clock])} if clock is not None else {}
+        if self.static:
+            if self.cache is None:
+                self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + self.slots)
+            self.cache.reset()
+            extra[generate_cache_keyword(model)] = self.cache
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, pad_token_id=0, **extra)
         return out[:, ids.shape[1]:]
-    return run
 
 
 def _dash(config: DashConfig, static: bool = False) -> Callable:
-    def run(model, ids, n):
+    def run(model, ids, n, clock=None):
         # A mask with the ids: they are used as given (no round trip through Python lists).
         result = generate(model, _IdsTokenizer(), ids, config, max_new_tokens=n, eos_token_id=[],
-                          attention_mask=torch.ones_like(ids), static_decode=static)
+                          attention_mask=torch.ones_like(ids), static_decode=static, streamer=clock)
         return torch.tensor(result.token_ids)
     return run
 
 
 def _dash_hf(config: DashConfig) -> Callable:
-    def run(model, ids, n):
+    plain = _HF()
+
+    def run(model, ids, n, clock=None):
         with halting(model, config):
-            return _hf()(model, ids, n)
+            return plain(model, ids, n, clock)
     return run
 
 
-def methods(settings: list[tuple[int | float, float]], num_layers: int) -> list[tuple[str, float, int, Callable]]:
-    """(method, halt_ratio, start_layer, fn): hf, hf-static, then dash, dash-static, dash-hf at
-    ρ=0 (the first setting's start) and at every setting. Protection as in the TTFT bench."""
+METHODS = ("hf", "hf-static", "dash", "dash-static", "dash-hf")
+
+
+def methods(settings: list[tuple[int | float, float]], num_layers: int, slots: int = 0,
+            only: tuple[str, ...] = METHODS) -> list[tuple[str, float, int, Callable]]:
+    """(method, halt_ratio, start_layer, fn): hf, hf-static (its cache sized for ``slots`` new
+    tokens), then dash, dash-static, dash-hf at ρ=0 (the first setting's start) and at every
+    setting; those named in ``only``. Protection as in the TTFT bench."""
     first = start_layer_index(settings[0][0], num_layers)
-    rows = [("hf", 0.0, num_layers, _hf()), ("hf-static", 0.0, num_layers, _hf("static"))]
+    rows = [("hf", 0.0, num_layers, _HF()), ("hf-static", 0.0, num_layers, _HF(static=True, slots=slots))]
     for start, ratio in [(first, 0.0)] + [(start_layer_index(s, num_layers), r) for s, r in settings]:
         config = DashConfig(halt_ratio=ratio, start_layer=start, protect_first=4, protect_last=64)
         rows += [("dash", ratio, start, _dash(config)), ("dash-static", ratio, start, _dash(config, True)),
                  ("dash-hf", ratio, start, _dash_hf(config))]
-    return rows
+    return [row for row in rows if row[0] in only]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -96,67 +164,93 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _seconds(fn, model, ids, n: int, warmup: int, repeats: int) -> tuple[list[float], torch.Tensor]:
-    """Wall seconds of ``repeats`` calls after ``warmup`` calls, CUDA synchronised around each."""
+def _time_method(fn, model, ids, new_tokens: list[int], warmup: int, repeats: int) -> list[dict]:
+    """One dict per N in ``new_tokens``: TTFT, total and decode ms/token, median over ``repeats``
+    runs of the largest N (each N's total is the time its N-th token was reached in that run),
+    after ``warmup`` untimed runs of 2 tokens."""
     for _ in range(warmup):
-        fn(model, ids, n)
-    seconds = []
+        fn(model, ids, 2)
+    clock, runs = Clock([1, *new_tokens], ids.device), []
     for _ in range(repeats):
-        _synchronize(ids.device)
-        begin = time.perf_counter()
-        tokens = fn(model, ids, n)
-        _synchronize(ids.device)
-        seconds.append(time.perf_counter() - begin)
-    return seconds, tokens
-
-
-def _time_method(fn, model, ids, n: int, warmup: int, repeats: int) -> dict:
-    first, _ = _seconds(fn, model, ids, 1, warmup, repeats)
-    total, tokens = _seconds(fn, model, ids, n, warmup, repeats) if n > 1 else (first, None)
-    if tokens is None:
-        tokens = fn(model, ids, 1)
-    ttft, whole = statistics.median(first), statistics.median(total)
+        clock.start()
+        tokens = fn(model, ids, max(new_tokens), clock)
+        runs.append(clock.stop())
     ids_list = tokens[0].tolist()  # batch 1
-    return {"ttft_s": ttft, "ttft_min_s": min(first), "ttft_max_s": max(first),
-            "total_s": whole, "total_min_s": min(total), "total_max_s": max(total),
-            "decode_ms_per_token": (whole - ttft) / (n - 1) * 1e3 if n > 1 else None,
-            "generated_tokens": len(ids_list), "token_ids": ids_list,
-            "tokens_sha1": hashlib.sha1(repr(ids_list).encode()).hexdigest()[:12]}
+    out = []
+    for n in new_tokens:
+        first, total = [run[1] for run in runs], [run[n] for run in runs]
+        ttft, whole = statistics.median(first), statistics.median(total)
+        out.append({"ttft_s": ttft, "ttft_min_s": min(first), "ttft_max_s": max(first),
+                    "total_s": whole, "total_min_s": min(total), "total_max_s": max(total),
+                    "decode_ms_per_token": (whole - ttft) / (n - 1) * 1e3 if n > 1 else None,
+                    "generated_tokens": min(n, len(ids_list)), "token_ids": ids_list[:n],
+                    "tokens_sha1": hashlib.sha1(repr(ids_list[:n]).encode()).hexdigest()[:12]})
+    return out
 
 
 def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], settings, device: torch.device,
-            warmup: int = 1, repeats: int = 3, seed: int = 0, bandwidth: float | None = None) -> list[dict]:
-    """One row per (length, N, method, setting) for ``model`` (batch 1, seeded random prompt)."""
+            warmup: int = 1, repeats: int = 3, seed: int = 0, bandwidth: float | None = None,
+            only: tuple[str, ...] = METHODS) -> list[dict]:
+    """One row per (length, N, method in ``only``, setting) for ``model`` (batch 1, seeded random prompt).
+
+    Each method is run ``repeats`` times per length for the largest N (:func:`_time_method`).
+    Before any timing every method runs once on a 256-token prompt (CUDA context, kernels,
+    graph capture); per length, each method then runs ``warmup`` untimed 2-token calls, and
+    hf-static always one (its compilation for the new cache shape is not timed).
+    """
     from .timing import random_ids
 
     config = model.config.get_text_config()
     weights = weight_bytes(model)
     element = next(model.parameters()).element_size()
+    new_tokens = sorted(set(new_tokens))
+    with torch.inference_mode():
+        short = random_ids(1, min(256, min(lengths)), config.vocab_size, device, seed)
+        for method, _, _, fn in methods(settings, config.num_hidden_layers, 2, only):
+            try:
+                fn(model, short, 2)
+            except Exception:  # noqa: BLE001 - a static path that cannot run fails again in its row
+                if not method.endswith("-static"):
+                    raise
     rows = []
     for length in lengths:
         ids = random_ids(1, length, config.vocab_size, device, seed)
         kv = kv_bytes(config, 1, length, element)
         floor = (weights + kv) / bandwidth * 1e3 if bandwidth else None
-        for n in new_tokens:
-            for method, ratio, start, fn in methods(settings, config.num_hidden_layers):
-                row = {"record": "row", "arch": name, "batch": 1, "length": length, "new_tokens": n,
-                       "method": method, "halt_ratio": ratio, "start_layer": start, "status": "ok",
-                       "weight_bytes": weights, "kv_cache_bytes": kv, "floor_ms_per_token": floor}
-                try:
-                    with torch.inference_mode():
-                        row.update(_time_method(fn, model, ids, n, warmup, repeats))
-                except torch.cuda.OutOfMemoryError:
-                    row["status"] = "oom"
-                    logger.warning("out of memory: %s %s at length %d", name, method, length)
-                except Exception as error:  # noqa: BLE001 - a static cache that cannot run is a row status
-                    if not method.endswith("-static"):
-                        raise
-                    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    row["status"] = f"error: {type(error).__name__}: {first_line}"[:160]
-                    logger.warning("%s %s ρ=%s failed: %s", name, method, ratio, first_line)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                rows.append(row)
+        by_method = []
+        for method, ratio, start, fn in methods(settings, config.num_hidden_layers, max(new_tokens), only):
+            base = {"record": "row", "arch": name, "batch": 1, "length": length, "method": method,
+                    "halt_ratio": ratio, "start_layer": start, "status": "ok", "weight_bytes": weights,
+                    "kv_cache_bytes": kv, "floor_ms_per_token": floor}
+            try:
+                with torch.inference_mode():
+                    if method == "hf-static" and not warmup:
+                        fn(model, ids, 2)  # compiles for this cache shape
+                    timed = _time_method(fn, model, ids, new_tokens, warmup, repeats)
+            except torch.cuda.OutOfMemoryError:
+                timed = [{"status": "oom"}] * len(new_tokens)
+                logger.warning("out of memory: %s %s at length %d", name, method, length)
+            except Exception as error:  # noqa: BLE001 - a static cache that cannot run is a row status
+                if not method.endswith("-static"):
+                    raise
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                timed = [{"status": f"error: {type(error).__name__}: {first_line}"[:160]}] * len(new_tokens)
+                logger.warning("%s %s ρ=%s failed: %s", name, method, ratio, first_line)
+            by_method.append([{**base, "new_tokens": n, **t} for n, t in zip(new_tokens, timed)])
+            last = by_method[-1][-1]
+            logger.info("%s T=%d %s ρ=%s: TTFT %s s, %s ms/token, total %s s for %d tokens", name, length,
+                        method, ratio, _fmt(last.get("ttft_s")), _fmt(last.get("decode_ms_per_token")),
+                        _fmt(last.get("total_s")), last["new_tokens"])
+            if isinstance(fn, _HF):
+                fn.cache = None  # a static cache of the whole length: not kept beside the next method
+            del fn
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows += [method_rows[i] for i in range(len(new_tokens)) for method_rows in by_method]
         del ids
     return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
