@@ -243,23 +243,29 @@ def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
         _check_context(f"{arch} (prompt + {max(args.new_tokens)} new tokens)",
                        arch_config(arch).max_position_embeddings, [n + max(args.new_tokens) for n in args.lengths])
     bandwidth = bandwidth_for(device, args.bandwidth)
+    head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
+                  gpus=args.gpus, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                  new_tokens=args.new_tokens, methods=list(args.methods), bandwidth=bandwidth)
+
+    def save(rows: list[dict]) -> None:  # after every length, so a run stopped later keeps these
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(args.out / "bench_e2e.json", head, rows)
+            (args.out / "bench_e2e.md").write_text(markdown([args.out / "bench_e2e.json"]))
+
     rows = []
     with OtherLoad():
         for target in _targets(args, dtype):
             model = target.load()
-            rows += run_e2e(target.name, model, args.lengths, args.new_tokens, settings, device,
-                            args.warmup, args.repeats, args.seed, bandwidth, args.methods)
+            done = list(rows)
+            rows += run_e2e(target.name, model, args.lengths, args.new_tokens, settings, device, args.warmup,
+                            args.repeats, args.seed, bandwidth, args.methods, lambda new: save(done + new))
             del model
     print("\n".join(table_lines(rows)))
     if bandwidth is None:
         print("floor ms/tok: '-' (no bandwidth known for this device; pass --bandwidth BYTES_PER_S)")
+    save(rows)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
-                      gpus=args.gpus, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                      new_tokens=args.new_tokens, methods=list(args.methods), bandwidth=bandwidth)
-        write_json(args.out / "bench_e2e.json", head, rows)
-        (args.out / "bench_e2e.md").write_text(markdown([args.out / "bench_e2e.json"]))
         logger.info("wrote %s", args.out / "bench_e2e.json")
     return 0
 

@@ -190,13 +190,14 @@ def _time_method(fn, model, ids, new_tokens: list[int], warmup: int, repeats: in
 
 def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], settings, device: torch.device,
             warmup: int = 1, repeats: int = 3, seed: int = 0, bandwidth: float | None = None,
-            only: tuple[str, ...] = METHODS) -> list[dict]:
+            only: tuple[str, ...] = METHODS, on_length: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """One row per (length, N, method in ``only``, setting) for ``model`` (batch 1, seeded random prompt).
 
     Each method is run ``repeats`` times per length for the largest N (:func:`_time_method`).
     Before any timing every method runs once on a 256-token prompt (CUDA context, kernels,
     graph capture); per length, each method then runs ``warmup`` untimed 2-token calls, and
     hf-static always one (its compilation for the new cache shape is not timed).
+    ``on_length(rows)`` is called with the rows so far after each length (to save partial results).
     """
     from .timing import random_ids
 
@@ -249,6 +250,8 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
                 torch.cuda.empty_cache()
         rows += [method_rows[i] for i in range(len(new_tokens)) for method_rows in by_method]
         del ids
+        if on_length is not None:
+            on_length(rows)
     return rows
 
 
