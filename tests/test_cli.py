@@ -268,6 +268,7 @@ def test_other_processes_loading_the_cpu_are_reported(monkeypatch):
 
     clock = iter([100.0, 103.0])  # the machine used 3 CPU-seconds
     monkeypatch.setattr(timing, "_busy_cpu_seconds", lambda: next(clock))
+    monkeypatch.setattr(timing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-core machine
     with OtherLoad() as load:
         pass  # this process used ~0 CPU-seconds: the 3 s are another process's
     assert load.cores > 1.0

@@ -121,3 +121,42 @@ def test_graphed_steps_never_sync_the_host(family):
             token = step(token).argmax(-1)[:, None]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dash_prefill.static_decode import grouped_sdpa
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = torch.rand(2, 1, 1, 40) > 0.3
+    mask[:, :, :, 0] = True
+    ours, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (2, 1, 8, 16)
+    torch.testing.assert_close(ours, theirs)
+    # A wrong grouping (query heads paired with the wrong key head) would not match:
+    swapped, _ = grouped_sdpa(module, query.flip(1), key, value, mask, scaling=0.3)
+    assert not torch.allclose(swapped.flip(2), theirs)
+
+
+def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(monkeypatch):
+    import dash_prefill.static_decode as static_decode
+
+    calls = []
+    real = static_decode.grouped_sdpa
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setitem(static_decode.AttentionInterface._global_mapping, static_decode.GROUPED_SDPA, counting)
+    model = build_model("llama")
+    state = prefill(model, random_ids(1, 20), _config(0.5))
+    decoder = StaticDecoder(model, state, 3)
+    decoder.step(random_ids(1, 1))
+    assert len(calls) == model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"

@@ -11,14 +11,52 @@ table that reads positions on the host, dynamic / long RoPE) the same step runs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapters import adapter_for, device_of
 from .prefill import PrefillResult, layer_step
 
 logger = logging.getLogger(__name__)
+GROUPED_SDPA = "dash_prefill_grouped_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """HF's sdpa attention for one query per row whose key heads serve several query heads (GQA)
+    without repeating the keys and values: the query heads of each key head become that head's
+    queries, (batch, kv_heads, groups, head_dim), and the (batch, 1, 1, keys) mask broadcasts.
+    HF's own sdpa repeats the keys and values whenever there is a mask, which the static decoder
+    always has (its unwritten slots), so at 32K keys that copy would cost more than the weights.
+    Anything else goes to HF's sdpa as is."""
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    if queries != 1 or heads == kv_heads or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                              scale=scaling)
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+
+
+@contextlib.contextmanager
+def _grouped_attention(config):
+    """Attention modules of ``config`` call :func:`grouped_sdpa` inside (sdpa models only)."""
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = GROUPED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 class StaticDecoder:
@@ -83,24 +121,27 @@ class StaticDecoder:
             self.positions[group].index_copy_(1, slot, positions)
             self.written[group].index_fill_(1, slot, True)
         rotary, masks = {}, {}  # per layer type, per (group, window)
-        for idx, layer in enumerate(adapter.layers):
-            layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
-            if layer_type not in rotary:
-                rotary[layer_type] = adapter.rotary(hidden, rope, idx)
-            if key not in masks:
-                masks[key] = self._mask(*key, positions, hidden.dtype)
-            hidden, _ = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
+        eager = adapter.config._attn_implementation == "eager"
+        with _grouped_attention(adapter.config):
+            for idx, layer in enumerate(adapter.layers):
+                layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
+                if layer_type not in rotary:
+                    rotary[layer_type] = adapter.rotary(hidden, rope, idx)
+                if key not in masks:
+                    masks[key] = self._mask(*key, positions, hidden.dtype, eager)
+                hidden, _ = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
         self.count += 1
         return adapter.logits(hidden[:, -1])
 
-    def _mask(self, group: int, window: int | None, query: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(self, group: int, window: int | None, query: torch.Tensor, dtype: torch.dtype,
+              eager: bool) -> torch.Tensor:
         """(batch, 1, 1, slots): written keys at original positions <= the query's, inside the window."""
         key_pos, query_pos = self.positions[group][:, None, :], query[:, :, None]
         allowed = self.written[group][:, None, :] & (key_pos <= query_pos)
         if window is not None:
             allowed &= key_pos > query_pos - window
         allowed = allowed[:, None]
-        if self.adapter.config._attn_implementation == "eager":
+        if eager:
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
         return allowed

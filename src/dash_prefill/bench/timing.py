@@ -43,7 +43,7 @@ class Timing:
 def random_ids(batch: int, length: int, vocab_size: int, device, seed: int = 0) -> torch.Tensor:
     """Seeded random prompt ids (batch, length), no padding, drawn on the CPU then moved."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator, device="cpu").to(device)
 
 
 def cache_bytes(cache) -> int:

@@ -81,7 +81,7 @@ def synthetic_inputs(model, image_tokens: int, text_tokens: int, device, seed: i
             raise ValueError(f"llava images take {per_image} tokens each; use a multiple of it")
         images = image_tokens // per_image
         size = config.vision_config.image_size
-        pixel = {"pixel_values": torch.randn(images, 3, size, size, generator=generator)}
+        pixel = {"pixel_values": torch.randn(images, 3, size, size, generator=generator, device="cpu")}
     else:
         vision = config.vision_config
         side = math.isqrt(image_tokens)
@@ -89,11 +89,11 @@ def synthetic_inputs(model, image_tokens: int, text_tokens: int, device, seed: i
             raise ValueError(f"qwen2-vl synthetic images are square: use a square token count, not {image_tokens}")
         grid = (1, side * vision.spatial_merge_size, side * vision.spatial_merge_size)
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        pixel = {"pixel_values": torch.randn(grid[0] * grid[1] * grid[2], width, generator=generator),
-                 "image_grid_thw": torch.tensor([grid])}
-    head = torch.randint(3, vocab, (text_tokens // 4,), generator=generator)
-    tail = torch.randint(3, vocab, (text_tokens - text_tokens // 4,), generator=generator)
-    image = torch.full((image_tokens,), config.image_token_id)
+        pixel = {"pixel_values": torch.randn(grid[0] * grid[1] * grid[2], width, generator=generator, device="cpu"),
+                 "image_grid_thw": torch.tensor([grid], device="cpu")}
+    head = torch.randint(3, vocab, (text_tokens // 4,), generator=generator, device="cpu")
+    tail = torch.randint(3, vocab, (text_tokens - text_tokens // 4,), generator=generator, device="cpu")
+    image = torch.full((image_tokens,), config.image_token_id, device="cpu")
     ids = torch.cat([head, image, tail])[None]
     inputs = {"input_ids": ids, **pixel}
     if config.model_type != "llava":
