@@ -186,8 +186,26 @@ def test_vlm_bench_times_every_method_on_the_same_synthetic_image_prompt(monkeyp
 def test_bench_warns_when_the_repeats_spread_too_wide_to_trust(tiny_arch, monkeypatch, capsys):
     noisy = {"arch": tiny_arch, "batch": 1, "length": 96, "method": "dash", "halt_ratio": 0.5, "status": "ok",
              "min_s": 0.1, "median_s": 0.2, "max_s": 0.9}
-    monkeypatch.setattr(cli, "run_bench", lambda plan: ([noisy], []))
+    monkeypatch.setattr(cli, "run_bench", lambda plan, on_point=None: ([noisy], []))
     assert cli.main(_parse(["--arch", tiny_arch, "--device", "cpu", "--lengths", "96"])) == 0
     out, err = capsys.readouterr()
     assert "0.2000" in out and "0.1000" in out and "0.9000" in out  # median, min and max of the repeats
     assert "dash ρ=0.5: the repeats spread over 400% of their median" in err
+
+
+def test_a_long_run_saves_each_finished_length_before_the_next_starts(tiny_arch, tmp_path, monkeypatch):
+    seen = []
+    real = runner._measure_or_skip
+
+    def measure_and_look(plan, fn, model, ids, name):
+        path = tmp_path / "bench.json"
+        seen.append((ids.shape[1], json.loads(path.read_text()) if path.exists() else None))
+        return real(plan, fn, model, ids, name)
+    monkeypatch.setattr(runner, "_measure_or_skip", measure_and_look)
+    args = _parse(["--arch", tiny_arch, "--lengths", "96,160", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                   "--settings", "0.4:0.5", "--no-hooks", "--out", str(tmp_path)])
+    assert cli.main(args) == 0
+    assert seen[0][1] is None  # nothing saved before the first length is done
+    at_160 = [saved for length, saved in seen if length == 160]
+    assert at_160 and all({r["length"] for r in saved[1:]} == {96} for saved in at_160)
+    assert all(r["speedup"] is not None for r in at_160[0][1:])  # rows saved with their speedups

@@ -297,8 +297,16 @@ def main(args: argparse.Namespace) -> int:
                          policies=args.policies)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
+        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
+                      warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+
+        def save(rows: list[dict], syncs: list[dict]) -> None:  # after every length: a run stopped later keeps these
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                write_json(args.out / "bench.json", head, rows, syncs)
+
         with OtherLoad() as load:
-            rows, syncs = run_bench(plan) if plan.targets else ([], [])
+            rows, syncs = run_bench(plan, save) if plan.targets else ([], [])
             rows += _vlm_rows(args, settings, device, dtype)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -309,10 +317,7 @@ def main(args: argparse.Namespace) -> int:
     for line in trust_warnings(timed, load.cores if device.type == "cpu" else None):
         print(f"warning: {line}", file=sys.stderr)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
-                      warmup=args.warmup, repeats=args.repeats, seed=args.seed)
-        write_json(args.out / "bench.json", head, rows, syncs)
+        save(rows, syncs)
         write_plot(args.out / "bench.png", rows)
         logger.info("wrote %s", args.out / "bench.json")
     return 0

@@ -141,8 +141,9 @@ def _measure_or_skip(plan, fn, model, ids, label) -> tuple[Timing | None, str]:
     return timing, status
 
 
-def run_bench(plan: BenchPlan) -> tuple[list[dict], list[dict]]:
-    """Run every method of ``plan`` on the same seeded inputs.
+def run_bench(plan: BenchPlan, on_point=None) -> tuple[list[dict], list[dict]]:
+    """Run every method of ``plan`` on the same seeded inputs; ``on_point(rows, syncs)`` after each
+    (model, batch, length) with the rows so far (to save partial results of a long run).
 
     Returns
     -------
@@ -173,6 +174,10 @@ def run_bench(plan: BenchPlan) -> tuple[list[dict], list[dict]]:
                     rows.append(_row(target.name, length, batch, method, ratio, start, timing, status, config))
                     progress.update(1)
                 del ids
+                if on_point is not None:
+                    done = [dict(row) for row in rows]
+                    _add_speedups(done)
+                    on_point(done, syncs)
         del model
         _free(plan.device)
     progress.close()
