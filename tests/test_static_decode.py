@@ -160,3 +160,17 @@ def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(mon
     decoder.step(random_ids(1, 1))
     assert len(calls) == model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_every_layers_slots_are_aligned_and_hold_the_cache_plus_the_new_tokens():
+    from dash_prefill.static_decode import SLOT_ALIGN
+
+    model = build_model("gemma3")  # sliding layers hold fewer keys than full ones
+    state = prefill(model, random_ids(1, 27), _config(0.5))
+    cached = [layer.keys.shape[2] for layer in state.cache.layers]
+    decoder = StaticDecoder(model, state, 7)
+    for idx, (keys, values) in enumerate(zip(decoder.keys, decoder.values)):
+        slots = keys.shape[2]
+        assert slots % SLOT_ALIGN == 0 and cached[idx] + 7 <= slots < cached[idx] + 7 + SLOT_ALIGN
+        assert values.shape[2] == slots == decoder.positions[decoder.group_of[idx]].shape[1]
+    assert len(set(cached)) > 1

@@ -65,11 +65,22 @@ def _grouped_attention(config):
         config._attn_implementation = "sdpa"
 
 
+# Slots per layer are rounded up to a multiple of this: the attention products read the buffers
+# with the slot count as a leading dimension, and cuBLAS takes its tensor-core kernels only for
+# aligned ones (an odd count such as 32768 + 511 selects far slower kernels).
+SLOT_ALIGN = 64
+
+
+def slot_count(cached: int, new_tokens: int) -> int:
+    """Slots of a layer holding ``cached`` keys that will take ``new_tokens`` more: aligned."""
+    return -(-(cached + new_tokens) // SLOT_ALIGN) * SLOT_ALIGN
+
+
 class StaticDecoder:
     """Decode up to ``new_tokens`` tokens per row from ``state`` into preallocated buffers.
 
-    keys, values : per layer (batch, kv_heads, cached + new_tokens, head_dim)
-    positions, written : per group of layers sharing a ``KeyLayout``, (batch, cached + new_tokens):
+    keys, values : per layer (batch, kv_heads, slots, head_dim), slots = :func:`slot_count`
+    positions, written : per group of layers sharing a ``KeyLayout``, (batch, slots):
         each slot's original position, and whether it holds a real key (prompt padding and
         filler slots never do; slot ``cached + i`` does once token i is written).
     The decoder takes over ``state``: its dynamic cache is not advanced.
@@ -85,16 +96,18 @@ class StaticDecoder:
             raise ValueError("static_decode masks the preallocated slots, which flash_attention_2 cannot; "
                              "load the model with attn_implementation='sdpa' or use static_decode=False")
         self.first = [layer.keys.shape[2] for layer in state.cache.layers]  # host ints
-        self.keys = [self._grown(layer.keys, new_tokens) for layer in state.cache.layers]
-        self.values = [self._grown(layer.values, new_tokens) for layer in state.cache.layers]
+        extra = [slot_count(first, new_tokens) - first for first in self.first]
+        self.keys = [self._grown(layer.keys, more) for layer, more in zip(state.cache.layers, extra)]
+        self.values = [self._grown(layer.values, more) for layer, more in zip(state.cache.layers, extra)]
         groups: dict[int, int] = {}
         self.group_of, self.positions, self.written, self.group_first = [], [], [], []
         for layout in state.key_layouts:
             if id(layout) not in groups:
                 groups[id(layout)] = len(self.positions)
                 real = layout.real if layout.real is not None else torch.ones_like(layout.positions, dtype=torch.bool)
-                self.positions.append(self._grown(layout.positions, new_tokens, dim=1))
-                self.written.append(self._grown(real, new_tokens, dim=1))
+                more = slot_count(layout.num_keys, new_tokens) - layout.num_keys
+                self.positions.append(self._grown(layout.positions, more, dim=1))
+                self.written.append(self._grown(real, more, dim=1))
                 self.group_first.append(layout.num_keys)
             self.group_of.append(groups[id(layout)])
         self.next_positions = state.next_positions.to(adapter.device)  # (batch,)
