@@ -146,7 +146,7 @@ def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, st
     finished = torch.zeros_like(token, dtype=torch.bool)
     stop_tensor = torch.tensor(sorted(stop), device=token.device, dtype=token.dtype)
     for index in range(max_new_tokens - 1):
-        finished |= torch.isin(token, stop_tensor)
+        finished |= (token[:, None] == stop_tensor).any(-1)  # not torch.isin: on CUDA it may sort (a host sync)
         if (index + 1) % check_every == 0 and bool(finished.all()):  # the one host sync
             break
         logits = step(token[:, None]).to(token.device)
