@@ -5,6 +5,7 @@ from conftest import build_model, random_ids
 from dash_prefill import DashConfig
 from dash_prefill.generation import generate
 from test_errors import _Tokenizer
+from test_hf_generate import _Collect
 
 
 def test_zero_ratio_generation_equals_model_generate(family, implementation):
@@ -67,18 +68,6 @@ def test_chat_true_prefills_the_prompt_as_a_chat_user_turn():
     with pytest.raises(ValueError, match="chat=True applies to text prompts"):
         generate(model, tokenizer, [5, 6, 7], config, chat=True)
 
-
-class _Collect:
-    """An HF-style streamer that keeps what it is given."""
-
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.tolist())
-
-    def end(self):
-        self.chunks.append("end")
 
 
 def test_streamer_gets_the_prompt_then_each_token_then_end_as_hf_streamers_do():
