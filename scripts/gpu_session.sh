@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks still open for issues 10, 11 and 13, one step per device call (each under the
+# 600 s limit), in order of importance; every step writes under OUT and prints a short table.
+#
+# Usage: scripts/gpu_session.sh STEP OUT
+#   suite    the whole test suite under DASH_TEST_DEVICE=cuda (alone on the GPU: about 80 s with
+#            -n 16; the registry models must be set up first, scripts/gpu_setup.sh)
+#   e2e      end to end, Llama-3.1-8B shape: fast paths to 512 tokens at 8K/32K/128K-512,
+#            eager paths to 128 tokens at 8K/32K
+#   prefill  TTFT and peak memory at 32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
+#   qwen     end to end, Qwen2.5-7B shape (32K context): fast paths at 8K and 32K
+#   probe    scripts/probe_static_decode.py at 8K and 32K
+set -uo pipefail
+step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
+mkdir -p "$out"
+export PYTHONPATH="/tmp/site:src" PYTHONUNBUFFERED=1
+bench="python3 -m dash_prefill.cli bench --device cuda"
+e2e="$bench --settings 0.4:0.5 --warmup 0 --repeats 1"
+case "$step" in
+  suite)
+    DASH_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -n 16 -p no:cacheprovider tests -rfE \
+      >"$out/suite.log" 2>&1
+    tail -2 "$out/suite.log"; grep -E "^(FAILED|ERROR)" "$out/suite.log" | cut -c1-200 | head -40 ;;
+  e2e)
+    timeout 330 $e2e --arch llama-3.1-8b --lengths 8k,32k,130560 --new-tokens 32,128,512 \
+      --methods hf-static,dash-static --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
+    timeout 200 $e2e --arch llama-3.1-8b --lengths 8k,32k --new-tokens 32,128 --methods hf,dash,dash-hf \
+      --out "$out/e2e-eager" >"$out/e2e-eager.log" 2>&1
+    grep -h "| llama" "$out"/e2e-*/bench_e2e.md | cut -d'|' -f3-12 ;;
+  prefill)
+    timeout 500 $bench --arch llama-3.1-8b --lengths 32k,128k --settings 0.4:0.5 \
+      --policies dash,attention/p63,contribution/p15 --no-hooks --warmup 1 --repeats 2 --sync-check \
+      --out "$out/prefill" >"$out/prefill.log" 2>&1
+    grep -vE "warn|bench:" "$out/prefill.log" | tail -20 ;;
+  qwen)
+    timeout 500 $e2e --arch qwen2.5-7b --lengths 8k,32000 --new-tokens 32,128,512 \
+      --methods hf-static,dash-static --out "$out/e2e-qwen" >"$out/e2e-qwen.log" 2>&1
+    grep -h "| qwen" "$out"/e2e-qwen/bench_e2e.md | cut -d'|' -f3-12 ;;
+  probe)
+    timeout 200 python3 scripts/probe_static_decode.py llama-3.1-8b 8192 32768 2>&1 | grep -v Warn | tail -40 ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
