@@ -11,7 +11,8 @@ from transformers import LlamaConfig
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, prefill
 from dash_prefill.bench import cli, runner, shapes
-from dash_prefill.bench.hooks import cache_of, hooks_prefill
+from dash_prefill.adapters import output_cache
+from dash_prefill.bench.hooks import hooks_prefill
 from dash_prefill.bench.timing import cache_bytes, measure, plain_method
 
 # Published parameter counts (Gemma-3-4B: the language model only).
@@ -102,7 +103,7 @@ def test_measure_reports_ordered_times_and_the_cache_size():
     timing = measure(plain_method, model, ids, warmup=1, repeats=3)
     assert 0 < timing.min_s <= timing.median_s <= timing.max_s
     assert (timing.peak_bytes is None) == (ids.device.type == "cpu")  # CUDA only
-    cache = cache_of(model(ids, use_cache=True))
+    cache = output_cache(model(ids, use_cache=True))
     assert timing.kv_cache_bytes == cache_bytes(cache) > 0
 
 

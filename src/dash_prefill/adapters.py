@@ -27,6 +27,12 @@ def _cache_keyword(module_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def output_cache(output):
+    """The cache of a HF causal-LM output (``cache`` in recent transformers, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def generate_cache_keyword(model) -> str:
     """The keyword under which ``model``'s forward (and HF ``generate``) takes a cache."""
     return _cache_keyword(type(model))

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .adapters import context_limit, input_device
+from .adapters import context_limit, input_device, output_cache
 from .config import DashConfig
 from .decode import decode_step
 from .prefill import PrefillStats, prefill
@@ -51,8 +51,7 @@ def plain_prefill(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, object]
     """The model's own forward on the prompt, computing only the last position's logits (the
     fair baseline): (logits (batch, vocab), its cache)."""
     output = model(input_ids, use_cache=True, logits_to_keep=1)
-    cache = getattr(output, "cache", None)  # ``cache`` in recent transformers
-    return output.logits[:, -1], cache if cache is not None else output.past_key_values
+    return output.logits[:, -1], output_cache(output)
 
 
 def chat_prompt(tokenizer, text: str) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..adapters import output_cache
 from ..policy import delta_norm, select_active
 
 
@@ -122,10 +123,4 @@ def hooks_prefill(model: nn.Module, input_ids: torch.Tensor, halt_ratio: float, 
     press = HookPress(model, halt_ratio, start_layer, protect_first, protect_last)
     with press():
         output = model(input_ids, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1].float(), cache_of(output)
-
-
-def cache_of(output):
-    """The cache of a HF causal-LM output (``cache`` in recent transformers, else ``past_key_values``)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
+    return output.logits[:, -1].float(), output_cache(output)

@@ -21,7 +21,7 @@ from transformers import (
 
 from ..config import DashConfig
 from ..prefill import prefill
-from .hooks import cache_of
+from ..adapters import output_cache
 from .shapes import _random_init, _rope, _skip_init
 
 
@@ -104,7 +104,7 @@ def synthetic_inputs(model, image_tokens: int, text_tokens: int, device, seed: i
 def vlm_plain_method(model, inputs):
     """The model's own forward over the whole prompt, last position's logits only."""
     output = model(**inputs, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], cache_of(output), 1.0
+    return output.logits[:, -1], output_cache(output), 1.0
 
 
 def vlm_dash_method(config: DashConfig, vision_config: DashConfig | None = None):
