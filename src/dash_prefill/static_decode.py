@@ -96,18 +96,16 @@ class StaticDecoder:
             raise ValueError("static_decode masks the preallocated slots, which flash_attention_2 cannot; "
                              "load the model with attn_implementation='sdpa' or use static_decode=False")
         self.first = [layer.keys.shape[2] for layer in state.cache.layers]  # host ints
-        extra = [slot_count(first, new_tokens) - first for first in self.first]
-        self.keys = [self._grown(layer.keys, more) for layer, more in zip(state.cache.layers, extra)]
-        self.values = [self._grown(layer.values, more) for layer, more in zip(state.cache.layers, extra)]
+        self.keys = [self._grown(layer.keys, new_tokens) for layer in state.cache.layers]
+        self.values = [self._grown(layer.values, new_tokens) for layer in state.cache.layers]
         groups: dict[int, int] = {}
         self.group_of, self.positions, self.written, self.group_first = [], [], [], []
         for layout in state.key_layouts:
             if id(layout) not in groups:
                 groups[id(layout)] = len(self.positions)
                 real = layout.real if layout.real is not None else torch.ones_like(layout.positions, dtype=torch.bool)
-                more = slot_count(layout.num_keys, new_tokens) - layout.num_keys
-                self.positions.append(self._grown(layout.positions, more, dim=1))
-                self.written.append(self._grown(real, more, dim=1))
+                self.positions.append(self._grown(layout.positions, new_tokens, dim=1))
+                self.written.append(self._grown(real, new_tokens, dim=1))
                 self.group_first.append(layout.num_keys)
             self.group_of.append(groups[id(layout)])
         self.next_positions = state.next_positions.to(adapter.device)  # (batch,)
@@ -115,9 +113,10 @@ class StaticDecoder:
         self.count = torch.zeros((), dtype=torch.long, device=adapter.device)  # tokens written so far
 
     @staticmethod
-    def _grown(tensor: torch.Tensor, extra: int, dim: int = 2) -> torch.Tensor:
+    def _grown(tensor: torch.Tensor, new_tokens: int, dim: int = 2) -> torch.Tensor:
+        """``tensor`` followed by zeros along ``dim`` up to :func:`slot_count` slots."""
         shape = list(tensor.shape)
-        shape[dim] = extra
+        shape[dim] = slot_count(shape[dim], new_tokens) - shape[dim]
         return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

@@ -230,6 +230,12 @@ def print_table(rows: list[dict], syncs: list[dict] = ()) -> None:
               f"{record['method']} ρ={record['halt_ratio']}: {record['sync_warnings']}")
 
 
+def _header(args, device: torch.device, dtype: torch.dtype, **extra) -> dict:
+    """The header record of a results file: the machine, the command's options and ``extra``."""
+    return header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
+                  warmup=args.warmup, repeats=args.repeats, seed=args.seed, **extra)
+
+
 def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
     """``--new-tokens``: the end-to-end table (bench/e2e.py); ValueError for bad input."""
     from .e2e import bandwidth_for, run_e2e
@@ -243,9 +249,7 @@ def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
         _check_context(f"{arch} (prompt + {max(args.new_tokens)} new tokens)",
                        arch_config(arch).max_position_embeddings, [n + max(args.new_tokens) for n in args.lengths])
     bandwidth = bandwidth_for(device, args.bandwidth)
-    head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn,
-                  gpus=args.gpus, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                  new_tokens=args.new_tokens, methods=list(args.methods), bandwidth=bandwidth)
+    head = _header(args, device, dtype, new_tokens=args.new_tokens, methods=list(args.methods), bandwidth=bandwidth)
 
     def save(rows: list[dict]) -> None:  # after every length, so a run stopped later keeps these
         if args.out:
@@ -297,8 +301,7 @@ def main(args: argparse.Namespace) -> int:
                          policies=args.policies)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
-        head = header(device, dtype=args.dtype or str(dtype).removeprefix("torch."), attn=args.attn, gpus=args.gpus,
-                      warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+        head = _header(args, device, dtype)
 
         def save(rows: list[dict], syncs: list[dict]) -> None:  # after every length: a run stopped later keeps these
             if args.out:

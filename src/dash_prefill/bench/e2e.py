@@ -54,12 +54,12 @@ class Clock:
     """
 
     def __init__(self, marks: list[int], device: torch.device):
-        self.marks, self.device, self.count, self.times = set(marks), device, 0, {}
-        self.begin = time.perf_counter()
+        self.marks, self.device = set(marks), device
+        self.count, self.times, self.prompt_seen, self.begin = 0, {}, False, 0.0
 
     def start(self) -> None:
         _synchronize(self.device)
-        self.count, self.times, self.begin = 0, {}, time.perf_counter()
+        self.count, self.times, self.prompt_seen, self.begin = 0, {}, False, time.perf_counter()
 
     def _tick(self) -> None:
         self.count += 1
@@ -68,9 +68,9 @@ class Clock:
             self.times[self.count] = time.perf_counter() - self.begin
 
     def put(self, value) -> None:  # streamer: the prompt first, then one token per call
-        if self._prompt_seen:
+        if self.prompt_seen:
             self._tick()
-        self._prompt_seen = True
+        self.prompt_seen = True
 
     def end(self) -> None:
         pass
@@ -79,13 +79,10 @@ class Clock:
         self._tick()
         return scores
 
-    _prompt_seen = False
-
     def stop(self) -> dict[int, float]:
         """Seconds from :meth:`start` to each mark reached; the last mark is the run's end."""
         _synchronize(self.device)
         self.times[max(self.marks)] = time.perf_counter() - self.begin
-        self._prompt_seen = False
         return self.times
 
 
