@@ -152,7 +152,8 @@ def test_out_of_memory_is_recorded_and_the_run_continues(tiny_arch, monkeypatch)
         return real(fn, model, ids, *rest)
     monkeypatch.setattr(runner, "measure", measure_or_oom)
     plan = runner.BenchPlan(targets=[runner.Target(tiny_arch, lambda: build_model("llama"))], lengths=[32],
-                            batches=[1], settings=[(1, 0.5)], device=torch.device("cpu"), warmup=0, repeats=1)
+                            batches=[1], settings=[(1, 0.5)], device=torch.get_default_device(), warmup=0,
+                            repeats=1)
     rows, _ = runner.run_bench(plan)
     assert rows[0]["status"] == "oom" and rows[0]["median_s"] is None and rows[0]["speedup"] is None
     assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows[1:])

@@ -34,7 +34,7 @@ def test_norms_at_the_start_layer_are_the_engines_scores(family):
     assert absolute.shape == relative.shape == (4, len(ids))
     for score, norms in (("absolute", absolute), ("relative", relative)):
         state = prefill(model, ids[None], DashConfig(halt_ratio=0.5, start_layer=2, score=score))
-        torch.testing.assert_close(norms[2], state.scores[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norms[2], state.scores[0].cpu(), rtol=1e-4, atol=1e-5)
 
 
 def test_inspect_writes_a_plot_and_greys_exactly_the_halted_tokens(tmp_path):

@@ -129,7 +129,7 @@ def test_smollm2_tokenizer_round_trips_text(smollm2):
 @pytest.mark.integration
 def test_smollm2_greedy_next_token_after_capital_of_france_is_paris(smollm2):
     model, tokenizer = smollm2
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)
     with torch.no_grad():
         next_id = model(**inputs).logits[0, -1].argmax()
     assert "Paris" in tokenizer.decode(next_id)

@@ -80,10 +80,9 @@ def plot_norms(absolute: torch.Tensor, relative: torch.Tensor, start_layer: int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    q = torch.tensor(QUANTILES)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, values, name in ((axes[0], absolute, "||U_t||"), (axes[1], relative, "||U_t|| / ||h_t||")):
-        bands = torch.quantile(values.float(), q, dim=1).numpy()  # (quantiles, layers)
+        bands = torch.quantile(values.float().cpu(), torch.tensor(QUANTILES, device="cpu"), dim=1).numpy()  # (quantiles, layers)
         layers = range(values.shape[0])
         ax.fill_between(layers, bands[0], bands[4], alpha=0.2, color="C0", label="5-95 %")
         ax.fill_between(layers, bands[1], bands[3], alpha=0.4, color="C0", label="25-75 %")
