@@ -30,13 +30,13 @@ def ms(fn, repeats=1):
 def main(arch="llama-3.1-8b", *lengths):
     lengths = [int(n) for n in lengths] or [8192, 32768]
     model = build_random_model(arch, torch.bfloat16, torch.device("cuda"), "sdpa")
-    grouped = sd._grouped_attention
+    grouped = sd.grouped_attention
     for length in lengths:
         ids = random_ids(1, length, model.config.vocab_size, "cuda")
         for ratio in (0.0, 0.5):
             config = DashConfig(halt_ratio=ratio, start_layer=0.4, protect_first=4, protect_last=64)
             for use_grouped in (True, False):
-                sd._grouped_attention = grouped if use_grouped else (lambda config: contextlib.nullcontext())
+                sd.grouped_attention = grouped if use_grouped else (lambda config: contextlib.nullcontext())
                 with torch.inference_mode():
                     state = prefill(model, ids, config)
                     token = state.logits.argmax(-1)[:, None]
@@ -50,7 +50,7 @@ def main(arch="llama-3.1-8b", *lengths):
                       f"{first:.1f} ms, replay {replay:.2f} ms/token, eager {eager:.2f} ms/token", flush=True)
                 del state, step, decoder
                 torch.cuda.empty_cache()
-        sd._grouped_attention = grouped
+        sd.grouped_attention = grouped
         with torch.inference_mode():
             state = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=0.4, protect_first=4, protect_last=64))
             decoder = sd.StaticDecoder(model, state, 200)

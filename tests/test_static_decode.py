@@ -142,6 +142,29 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
     # A wrong grouping (query heads paired with the wrong key head) would not match:
     swapped, _ = grouped_sdpa(module, query.flip(1), key, value, mask, scaling=0.3)
     assert not torch.allclose(swapped.flip(2), theirs)
+    # Without a mask the one query sees every key, as in HF's sdpa:
+    unmasked, _ = grouped_sdpa(module, query, key, value, None, scaling=0.3)
+    torch.testing.assert_close(unmasked, sdpa_attention_forward(module, query, key, value, None, scaling=0.3)[0])
+    assert not torch.allclose(unmasked, ours)
+
+
+def test_eager_decoding_uses_grouped_sdpa_on_a_gpu_only(monkeypatch):
+    import dash_prefill.decode as decode
+
+    calls = []
+    real = decode.grouped_sdpa
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setitem(decode.AttentionInterface._global_mapping, decode.GROUPED_SDPA, counting)
+    model = build_model("llama")
+    for ratio in (0.0, 0.5):  # unmasked and masked steps
+        calls.clear()
+        state = prefill(model, random_ids(1, 20), _config(ratio))
+        decode.decode_step(model, state, random_ids(1, 1))
+        assert len(calls) == (model.config.num_hidden_layers if CUDA else 0)
+        assert model.config._attn_implementation == "sdpa"
 
 
 def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(monkeypatch):

@@ -163,6 +163,14 @@ def attention(context: ScoreContext) -> torch.Tensor:
     return context.attention().mean(dim=(1, 2))
 
 
+@register("attention-max", query_aware=True)
+def attention_max(context: ScoreContext) -> torch.Tensor:
+    """Attention received from the question window, mean over its queries, MAX over heads: a
+    token survives when any one head looks at it (a retrieval head's peak is not averaged away
+    by the many heads that attend locally)."""
+    return context.attention().mean(dim=2).amax(dim=1)
+
+
 @register("contribution", query_aware=True)
 def contribution(context: ScoreContext) -> torch.Tensor:
     """What token t adds to the question window's attention output: Σ_h mean_q a_hqt ||v_ht||

@@ -11,58 +11,16 @@ table that reads positions on the host, dynamic / long RoPE) the same step runs 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AttentionInterface  # noqa: F401  (tests patch its registry here)
 
 from .adapters import adapter_for, device_of
+from .decode import GROUPED_SDPA, grouped_attention, grouped_sdpa  # noqa: F401
 from .prefill import PrefillResult, layer_step
 
 logger = logging.getLogger(__name__)
-GROUPED_SDPA = "dash_prefill_grouped_sdpa"
-
-
-def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention of one query per row as two matrix products, for HF attention modules.
-
-    The query heads that share a key head (GQA) become that head's queries, (batch, kv_heads,
-    groups, head_dim), so keys and values are read once and never repeated, and the products run
-    as cuBLAS GEMMs split over the keys. Measured on an H200 (Llama-3.1-8B shape, 32K keys, bf16),
-    HF's sdpa on this masked single-query step dispatched to cuDNN's flash kernel at 630 µs a
-    layer, 74% of the step (scripts/probe_static_decode.py). Softmax in float32; the
-    (batch, 1, 1, keys) boolean mask broadcasts over heads. Anything else goes to HF's sdpa.
-    """
-    batch, heads, queries, dim = query.shape
-    kv_heads = key.shape[1]
-    if queries != 1 or attention_mask is None or attention_mask.dtype != torch.bool or kwargs.get("softcap") \
-            or kwargs.get("s_aux") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
-    scale = scaling if scaling is not None else dim ** -0.5
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
-    weights = scores.masked_fill(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)
-    output = torch.matmul(weights, value)  # (batch, kv_heads, groups, head_dim)
-    return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
-
-
-@contextlib.contextmanager
-def _grouped_attention(config):
-    """Attention modules of ``config`` call :func:`grouped_sdpa` inside (sdpa models only)."""
-    if config._attn_implementation != "sdpa":
-        yield
-        return
-    config._attn_implementation = GROUPED_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = "sdpa"
 
 
 # Slots per layer are rounded up to a multiple of this: the attention products read the buffers
@@ -140,7 +98,7 @@ class StaticDecoder:
             self.written[group].index_fill_(1, slot, True)
         rotary, masks = {}, {}  # per layer type, per (group, window)
         eager = adapter.config._attn_implementation == "eager"
-        with _grouped_attention(adapter.config):
+        with grouped_attention(adapter.config):
             for idx, layer in enumerate(adapter.layers):
                 layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
                 if layer_type not in rotary:
