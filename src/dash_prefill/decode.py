@@ -96,7 +96,7 @@ def extend(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.Tensor
             layout, inputs = grown[id(old)]
             hidden = hidden.to(device_of(layer))
             rotary, mask = inputs.get(idx, hidden.device)
-            hidden, _ = layer_step(adapter, layer, hidden, rotary, mask, state.cache)
+            hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache)
             layouts.append(layout)
     state.key_layouts = layouts
     state.next_positions = state.next_positions + token_ids.shape[1]

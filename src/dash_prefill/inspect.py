@@ -65,10 +65,12 @@ def delta_norms(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     absolute, relative = [], []
     for idx, layer in enumerate(adapter.layers):
         rotary, mask = inputs.get(idx, hidden.device)
-        entering = hidden
-        hidden, output = layer_step(adapter, layer, hidden, rotary, mask, None)
-        absolute.append(delta_norm(output)[0])
-        relative.append(delta_norm(output, entering)[0])
+
+        def record(after, output, entering=hidden):  # U, read between the two sublayers
+            absolute.append(delta_norm(output)[0])
+            relative.append(delta_norm(output, entering)[0])
+            return after
+        hidden = layer_step(adapter, layer, hidden, rotary, mask, None, record)
     return torch.stack(absolute).cpu(), torch.stack(relative).cpu()
 
 

@@ -120,20 +120,23 @@ class LayerInputs:
 
 
 def layer_step(adapter: PreNormAdapter, layer, hidden: torch.Tensor, rotary, mask, cache,
-               gate=None) -> tuple[torch.Tensor, torch.Tensor]:
+               gate=None) -> torch.Tensor:
     """One decoder layer, shared by prefill, decoding and ``inspect``.
 
     hidden : (batch, seq, hidden), the residual stream entering the layer.
     gate : optional ``gate(h + U, U) -> (batch, kept, hidden)``, run between the attention and
-        the feed-forward sublayer: at the start layer it halts tokens and compacts the sequence.
-    Returns the residual stream leaving the layer and U (batch, seq, hidden), the attention
-    output DASH scores.
+        the feed-forward sublayer, where U (batch, seq, hidden) is the attention output DASH
+        scores: at the start layer it halts tokens and compacts the sequence; ``inspect`` reads
+        U there.
+    Returns the residual stream leaving the layer. U is not held through the feed-forward
+    sublayer, so the peak memory is the model's own layer's.
     """
     output = adapter.attention_output(layer, hidden, rotary, mask, cache)  # U: (batch, seq, hidden)
     hidden = hidden + adapter.residual_update(layer, output)
     if gate is not None:
         hidden = gate(hidden, output)  # (batch, kept, hidden)
-    return adapter.feed_forward(layer, hidden), output
+    del output
+    return adapter.feed_forward(layer, hidden)
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def run_layers(state: PrefillState, layers: range, gate: Gate | None = None) -> 
         if gate is not None and idx == gate.start_layer:
             def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary):
                 return state.halt(gate, layer, idx, hidden, after, output, rotary)
-        state.hidden, _ = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt)
+        state.hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt)
         state.finish_layer(idx)
 
 
@@ -403,6 +406,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
                                                       vision_config, [config])
     gate = _gate(config, adapter, prompt, padding_mask, lengths)
     state = PrefillState(adapter, prompt, padding_mask, lengths)
+    del prompt  # the state owns the embeddings: they are freed once the first layer has run
     run_layers(state, range(len(adapter.layers)), gate)
     return state.result(model, gate)
 
@@ -419,6 +423,7 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
     gates = [_gate(config, adapter, prompt, padding_mask, lengths) for config in configs]
     shared = min(num_layers if gate is None else gate.start_layer for gate in gates)
     trunk = PrefillState(adapter, prompt, padding_mask, lengths)
+    del prompt  # the state owns the embeddings
     run_layers(trunk, range(shared))
     results = []
     for gate in gates:

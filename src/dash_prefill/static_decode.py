@@ -105,7 +105,7 @@ class StaticDecoder:
                     rotary[layer_type] = adapter.rotary(hidden, rope, idx)
                 if key not in masks:
                     masks[key] = self._mask(*key, positions, hidden.dtype, eager)
-                hidden, _ = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
+                hidden = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
         self.count += 1
         return adapter.logits(hidden[:, -1])
 
