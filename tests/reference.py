@@ -88,10 +88,12 @@ def _update_hook(layer, captured):
 
 @torch.no_grad()
 def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None,
-                      frozen_keys=False, **multimodal):
+                      frozen_keys=False, later_gates=(), **multimodal):
     """Returns (last-position logits, cache holding every token in every layer).
 
     active : (batch, seq) bool, the tokens that keep running after ``start_layer``.
+    later_gates : ((layer, active), ...) later gates, each with the (smaller) set of tokens
+        that keep running after it.
     prompt_len : tokens from this index on are decoded ones: they see no halted key even in
         the start layer (whose cache dropped the halted tokens after scoring).
     frozen_keys : halted tokens stay visible in later layers, their hidden state frozen at
@@ -118,12 +120,15 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         allowed = causal.clone()
         if types[idx] == "sliding_attention":
             allowed &= query - key < config.sliding_window
+        gates = [(start_layer, active), *later_gates]
+        reaching = [a for layer_idx, a in gates if layer_idx < idx]  # tokens that reach this layer
+        here = [a for layer_idx, a in gates if layer_idx == idx]  # its cache keeps only these
         if frozen_keys:
             pass
-        elif idx > start_layer:
-            allowed &= active[:, None, :]
-        elif idx == start_layer and prompt_len is not None:
-            allowed[:, prompt_len:] &= active[:, None, :]
+        elif reaching:
+            allowed &= reaching[-1][:, None, :]
+        if not frozen_keys and here and prompt_len is not None:
+            allowed[:, prompt_len:] &= here[0][:, None, :]
         allowed |= eye
         if config.model_type == "gemma3_text":
             rotary = base.rotary_emb(hidden, rope, types[idx])
@@ -144,6 +149,21 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits, cache
+
+
+@torch.no_grad()
+def update_norms(model, input_ids, layer, start_layer, active, **later):
+    """||U_t|| at ``layer`` of the masked forward with ``active`` from ``start_layer`` (the
+    output of the layer's attention module, as ``start_layer_scores``). (batch, seq)."""
+    base = getattr(model.model, "language_model", model.model)
+    captured = {}
+    handle = base.layers[layer].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(u=output[0]))
+    try:
+        reference_forward(model, input_ids, start_layer, active, **later)
+    finally:
+        handle.remove()
+    return captured["u"].float().norm(dim=-1)
 
 
 @torch.no_grad()

@@ -41,3 +41,23 @@ def test_frozen_keys_cost_more_than_dropping_them_but_less_than_plain():
     dropped = ideal_speedup(config, 4096, 1, 0.5)
     frozen = ideal_speedup(config, 4096, 1, 0.5, frozen_keys=True)
     assert 1.0 < frozen < dropped
+
+
+def test_a_later_gate_costs_the_tokens_entering_each_layer():
+    """Layer by layer by hand: 4 layers, gates at 1 (keep 1/2) and 2 (keep 1/4), 64 tokens."""
+    from transformers import LlamaConfig
+
+    from dash_prefill.cost import attended_pairs, prefill_flops
+
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=10)
+    head, kv = 4, 2 * 8 * 4 * 2 * 1
+    projections, mlp, per_pair = 2 * 8 * 4 * 2 * 2 + kv, 2 * 3 * 8 * 16, 4 * 2 * 4
+    by_hand = 2.0 * 8 * 10  # last position's logits
+    by_hand += (projections + mlp) * 64 + per_pair * attended_pairs(64, None)  # layer 0
+    by_hand += projections * 64 + per_pair * attended_pairs(64, None) + mlp * 32  # gate 1
+    by_hand += projections * 32 + per_pair * attended_pairs(32, None) + mlp * 16  # gate 2
+    by_hand += (projections + mlp) * 16 + per_pair * attended_pairs(16, None)  # layer 3
+    assert head == 8 // 2
+    assert prefill_flops(config, 64, 1, 0.5, later_gates=[(2, 0.25)]) == by_hand
+    assert prefill_flops(config, 64, 1, 0.5, later_gates=[(2, 0.25)]) < prefill_flops(config, 64, 1, 0.5)

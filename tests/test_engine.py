@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
-from reference import reference_forward
+from reference import reference_forward, start_layer_scores, top_tokens, update_norms
 
 SEQ = 40
 
@@ -116,21 +116,25 @@ def test_relative_score_divides_by_the_residual_norm(family):
     assert_close(result.scores[0], update.norm(dim=-1) / hidden.norm(dim=-1))
 
 
-@pytest.mark.parametrize("frozen_keys", [False, True])
-def test_left_padded_batch_equals_each_row_alone(family, frozen_keys):
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(frozen_keys=True),
+    dict(policy="attention", pool=3, later_gates=((2, 0.75),)),  # two gates, pooled, filler slots
+])
+def test_left_padded_batch_equals_each_row_alone(family, variant):
     model = build_model(family)
     lengths = [SEQ, 29, 17]
     rows = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     ids = torch.stack([torch.cat([torch.zeros(SEQ - len(r), dtype=torch.long), r]) for r in rows])
     mask = torch.stack([torch.cat([torch.zeros(SEQ - len(r)), torch.ones(len(r))]).long() for r in rows])
-    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2,
-                        frozen_keys=frozen_keys)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2, **variant)
+    final = config.later_gates[-1][1] if config.later_gates else 0.5
     batch = prefill(model, ids, config, attention_mask=mask)
     next_token = batch.logits.argmax(-1)
     batch_step = decode_step(model, batch, next_token[:, None])
     for i, row in enumerate(rows):
         alone = prefill(model, row[None], config)
-        assert batch.stats.kept_tokens[i] == alone.stats.kept_tokens[0] == len(row) - int(0.5 * len(row))
+        assert batch.stats.kept_tokens[i] == alone.stats.kept_tokens[0] == len(row) - int(final * len(row))
         assert_close(batch.logits[i], alone.logits[0], atol=2e-5, rtol=1e-4)
         alone_step = decode_step(model, alone, next_token[i, None, None])
         assert_close(batch_step[i], alone_step[0], atol=2e-5, rtol=1e-4)
@@ -263,3 +267,30 @@ def test_teacher_forced_tokens_give_the_logits_of_decoding_them_one_by_one(famil
     stepped = torch.stack([decode_step(model, state, follow[:, i:i + 1]) for i in range(5)], dim=1)
     assert forced.shape == (2, 5, model.config.vocab_size)
     assert_close(forced, stepped, atol=2e-5, rtol=1e-4)
+
+
+def test_a_later_gate_halts_more_of_the_survivors_exactly_as_the_masked_reference(family, implementation):
+    """Two gates: DASH at layer 1 keeps 60%, then ||U|| at layer 2 (of the masked forward, so
+    computed without the engine) keeps 30% of the prompt; logits, survivors and the decoded
+    token's logits equal the masked reference with those two active sets."""
+    model = build_model(family, implementation)
+    ids = random_ids(2, SEQ)
+    config = DashConfig(halt_ratio=0.4, start_layer=1, protect_first=2, protect_last=3, later_gates=((2, 0.7),))
+    first = top_tokens(start_layer_scores(model, ids, 1), 0.4, 2, 3)
+    norms = update_norms(model, ids, 2, 1, first).masked_fill(~first, float("-inf"))
+    second = top_tokens(norms, 0.7, 2, 3)
+    assert (second <= first).all() and second.sum(-1).tolist() == [SEQ - int(0.7 * SEQ)] * 2
+    result = prefill(model, ids, config)
+    assert_close(_active_mask(result, 2, SEQ), second)
+    expected, _ = reference_forward(model, ids, 1, first, later_gates=((2, second),))
+    assert_close(result.logits, expected)
+    kept = [SEQ, SEQ - int(0.4 * SEQ), SEQ - int(0.7 * SEQ)]  # entries before, at and after the gates
+    for layer, cached in enumerate(result.cache.layers):
+        if _window_keep(model, layer) is None:
+            assert cached.keys.shape[2] == kept[min(layer, 2)], f"layer {layer}"
+    token = result.logits.argmax(-1)[:, None]
+    logits = decode_step(model, result, token)
+    new = torch.ones(2, 1, dtype=torch.bool)
+    decoded, _ = reference_forward(model, torch.cat([ids, token], 1), 1, torch.cat([first, new], 1),
+                                   prompt_len=SEQ, later_gates=((2, torch.cat([second, new], 1)),))
+    assert_close(logits, decoded)

@@ -18,10 +18,18 @@ from dash_prefill.generation import generate
     ({"protect_last": -2}, r"protect_last must be an int >= 0"),
     ({"policy": "fastv"}, r"policy must be one of"),
     ({"score": "l1"}, r"score must be one of"),
+    ({"later_gates": ((0.6, 0.4),)}, r"each later gate must halt more of the prompt than the gate before"),
+    ({"later_gates": (0.6, 0.9)}, r"later_gates must be a tuple of \(start_layer, halt_ratio\) pairs"),
+    ({"later_gates": ((0.6, 0.9),), "frozen_keys": True}, r"later_gates work with frozen_keys=False"),
 ])
 def test_invalid_config_is_rejected_with_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DashConfig(**kwargs)
+
+
+def test_a_later_gate_before_the_start_layer_names_both_layers():
+    with pytest.raises(ValueError, match=r"later gate at layer 1 \(start_layer=1\) must come after the gate at layer 2"):
+        prefill(build_model("llama"), random_ids(1, 10), DashConfig(start_layer=2, later_gates=((1, 0.8),)))
 
 
 def test_start_layer_beyond_the_model_names_the_depth():

@@ -14,7 +14,7 @@ from dash_prefill.eval import cli, runner
 from dash_prefill.eval.fidelity import evaluate_fidelity
 from dash_prefill.eval.report import summarize, write_report
 from dash_prefill.eval.runner import (
-    PLAIN, encode_sample, evaluate, parse_policies, parse_policy, read_records, sample_configs)
+    PLAIN, encode_sample, evaluate, parse_policies, parse_policy, policy_label, read_records, sample_configs)
 from dash_prefill.eval.tasks import generate_samples
 
 # Small ops on a shared CPU run far faster single-threaded.
@@ -76,6 +76,9 @@ def test_policy_labels_parse_to_configs():
         parse_policy("fastv@0.5")
     pooled = parse_policy("contribution@0.75/s0.3/p15")
     assert (pooled.policy, pooled.halt_ratio, pooled.start_layer, pooled.pool) == ("contribution", 0.75, 0.3, 15)
+    gated = parse_policy("attention@0.75/s14/p63+0.9/s0.6+0.95/s20")
+    assert (gated.start_layer, gated.pool, gated.later_gates) == (14, 63, ((0.6, 0.9), (20, 0.95)))
+    assert parse_policy(policy_label(gated)) == gated
 
 
 @pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel-kv@0.25/s12",

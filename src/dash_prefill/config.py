@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .policy import POLICIES as _REGISTERED
@@ -53,6 +54,11 @@ class DashConfig:
         Which tokens may halt. "all": any unprotected prompt token, ρ is a fraction of the
         prompt. "image" (vision-language models): only image/video tokens, ρ is a fraction of
         them, text is always kept (the authors' setting for multimodal models).
+    later_gates : tuple of (start_layer, halt_ratio) pairs
+        Gates after the first (the start layer): at each, the same policy ranks the tokens
+        still computed and halts more of them, so that ``halt_ratio`` of the prompt is halted
+        from there on (a fraction of the prompt, not of the survivors). Each gate lies after the
+        one before and halts more. Empty (the paper): one gate.
     """
 
     halt_ratio: float = 0.5
@@ -65,21 +71,15 @@ class DashConfig:
     frozen_keys: bool = False
     eligible: str = "all"
     pool: int = 1
+    later_gates: tuple[tuple[int | float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
             raise ValueError(f"halt_ratio must be a number in [0, 1); got {self.halt_ratio!r}")
         if not 0.0 <= self.halt_ratio < 1.0:
             raise ValueError(f"halt_ratio must be in [0, 1); got {self.halt_ratio}")
-        start = self.start_layer
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ValueError(f"start_layer must be an int layer index or a float in (0, 1); got {start!r}")
-        if isinstance(start, int) and start < 0:
-            raise ValueError(f"start_layer must be >= 0; got {start}")
-        if isinstance(start, float) and not 0.0 < start < 1.0:
-            raise ValueError(
-                f"start_layer as a float is a fraction of depth and must be in (0, 1); got {start}"
-            )
+        _check_start(self.start_layer)
+        self._check_later_gates()
         for name in ("protect_first", "protect_last", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -95,6 +95,32 @@ class DashConfig:
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 
+    def _check_later_gates(self) -> None:
+        gates = self.later_gates
+        if isinstance(gates, list) and all(isinstance(g, (list, tuple)) for g in gates):  # read from JSON
+            gates = tuple(tuple(g) for g in gates)
+            object.__setattr__(self, "later_gates", gates)
+        if not isinstance(gates, tuple) or not all(isinstance(g, tuple) and len(g) == 2 for g in gates):
+            raise ValueError(f"later_gates must be a tuple of (start_layer, halt_ratio) pairs, e.g. "
+                             f"((0.6, 0.9),); got {gates!r}")
+        ratio = self.halt_ratio
+        for start, later in gates:
+            _check_start(start)
+            if isinstance(later, bool) or not isinstance(later, (int, float)) or not ratio < later < 1.0:
+                raise ValueError(f"each later gate must halt more of the prompt than the gate before "
+                                 f"(a halt_ratio in ({ratio}, 1)); got {later!r}")
+            ratio = later
+        if gates and (self.frozen_keys or self.eligible != "all"):
+            raise ValueError("later_gates work with frozen_keys=False and eligible='all' only")
+
+    def as_dict(self) -> dict:
+        """The fields, for a JSON record; ``later_gates`` only when there are some (so records
+        of one-gate settings read as before)."""
+        fields = dataclasses.asdict(self)
+        if not self.later_gates:
+            del fields["later_gates"]
+        return fields
+
     @property
     def scores_tokens(self) -> bool:
         """Whether a policy scores the tokens at a start layer (any policy but "none"); at
@@ -104,6 +130,27 @@ class DashConfig:
     def resolve_start_layer(self, num_layers: int) -> int:
         """The start layer as an index for a model with ``num_layers`` decoder layers."""
         return start_layer_index(self.start_layer, num_layers)
+
+    def resolve_gates(self, num_layers: int) -> list[tuple[int, float]]:
+        """Every gate as (layer index, halt_ratio), the start layer first; ValueError unless
+        each gate lies after the one before."""
+        gates = [(self.resolve_start_layer(num_layers), self.halt_ratio)]
+        for start, ratio in self.later_gates:
+            layer = start_layer_index(start, num_layers)
+            if layer <= gates[-1][0]:
+                raise ValueError(f"later gate at layer {layer} (start_layer={start}) must come after the "
+                                 f"gate at layer {gates[-1][0]}; with {num_layers} layers use a later one")
+            gates.append((layer, ratio))
+        return gates
+
+
+def _check_start(start) -> None:
+    if isinstance(start, bool) or not isinstance(start, (int, float)):
+        raise ValueError(f"start_layer must be an int layer index or a float in (0, 1); got {start!r}")
+    if isinstance(start, int) and start < 0:
+        raise ValueError(f"start_layer must be >= 0; got {start}")
+    if isinstance(start, float) and not 0.0 < start < 1.0:
+        raise ValueError(f"start_layer as a float is a fraction of depth and must be in (0, 1); got {start}")
 
 
 def start_layer_index(start_layer: int | float, num_layers: int) -> int:

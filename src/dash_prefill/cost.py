@@ -32,39 +32,42 @@ def attended_pairs(num_tokens: int, window: int | None) -> int:
 
 
 def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
-                  frozen_keys: bool = False) -> float:
-    """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``.
+                  frozen_keys: bool = False, later_gates=()) -> float:
+    """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``
+    (and, at each later gate ``(layer, kept_fraction)`` of ``later_gates``, fewer).
 
     ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill. With
     ``frozen_keys`` halted tokens still get key/value projections and are attended to.
+    A gate layer runs attention on the tokens entering it and its MLP on those it keeps.
     """
     d = _dims(config)
     key_values = 2 * d["hidden"] * d["head_dim"] * 2 * d["kv_heads"]
     projections = 2 * d["hidden"] * d["head_dim"] * 2 * d["heads"] + key_values
     mlp = 2 * 3 * d["hidden"] * d["mlp"]
     per_pair = 4 * d["heads"] * d["head_dim"]
-    kept = max(1, round(kept_fraction * seq_len))
+    gates = {start_layer: kept_fraction, **dict(later_gates)}
     total = 2.0 * d["hidden"] * d["vocab"]  # logits of the last position only
+    entering = 1.0  # fraction of the prompt's tokens entering the layer
     for layer, window in enumerate(layer_windows(config)):
+        leaving = gates.get(layer, entering)
+        tokens_in, tokens_out = (max(1, round(f * seq_len)) for f in (entering, leaving))
         full_pairs = attended_pairs(seq_len, window)
-        if layer < start_layer:
-            total += (projections + mlp) * seq_len + per_pair * full_pairs
-        elif layer == start_layer:
-            total += projections * seq_len + per_pair * full_pairs + mlp * kept
-        elif frozen_keys:
+        if frozen_keys and layer > start_layer:
             # Every key stays; only the queries thin out.
-            total += (projections + mlp) * kept + key_values * (seq_len - kept)
-            total += per_pair * full_pairs * kept_fraction
+            total += (projections + mlp) * tokens_in + key_values * (seq_len - tokens_in)
+            total += per_pair * full_pairs * entering
         else:
             # Survivors are spread over the original positions: pairs thin out quadratically.
-            pairs = attended_pairs(kept, None) if window is None else full_pairs * kept_fraction**2
-            total += (projections + mlp) * kept + per_pair * pairs
+            pairs = (full_pairs if entering == 1.0 else
+                     attended_pairs(tokens_in, None) if window is None else full_pairs * entering**2)
+            total += projections * tokens_in + per_pair * pairs + mlp * tokens_out
+        entering = leaving
     return total
 
 
 def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float,
-                  frozen_keys: bool = False) -> float:
+                  frozen_keys: bool = False, later_gates=()) -> float:
     """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
     num_layers = _dims(config)["layers"]
     full = prefill_flops(config, seq_len, num_layers)
-    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, frozen_keys)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, frozen_keys, later_gates)

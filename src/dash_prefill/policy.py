@@ -329,7 +329,10 @@ class Eligibility:
         ranked = scores.float().masked_fill(self.protected, float("inf"))
         if self.padding is not None:
             ranked = ranked.masked_fill(self.padding, float("-inf"))
-        index, order = ranked.topk(width, dim=-1, sorted=True).indices.sort(dim=-1)
+        # A stable sort breaks ties (pooled scores tie by construction) by position, so a row
+        # keeps the same tokens in a left-padded batch as alone.
+        best = ranked.sort(dim=-1, descending=True, stable=True).indices[:, :width]
+        index, order = best.sort(dim=-1)
         if min(self.kept) == width:
             return Selection(index=index, filled=None, kept_per_row=self.kept)
         # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.

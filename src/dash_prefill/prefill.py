@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -21,7 +21,7 @@ from .cache import KeyLayout, attention_mask, cached_tokens, crop_to_window, kee
 from .config import DashConfig
 from .cost import ideal_speedup
 from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
-from .policy import Eligibility, ScoreContext, Selection, policy_scores
+from .policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, span_max
 from .profiles import config_or_recommended
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ def layer_step(adapter: PreNormAdapter, layer, hidden: torch.Tensor, rotary, mas
 
 @dataclass(frozen=True)
 class Gate:
-    """Where and how one prefill halts: the config, its start layer index, and the record of
-    which tokens may halt (``policy.Eligibility``)."""
+    """Where and how one prefill halts: the config, the gate's layer index, and the record of
+    which tokens may halt and how many each row keeps from there on (``policy.Eligibility``).
+    A config with ``later_gates`` has several, the start layer's first."""
 
     config: DashConfig
     start_layer: int
@@ -206,11 +207,33 @@ class PrefillState:
         """The halting decision at the start layer: score every token, select the active set,
         compact once. hidden, after, output : (batch, seq, hidden) = h, h + U, U.
         Returns h + U of the active tokens (batch, kept, hidden)."""
-        self.scores = policy_scores(self._score_context(gate.config, layer, layer_idx, hidden, output, rotary))
-        self.selection = gate.eligibility.select(self.scores)
-        if self.selection.index.shape[1] == after.shape[1] and self.selection.filled is None:
+        context = self._score_context(gate.config, layer, layer_idx, hidden, output, rotary)
+        if self.selection is None:  # the first gate: every prompt token is still computed
+            self.scores = policy_scores(context)
+            self.selection = local = gate.eligibility.select(self.scores)
+        else:
+            self.selection, local = self._select_among_survivors(gate, context)
+        if local.index.shape[1] == after.shape[1] and local.filled is None:
             return after  # nothing halts
-        return self.compact(after, self.selection, layer_idx, gate.config.frozen_keys)
+        return self.compact(after, local, layer_idx, gate.config.frozen_keys)
+
+    def _select_among_survivors(self, gate: Gate, context: ScoreContext) -> tuple[Selection, Selection]:
+        """A later gate: rank the tokens still computed in the prompt's index space (pooled over
+        original neighbours; halted tokens and filler slots never lend a score nor return) and
+        keep the gate's count. Returns the selection in original indices and the same in
+        indices of the current, compacted sequence."""
+        survivors, filled = self.selection.index, self.selection.filled  # (batch, kept)
+        raw = POLICIES[gate.config.policy](context).float()  # (batch, kept)
+        if context.padding is not None:  # filler slots of rows that keep fewer tokens
+            raw = raw.masked_fill(context.padding, float("-inf"))
+        batch = raw.shape[0]
+        scores = raw.new_full((batch, self.seq_len), float("-inf")).scatter(1, survivors, raw)
+        alive = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=raw.device)
+        alive = alive.scatter(1, survivors, True if filled is None else filled)
+        scores = span_max(scores, gate.config.pool, ~alive)
+        chosen = replace(gate.eligibility, padding=~alive).select(scores)  # original indices
+        local = torch.searchsorted(survivors, chosen.index).clamp_max(survivors.shape[1] - 1)
+        return chosen, Selection(local, chosen.filled, chosen.kept_per_row)
 
     def _score_context(self, config: DashConfig, layer, layer_idx: int, hidden: torch.Tensor,
                        output: torch.Tensor, rotary) -> ScoreContext:
@@ -252,17 +275,18 @@ class PrefillState:
         self.layouts.append(self.cropped.setdefault((id(self.cached), window), kept))
         self.cached = self.layout  # later layers cache the tokens still computed
 
-    def result(self, model, gate: Gate | None) -> PrefillResult:
+    def result(self, model, gates: list[Gate]) -> PrefillResult:
         """The cache, the last position's logits and the stats."""
         num_layers, lengths = len(self.adapter.layers), self.lengths
         kept = self.selection.kept_per_row if self.selection is not None else lengths
         batch = len(lengths)
-        start = gate.start_layer if gate is not None else num_layers
-        frozen_keys = gate is not None and gate.config.frozen_keys
+        start = gates[0].start_layer if gates else num_layers
+        frozen_keys = bool(gates) and gates[0].config.frozen_keys
+        fractions = [(g.start_layer, max(g.eligibility.kept) / self.seq_len) for g in gates] or [(start, 1.0)]
         stats = PrefillStats(
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=kv_entries(self.cache),
-            ideal_speedup=ideal_speedup(model.config, self.seq_len, start, max(kept) / self.seq_len, frozen_keys),
+            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], frozen_keys, fractions[1:]),
             plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
         )
         return PrefillResult(
@@ -275,17 +299,18 @@ class PrefillState:
         )
 
 
-def run_layers(state: PrefillState, layers: range, gate: Gate | None = None) -> None:
-    """The prefill loop: run ``layers`` on ``state``; at the gate's start layer halt tokens and
-    compact the sequence once, so every later layer runs on the active tokens only."""
+def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> None:
+    """The prefill loop: run ``layers`` on ``state``; at a gate's layer halt tokens and compact
+    the sequence (once with one gate), so every later layer runs on the active tokens only."""
     adapter = state.adapter
+    at = {gate.start_layer: gate for gate in gates}
     for idx in layers:
         layer = adapter.layers[idx]
         hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
         rotary, mask = state.inputs.get(idx, hidden.device)  # at the tokens' original positions
         halt = None
-        if gate is not None and idx == gate.start_layer:
-            def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary):
+        if idx in at:
+            def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary, gate=at[idx]):
                 return state.halt(gate, layer, idx, hidden, after, output, rotary)
         state.hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt)
         state.finish_layer(idx)
@@ -364,17 +389,18 @@ def _prepare(model, input_ids, attention_mask, multimodal: dict, vision_config: 
     return adapter, prompt, padding_mask, lengths
 
 
-def _gate(config: DashConfig, adapter: PreNormAdapter, prompt: PromptInputs,
-          padding_mask: torch.Tensor | None, lengths: list[int]) -> Gate | None:
-    """The gate of ``config`` on this prompt, or None for plain prefill (policy "none")."""
+def _gates(config: DashConfig, adapter: PreNormAdapter, prompt: PromptInputs,
+           padding_mask: torch.Tensor | None, lengths: list[int]) -> list[Gate]:
+    """The gates of ``config`` on this prompt, the start layer's first; none for plain prefill
+    (policy "none")."""
     if not config.scores_tokens:
-        return None
+        return []
     device = prompt.embeds.device
     padding = None if padding_mask is None else ~padding_mask.to(device)
-    eligibility = Eligibility.of_prompt(
-        lengths, prompt.embeds.shape[1], config.halt_ratio, config.protect_first, config.protect_last,
-        padding, eligible_tokens(config, prompt, padding_mask), device)
-    return Gate(config, config.resolve_start_layer(len(adapter.layers)), eligibility)
+    eligible = eligible_tokens(config, prompt, padding_mask)
+    return [Gate(config, layer, Eligibility.of_prompt(lengths, prompt.embeds.shape[1], ratio, config.protect_first,
+                                                      config.protect_last, padding, eligible, device))
+            for layer, ratio in config.resolve_gates(len(adapter.layers))]
 
 
 @torch.no_grad()
@@ -404,11 +430,11 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     config = config_or_recommended(model, config)
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, [config])
-    gate = _gate(config, adapter, prompt, padding_mask, lengths)
+    gates = _gates(config, adapter, prompt, padding_mask, lengths)
     state = PrefillState(adapter, prompt, padding_mask, lengths)
     del prompt  # the state owns the embeddings: they are freed once the first layer has run
-    run_layers(state, range(len(adapter.layers)), gate)
-    return state.result(model, gate)
+    run_layers(state, range(len(adapter.layers)), gates)
+    return state.result(model, gates)
 
 
 @torch.no_grad()
@@ -420,14 +446,14 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, configs)
     num_layers = len(adapter.layers)
-    gates = [_gate(config, adapter, prompt, padding_mask, lengths) for config in configs]
-    shared = min(num_layers if gate is None else gate.start_layer for gate in gates)
+    branches = [_gates(config, adapter, prompt, padding_mask, lengths) for config in configs]
+    shared = min(gates[0].start_layer if gates else num_layers for gates in branches)
     trunk = PrefillState(adapter, prompt, padding_mask, lengths)
     del prompt  # the state owns the embeddings
     run_layers(trunk, range(shared))
     results = []
-    for gate in gates:
-        branch = trunk.fork() if len(gates) > 1 else trunk
-        run_layers(branch, range(shared, num_layers), gate)
-        results.append(branch.result(model, gate))
+    for gates in branches:
+        branch = trunk.fork() if len(branches) > 1 else trunk
+        run_layers(branch, range(shared, num_layers), gates)
+        results.append(branch.result(model, gates))
     return results

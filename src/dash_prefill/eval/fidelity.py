@@ -10,7 +10,6 @@ generators' prompts, drawn round-robin across tasks, built and protected exactly
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
@@ -99,7 +98,7 @@ def evaluate_fidelity(model, tokenizer, model_name: str, tasks, target_length: i
             records = _compare(model, tokenizer, samples[task][i], chosen, num_tokens, stop)
             for record, (label, config) in zip(records, chosen):
                 record.update(model=model_name, length=target_length, seed=seed, label=label,
-                              config=dataclasses.asdict(config), key_extra={"num_tokens": num_tokens},
+                              config=config.as_dict(), key_extra={"num_tokens": num_tokens},
                               **where)
                 done[key(task, i, label, config)] = record
             append_records(results_path, records)

@@ -36,15 +36,16 @@ logger = logging.getLogger(__name__)
 
 PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
 _NAMES = "|".join(sorted(map(re.escape, POLICIES), key=len, reverse=True))
-_LABEL = re.compile(rf"^({_NAMES})(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+))?$")
+_LABEL = re.compile(rf"^({_NAMES})(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+))?((?:\+[0-9.]+/s[0-9.]+)*)$")
 
 
 def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
-    """The config of a label: ``plain``, or ``POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL]``:
+    """The config of a label: ``plain``, or ``POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL][+RATIO/sSTART...]``:
     ``dash@0.5``, ``dash-rel@0.5`` (relative score), ``attention@0.5/p15`` (scores pooled
     over 15 tokens), ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12),
-    ``dash-kv@0.5`` (halted tokens stay visible as keys, ``frozen_keys``). POLICY is a name
-    in ``policy.POLICIES``.
+    ``dash-kv@0.5`` (halted tokens stay visible as keys, ``frozen_keys``),
+    ``attention@0.75/s14/p63+0.95/s17`` (a later gate at layer 17 halting 95% of the prompt,
+    ``later_gates``). POLICY is a name in ``policy.POLICIES``.
 
     ``protect_last`` is 0 here: the evaluation sets it per sample to the question's length.
     """
@@ -56,12 +57,17 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
         raise ValueError(f"cannot read policy label {label!r}; use plain or "
                          f"POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL] with POLICY one of "
                          f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
-    policy, relative, frozen, ratio, start, pool = match.groups()
+    policy, relative, frozen, ratio, start, pool, later = match.groups()
     if start is not None:
-        start_layer = float(start) if "." in start else int(start)
+        start_layer = _start(start)
+    gates = tuple((_start(at), float(r)) for r, at in (g.split("/s") for g in later.split("+")[1:]))
     return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
                       policy=policy, score="relative" if relative else "absolute",
-                      frozen_keys=frozen is not None, pool=int(pool or 1))
+                      frozen_keys=frozen is not None, pool=int(pool or 1), later_gates=gates)
+
+
+def _start(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
 
 
 def policy_label(config: DashConfig) -> str:
@@ -69,7 +75,8 @@ def policy_label(config: DashConfig) -> str:
     if not config.scores_tokens:
         return "plain"
     label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
-    return f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
+    label = f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
+    return label + "".join(f"+{ratio}/s{start}" for start, ratio in config.later_gates)
 
 
 def parse_policies(text: str, start_layer: int | float = 0.4,
@@ -183,7 +190,7 @@ def cell_key(kind: str, model_name: str, length: int, task: str, index: int, lab
     Config fields missing from older records take their defaults, so adding a field with a
     default to DashConfig does not invalidate finished cells.
     """
-    fields = dataclasses.asdict(config) if isinstance(config, DashConfig) else config
+    fields = config.as_dict() if isinstance(config, DashConfig) else config
     fields = {**{f.name: f.default for f in dataclasses.fields(DashConfig)}, **fields}
     return json.dumps([kind, model_name, length, task, index, label, fields, seed, extra],
                       sort_keys=True)
@@ -276,7 +283,7 @@ def evaluate(model, tokenizer, model_name: str, tasks, target_length: int, num_s
             records = run_sample(model, tokenizer, samples[i], chosen, stop)
             for record, (label, config) in zip(records, chosen):
                 record.update(model=model_name, length=target_length, seed=seed, label=label,
-                              config=dataclasses.asdict(config), **where)
+                              config=config.as_dict(), **where)
                 done[keys[task, i, label]] = record
             append_records(results_path, records)
             progress.update(1)
