@@ -148,40 +148,38 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
     assert not torch.allclose(unmasked, ours)
 
 
-def test_eager_decoding_uses_grouped_sdpa_on_a_gpu_only(monkeypatch):
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """The key shapes of every call of the registered grouped attention."""
     import dash_prefill.decode as decode
 
-    calls = []
-    real = decode.grouped_sdpa
+    calls, real = [], decode.grouped_sdpa
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return real(*args, **kwargs)
     monkeypatch.setitem(decode.AttentionInterface._global_mapping, decode.GROUPED_SDPA, counting)
+    return calls
+
+
+def test_eager_decoding_uses_grouped_sdpa_on_a_gpu_only(grouped_calls):
+    from dash_prefill.decode import decode_step
+
     model = build_model("llama")
     for ratio in (0.0, 0.5):  # unmasked and masked steps
-        calls.clear()
+        grouped_calls.clear()
         state = prefill(model, random_ids(1, 20), _config(ratio))
-        decode.decode_step(model, state, random_ids(1, 1))
-        assert len(calls) == (model.config.num_hidden_layers if CUDA else 0)
+        decode_step(model, state, random_ids(1, 1))
+        assert len(grouped_calls) == (model.config.num_hidden_layers if CUDA else 0)
         assert model.config._attn_implementation == "sdpa"
 
 
-def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(monkeypatch):
-    import dash_prefill.static_decode as static_decode
-
-    calls = []
-    real = static_decode.grouped_sdpa
-
-    def counting(*args, **kwargs):
-        calls.append(args[1].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setitem(static_decode.AttentionInterface._global_mapping, static_decode.GROUPED_SDPA, counting)
+def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(grouped_calls):
     model = build_model("llama")
     state = prefill(model, random_ids(1, 20), _config(0.5))
     decoder = StaticDecoder(model, state, 3)
     decoder.step(random_ids(1, 1))
-    assert len(calls) == model.config.num_hidden_layers
+    assert len(grouped_calls) == model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
 
 
