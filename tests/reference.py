@@ -116,11 +116,11 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
     rope = positions if rope is None else rope
     types = _layer_types(config)
     cache = DynamicCache()
+    gates = [(start_layer, active), *later_gates]
     for idx, layer in enumerate(base.layers):
         allowed = causal.clone()
         if types[idx] == "sliding_attention":
             allowed &= query - key < config.sliding_window
-        gates = [(start_layer, active), *later_gates]
         reaching = [a for layer_idx, a in gates if layer_idx < idx]  # tokens that reach this layer
         here = [a for layer_idx, a in gates if layer_idx == idx]  # its cache keeps only these
         if frozen_keys:

@@ -128,7 +128,7 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from dash_prefill.static_decode import grouped_sdpa
+    from dash_prefill.decode import grouped_sdpa
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)

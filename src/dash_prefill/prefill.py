@@ -204,8 +204,9 @@ class PrefillState:
 
     def halt(self, gate: Gate, layer, layer_idx: int, hidden: torch.Tensor, after: torch.Tensor,
              output: torch.Tensor, rotary) -> torch.Tensor:
-        """The halting decision at the start layer: score every token, select the active set,
-        compact once. hidden, after, output : (batch, seq, hidden) = h, h + U, U.
+        """The halting decision at a gate: score the tokens still computed, select the active
+        set, compact (at the start layer every token is scored; at a later gate, the survivors).
+        hidden, after, output : (batch, seq, hidden) = h, h + U, U.
         Returns h + U of the active tokens (batch, kept, hidden)."""
         context = self._score_context(gate.config, layer, layer_idx, hidden, output, rotary)
         if self.selection is None:  # the first gate: every prompt token is still computed

@@ -14,10 +14,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AttentionInterface  # noqa: F401  (tests patch its registry here)
 
 from .adapters import adapter_for, device_of
-from .decode import GROUPED_SDPA, grouped_attention, grouped_sdpa  # noqa: F401
+from .decode import grouped_attention
 from .prefill import PrefillResult, layer_step
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
     match = _LABEL.match(label)
     if match is None:
         raise ValueError(f"cannot read policy label {label!r}; use plain or "
-                         f"POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL] with POLICY one of "
+                         f"POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL][+RATIO/sSTART...] with POLICY one of "
                          f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
     policy, relative, frozen, ratio, start, pool, later = match.groups()
     if start is not None:
