@@ -303,3 +303,17 @@ def test_eval_preset_says_how_long_it_takes_before_it_starts(monkeypatch, capsys
         raise ValueError("stop here")
     monkeypatch.setattr(eval_cli, "_run_all", run_all)
     assert cli.main(["eval", "--preset", "quick", "--out", str(tmp_path)]) == 2
+
+
+def test_eval_rejects_a_later_gate_before_the_start_layer_before_any_sample(monkeypatch, capsys, tmp_path):
+    import dash_prefill.loading as loading
+    from dash_prefill.eval import cli as eval_cli
+
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: (build_model("llama"), CharTokenizer()))
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *args, **kwargs: pytest.fail("a sample ran"))
+    code = cli.main(["eval", "--model", "tiny", "--tasks", "passkey", "--samples", "1", "--length", "200",
+                     "--policies", "dash@0.5/s2+0.9/s1", "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: later gate at layer 1 (start_layer=1) must come after the gate at layer 2; "
+                   "with 4 layers use a later one"]

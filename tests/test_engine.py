@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
+from dash_prefill.cost import ideal_speedup
 from reference import reference_forward, start_layer_scores, top_tokens, update_norms
 
 SEQ = 40
@@ -285,6 +286,9 @@ def test_a_later_gate_halts_more_of_the_survivors_exactly_as_the_masked_referenc
     expected, _ = reference_forward(model, ids, 1, first, later_gates=((2, second),))
     assert_close(result.logits, expected)
     kept = [SEQ, SEQ - int(0.4 * SEQ), SEQ - int(0.7 * SEQ)]  # entries before, at and after the gates
+    assert result.stats.kept_tokens == [kept[2]] * 2 and result.stats.start_layer == 1
+    assert result.stats.ideal_speedup == ideal_speedup(model.config, SEQ, 1, kept[1] / SEQ,
+                                                       later_gates=[(2, kept[2] / SEQ)])
     for layer, cached in enumerate(result.cache.layers):
         if _window_keep(model, layer) is None:
             assert cached.keys.shape[2] == kept[min(layer, 2)], f"layer {layer}"

@@ -64,7 +64,7 @@ def chat_prompt(tokenizer, text: str) -> str:
 
 def check_fits(model, config: DashConfig | None, prompt_tokens: int, max_new_tokens: int) -> None:
     """ValueError, before any model work, unless the prompt and the new tokens fit the model's
-    context and the start layer lies inside the model."""
+    context and every gate (the start layer, any later gates) lies inside the model, in order."""
     from .loading import max_context
 
     limit = max_context(model)
@@ -76,7 +76,7 @@ def check_fits(model, config: DashConfig | None, prompt_tokens: int, max_new_tok
             f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
             f"but the model's context is {limit}; shorten the prompt or lower max_new_tokens")
     if config is not None and config.scores_tokens:
-        config.resolve_start_layer(model.config.get_text_config().num_hidden_layers)
+        config.resolve_gates(model.config.get_text_config().num_hidden_layers)
 
 
 def encode_prompts(tokenizer, prompts, pad_token_id: int, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,10 @@ def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
         policies = parse_policies(run.policies, start, calibrated)
         if run.start_layer is None:  # the labels name the start layer they ran at
             policies = [(policy_label(config), config) for _, config in policies]
+        layers = model.config.get_text_config().num_hidden_layers
+        for _, config in policies:  # every gate inside the model and in order, before any sample
+            if config.scores_tokens:
+                config.resolve_gates(layers)
         started = time.perf_counter()
         evaluate(model, tokenizer, run.model, run.tasks, run.length, run.samples, policies,
                  results, seed=args.seed)
