@@ -9,7 +9,7 @@
 #            eager paths to 128 tokens at 8K/32K
 #   fast     end to end, fast paths only, to 128 tokens at 8K/32K (about 150 s)
 #   eager    scripts/probe_eager_decode.py: eager decoding after rho=0 and rho=0.5, profiled
-#   prefill  TTFT and peak memory at 32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
+#   prefill  TTFT and peak memory at 8K/32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
 #   qwen     end to end, Qwen2.5-7B shape (32K context): fast paths at 8K and 32K
 #   probe    scripts/probe_static_decode.py at 8K and 32K
 set -uo pipefail
@@ -37,7 +37,7 @@ case "$step" in
     timeout 200 python3 scripts/probe_eager_decode.py llama-3.1-8b 32768 >"$out/eager.log" 2>&1
     grep -v Warn "$out/eager.log" | tail -80 ;;
   prefill)
-    timeout 500 $bench --arch llama-3.1-8b --lengths 32k,128k --settings 0.4:0.5,0.25:0.75 \
+    timeout 500 $bench --arch llama-3.1-8b --lengths 8k,32k,128k --settings 0.4:0.5,0.25:0.75 \
       --policies dash,attention/p63,contribution/p63 --no-hooks --warmup 1 --repeats 2 --sync-check \
       --out "$out/prefill" >"$out/prefill.log" 2>&1
     grep -vE "warn|bench:" "$out/prefill.log" | tail -20 ;;
