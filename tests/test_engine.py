@@ -201,6 +201,9 @@ def test_pooled_scores_are_the_sliding_maximum_of_the_unpooled_ones(family):
     pooled = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=4, pool=5)).scores[0]
     expected = torch.stack([raw[max(0, t - 2):t + 3].max() for t in range(SEQ)])
     assert_close(pooled, expected)
+    shifted = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=4, pool=5,
+                                             pool_offset=2)).scores[0]
+    assert_close(shifted, torch.stack([raw[max(0, t - 4):t + 1].max() for t in range(SEQ)]))
 
 
 def test_branches_sharing_the_trunk_equal_separate_prefills():

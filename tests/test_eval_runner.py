@@ -79,10 +79,12 @@ def test_policy_labels_parse_to_configs():
     gated = parse_policy("attention@0.75/s14/p63+0.9/s0.6+0.95/s20")
     assert (gated.start_layer, gated.pool, gated.later_gates) == (14, 63, ((0.6, 0.9), (20, 0.95)))
     assert parse_policy(policy_label(gated)) == gated
+    assert parse_policy("attention@0.9/s14/p63o24").pool_offset == 24
 
 
 @pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel-kv@0.25/s12",
-                                   "attention@0.75/s0.3/p15", "dash-question@0.9/s0.5/p31"])
+                                   "attention@0.75/s0.3/p15", "dash-question@0.9/s0.5/p31",
+                                   "attention@0.9/s14/p63o24", "attention@0.9/s14/p31o-8"])
 def test_policy_label_reads_back_into_the_same_config(label):
     from dash_prefill.eval.runner import policy_label
     assert policy_label(parse_policy(label)) == label

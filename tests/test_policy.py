@@ -81,6 +81,19 @@ def test_every_registered_policy_is_a_valid_config_and_says_whether_it_reads_the
     assert not POLICIES["dash"].query_aware and POLICIES["attention"].query_aware
 
 
+def test_an_offset_span_lies_after_the_high_score_by_the_offset():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert span_max(scores, 5, offset=2)[0].tolist() == [0.0] * 3 + [7.0] * 5 + [0.0]
+    assert span_max(scores, 5, offset=-2)[0].tolist() == [7.0] * 4 + [0.0] * 5
+    assert span_max(scores, 5)[0].tolist() == [0.0] + [7.0] * 5 + [0.0] * 3
+
+
+@pytest.mark.parametrize("offset", [3, -3, 1.0, True])
+def test_pool_offset_must_be_an_int_within_half_the_pool(offset):
+    with pytest.raises(ValueError, match="pool_offset must be an int"):
+        DashConfig(pool=5, pool_offset=offset)
+
+
 @pytest.mark.parametrize("pool", [0, 2, -1, 1.0, True])
 def test_pool_must_be_an_odd_positive_int(pool):
     with pytest.raises(ValueError, match="pool must be an odd int"):

@@ -50,6 +50,10 @@ class DashConfig:
         Odd width of a sliding maximum applied to the scores before selection (1: none): a
         token is kept when a token within ``pool // 2`` of it ranks high, so spans (a number,
         a phrase) stay whole.
+    pool_offset : int
+        Shifts the span a high-ranked token keeps by this many tokens toward what follows it
+        (|pool_offset| <= pool // 2; 0: centred). A needle's value follows the key the
+        question names, so a span placed after the key holds it with fewer tokens.
     eligible : {"all", "image"}
         Which tokens may halt. "all": any unprotected prompt token, ρ is a fraction of the
         prompt. "image" (vision-language models): only image/video tokens, ρ is a fraction of
@@ -71,6 +75,7 @@ class DashConfig:
     frozen_keys: bool = False
     eligible: str = "all"
     pool: int = 1
+    pool_offset: int = 0
     later_gates: tuple[tuple[int | float, float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -92,6 +97,10 @@ class DashConfig:
             raise ValueError(f"eligible must be one of {ELIGIBLE}; got {self.eligible!r}")
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"pool must be an odd int >= 1 (1: no pooling); got {self.pool!r}")
+        if (isinstance(self.pool_offset, bool) or not isinstance(self.pool_offset, int)
+                or abs(self.pool_offset) > self.pool // 2):
+            raise ValueError(f"pool_offset must be an int with |pool_offset| <= pool // 2 = {self.pool // 2}; "
+                             f"got {self.pool_offset!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
 

@@ -62,17 +62,25 @@ def random_scores(batch: int, seq_len: int, seed: int, device: torch.device) -> 
     return scores.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else scores.to(device)
 
 
-def span_max(scores: torch.Tensor, width: int, padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Sliding maximum of ``scores`` (batch, seq) over ``width`` neighbouring tokens (odd,
-    centred): a token scores as high as the best token near it, so a number or a phrase is
-    kept or halted whole. Padding never lends its score to real tokens. -> (batch, seq)."""
+def span_max(scores: torch.Tensor, width: int, padding: torch.Tensor | None = None,
+             offset: int = 0) -> torch.Tensor:
+    """Sliding maximum of ``scores`` (batch, seq) over ``width`` neighbouring tokens (odd): a
+    token scores as high as the best token near it, so a number or a phrase is kept or halted
+    whole. The span a high-ranked token at p lends its score to is [p - width//2 + offset,
+    p + width//2 + offset] (``offset`` > 0: more of what follows it, where a needle's value
+    follows the key the question names). Padding never lends its score to real tokens.
+    -> (batch, seq)."""
     if width <= 1:
         return scores
+    half = width // 2
+    if abs(offset) > half:
+        raise ValueError(f"the span offset ({offset}) must be at most half the pool width ({half})")
     scores = scores.float()
     if padding is not None:
         scores = scores.masked_fill(padding, float("-inf"))
-    pooled = torch.nn.functional.max_pool1d(scores[:, None], width, stride=1, padding=width // 2)
-    return pooled[:, 0]
+    # pooled[t] = max(scores[t - half - offset : t + half - offset + 1]), -inf past the ends
+    padded = torch.nn.functional.pad(scores[:, None], (half + offset, half - offset), value=float("-inf"))
+    return torch.nn.functional.max_pool1d(padded, width, stride=1)[:, 0]
 
 
 # ---------------------------------------------------------------------------- the interface
@@ -210,7 +218,7 @@ def parse_pooled(item: str) -> tuple[str, int]:
 def policy_scores(context: ScoreContext) -> torch.Tensor:
     """Scores (batch, seq) of the configured policy, pooled over ``config.pool`` tokens."""
     scores = POLICIES[context.config.policy](context)
-    return span_max(scores, context.config.pool, context.padding)
+    return span_max(scores, context.config.pool, context.padding, context.config.pool_offset)
 
 
 def halted_count(num_tokens: int, halt_ratio: float) -> int:

@@ -231,7 +231,7 @@ class PrefillState:
         scores = raw.new_full((batch, self.seq_len), float("-inf")).scatter(1, survivors, raw)
         alive = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=raw.device)
         alive = alive.scatter(1, survivors, True if filled is None else filled)
-        scores = span_max(scores, gate.config.pool, ~alive)
+        scores = span_max(scores, gate.config.pool, ~alive, gate.config.pool_offset)
         chosen = replace(gate.eligibility, padding=~alive).select(scores)  # original indices
         local = torch.searchsorted(survivors, chosen.index).clamp_max(survivors.shape[1] - 1)
         return chosen, Selection(local, chosen.filled, chosen.kept_per_row)
