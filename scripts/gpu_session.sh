@@ -5,10 +5,12 @@
 # Usage: scripts/gpu_session.sh STEP OUT
 #   suite    the whole test suite under DASH_TEST_DEVICE=cuda (alone on the GPU: about 80 s with
 #            -n 16; the registry models must be set up first, scripts/gpu_setup.sh)
-#   e2e      end to end, Llama-3.1-8B shape: fast paths to 512 tokens at 8K/32K/128K-512,
-#            eager paths to 128 tokens at 8K/32K
+#   e2e      end to end, Llama-3.1-8B shape: fast paths (hf-static, dash-static, dash-compiled)
+#            to 512 tokens at 8K/32K/128K-512
+#   eager    end to end, eager paths (hf, dash, dash-hf) to 128 tokens at 8K/32K
+#   syncs    scripts/probe_syncs.py: the stack of every host sync of the CUDA sync test's prefills
 #   fast     end to end, fast paths only, to 128 tokens at 8K/32K (about 150 s)
-#   eager    scripts/probe_eager_decode.py: eager decoding after rho=0 and rho=0.5, profiled
+#   eagerprobe  scripts/probe_eager_decode.py: eager decoding after rho=0 and rho=0.5, profiled
 #   prefill  TTFT and peak memory at 8K/32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
 #   qwen     end to end, Qwen2.5-7B shape (32K context): fast paths at 8K and 32K
 #   probe    scripts/probe_static_decode.py at 8K and 32K
@@ -24,16 +26,20 @@ case "$step" in
       >"$out/suite.log" 2>&1
     tail -2 "$out/suite.log"; grep -E "^(FAILED|ERROR)" "$out/suite.log" | cut -c1-200 | head -40 ;;
   e2e)
-    timeout 330 $e2e --arch llama-3.1-8b --lengths 8k,32k,130560 --new-tokens 32,128,512 \
-      --methods hf-static,dash-static --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
-    timeout 200 $e2e --arch llama-3.1-8b --lengths 8k,32k --new-tokens 32,128 --methods hf,dash,dash-hf \
+    timeout 570 $e2e --arch llama-3.1-8b --lengths 8k,32k,130560 --new-tokens 32,128,512 \
+      --methods hf-static,dash-static,dash-compiled --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
+    grep -h "| llama" "$out"/e2e-fast/bench_e2e.md | cut -d'|' -f3-12 ;;
+  eager)
+    timeout 250 $e2e --arch llama-3.1-8b --lengths 8k,32k --new-tokens 32,128 --methods hf,dash,dash-hf \
       --out "$out/e2e-eager" >"$out/e2e-eager.log" 2>&1
-    grep -h "| llama" "$out"/e2e-*/bench_e2e.md | cut -d'|' -f3-12 ;;
+    grep -h "| llama" "$out"/e2e-eager/bench_e2e.md | cut -d'|' -f3-12 ;;
+  syncs)
+    DASH_TEST_DEVICE=cuda timeout 120 python3 scripts/probe_syncs.py gemma3 llama mistral 2>&1 | grep -v Warn | tail -60 ;;
   fast)
     timeout 300 $e2e --arch llama-3.1-8b --lengths 8k,32k --new-tokens 32,128 \
       --methods hf-static,dash-static --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
     grep -h "| llama" "$out"/e2e-fast/bench_e2e.md | cut -d'|' -f3-12 ;;
-  eager)
+  eagerprobe)
     timeout 200 python3 scripts/probe_eager_decode.py llama-3.1-8b 32768 >"$out/eager.log" 2>&1
     grep -v Warn "$out/eager.log" | tail -80 ;;
   prefill)
@@ -42,8 +48,8 @@ case "$step" in
       --out "$out/prefill" >"$out/prefill.log" 2>&1
     grep -vE "warn|bench:" "$out/prefill.log" | tail -20 ;;
   qwen)
-    timeout 500 $e2e --arch qwen2.5-7b --lengths 8k,32000 --new-tokens 32,128,512 \
-      --methods hf-static,dash-static --out "$out/e2e-qwen" >"$out/e2e-qwen.log" 2>&1
+    timeout 330 $e2e --arch qwen2.5-7b --lengths 8k,32000 --new-tokens 32,128,512 \
+      --methods hf-static,dash-static,dash-compiled --out "$out/e2e-qwen" >"$out/e2e-qwen.log" 2>&1
     grep -h "| qwen" "$out"/e2e-qwen/bench_e2e.md | cut -d'|' -f3-12 ;;
   probe)
     timeout 200 python3 scripts/probe_static_decode.py llama-3.1-8b 8192 32768 2>&1 | grep -v Warn | tail -40 ;;

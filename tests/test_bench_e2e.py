@@ -15,7 +15,7 @@ from dash_prefill.cli import main as cli_main
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-METHODS = ["hf", "hf-static", "dash", "dash-static", "dash-hf"]
+METHODS = ["hf", "hf-static", "dash", "dash-static", "dash-compiled", "dash-hf"]
 
 
 @pytest.fixture
@@ -36,8 +36,8 @@ def test_new_tokens_times_every_method_and_each_decodes_n_tokens(tiny_arch, tmp_
     head, rows = records[0], records[1:]
     assert head["record"] == "header" and head["new_tokens"] == [3] and head["bandwidth"] is None
     assert [(r["method"], r["halt_ratio"]) for r in rows] == [
-        ("hf", 0.0), ("hf-static", 0.0), ("dash", 0.0), ("dash-static", 0.0), ("dash-hf", 0.0),
-        ("dash", 0.5), ("dash-static", 0.5), ("dash-hf", 0.5)]
+        ("hf", 0.0), ("hf-static", 0.0), ("dash", 0.0), ("dash-static", 0.0), ("dash-compiled", 0.0),
+        ("dash-hf", 0.0), ("dash", 0.5), ("dash-static", 0.5), ("dash-compiled", 0.5), ("dash-hf", 0.5)]
     table = [line for line in out.splitlines() if line.strip().startswith(tiny_arch)]
     assert len(table) == len(rows)
     for row, line in zip(rows, table):
@@ -49,7 +49,7 @@ def test_new_tokens_times_every_method_and_each_decodes_n_tokens(tiny_arch, tmp_
     hf = rows[0]["token_ids"]
     assert all(r["token_ids"] == hf for r in rows if r["halt_ratio"] == 0.0)  # greedy: same tokens
     assert len({r["tokens_sha1"] for r in rows if r["halt_ratio"] == 0.0}) == 1
-    # The halted rows agree with each other (one prefill, three decoding loops).
+    # The halted rows agree with each other (one prefill, four decoding loops).
     assert len({tuple(r["token_ids"]) for r in rows if r["halt_ratio"] == 0.5}) == 1
     assert (tmp_path / "bench_e2e.md").read_text().count("| tiny-llama |") == len(rows)
 
@@ -58,7 +58,7 @@ def test_floor_is_weights_plus_cache_over_bandwidth_and_one_token_has_no_decode(
     model = build_model("llama")
     rows = e2e.run_e2e("tiny", model, [40], [1, 4], [(1, 0.5)], torch.device("cpu"), warmup=0,
                        repeats=1, bandwidth=1e9)
-    assert [r["new_tokens"] for r in rows] == [1] * 8 + [4] * 8
+    assert [r["new_tokens"] for r in rows] == [1] * 10 + [4] * 10
     for row in rows:
         assert row["status"] == "ok" and row["generated_tokens"] == row["new_tokens"]
         expected = (e2e.weight_bytes(model) + row["kv_cache_bytes"]) / 1e9 * 1e3
@@ -98,8 +98,8 @@ def test_a_static_cache_that_raises_is_a_row_status_not_a_crash(monkeypatch, one
 def test_each_n_is_read_from_one_run_of_the_largest_n_its_tokens_a_prefix(one_thread):
     rows = e2e.run_e2e("tiny", build_model("llama"), [30], [6, 2], [(1, 0.5)], torch.device("cpu"),
                        warmup=0, repeats=2)
-    assert [r["new_tokens"] for r in rows] == [2] * 8 + [6] * 8  # sorted, then method order
-    short, long = rows[:8], rows[8:]
+    assert [r["new_tokens"] for r in rows] == [2] * 10 + [6] * 10  # sorted, then method order
+    short, long = rows[:10], rows[10:]
     for a, b in zip(short, long):
         assert (a["method"], a["halt_ratio"]) == (b["method"], b["halt_ratio"])
         assert a["token_ids"] == b["token_ids"][:2] and len(b["token_ids"]) == 6

@@ -148,6 +148,41 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
     assert not torch.allclose(unmasked, ours)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_the_traced_step_gives_the_eager_steps_logits_at_two_prompt_lengths(name, one_thread):
+    # torch.compile's tracing (the aot_eager backend: no code generation, seconds on a CPU) of
+    # the step, with its in-place cache writes and device counter, across a halted and a plain
+    # prompt of another length (other cache shapes, one layout group instead of two).
+    model = build_model(name)
+    traced = torch.compile(StaticDecoder.layers, dynamic=True, backend="aot_eager")
+    for length, ratio in ((30, 0.5), (41, 0.0)):
+        ids = random_ids(2, length)
+        eager, compiled = (StaticDecoder(model, prefill(model, ids, _config(ratio)), 6) for _ in range(2))
+        token = torch.ones(2, 1, dtype=torch.long)
+        for _ in range(4):  # past the prompt: written slots, masks and positions move on
+            expected, got = eager.step(token), compiled.step(token, traced)
+            torch.testing.assert_close(got, expected)
+            token = expected.argmax(-1)[:, None]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen3", "phi3"])
+def test_compiled_decoding_gives_the_tokens_of_eager_decoding(name):
+    model = build_model(name)
+    ids, mask = _padded()
+    options = dict(max_new_tokens=10, attention_mask=mask, eos_token_id=[])
+    eager = generate(model, _Tokenizer(), ids, _config(0.5), **options).token_ids
+    compiled = generate(model, _Tokenizer(), ids, _config(0.5), static_decode="compiled", **options).token_ids
+    assert compiled == eager
+
+
+@pytest.mark.parametrize("mode", ["fast", 1, None])
+def test_an_unknown_static_decode_mode_is_one_clear_error(mode):
+    model = build_model("llama")
+    with pytest.raises(ValueError, match="static_decode must be False, True .* or 'compiled'"):
+        generate(model, _Tokenizer(), random_ids(1, 12), _config(0.5), max_new_tokens=2, static_decode=mode)
+
+
 @pytest.fixture
 def grouped_calls(monkeypatch):
     """The key shapes of every call of the registered grouped attention."""

@@ -83,6 +83,8 @@ class PreNormAdapter:
         self.multimodal = self.base is not model.model
         self.layer_types = layer_types(self.config)
         self.windows = layer_windows(self.config)
+        # Read once here: a compiled decode step cannot trace inspect.signature.
+        self.cache_keyword = _cache_keyword(type(self.layers[0].self_attn))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -106,7 +108,7 @@ class PreNormAdapter:
         attention = layer.self_attn
         output, _ = attention(
             hidden_states=layer.input_layernorm(hidden), position_embeddings=rotary,
-            attention_mask=mask, **{_cache_keyword(type(attention)): cache},
+            attention_mask=mask, **{self.cache_keyword: cache},
         )
         return output
 

@@ -18,7 +18,7 @@ from .config import DashConfig
 from .decode import decode_step
 from .prefill import PrefillStats, prefill
 from .profiles import config_or_recommended
-from .static_decode import static_step
+from .static_decode import check_static_mode, static_step
 
 # Tokens between host reads of the stop check when decoding statically (more decoded tokens
 # past the last stop, fewer syncs); the output is the same, cut after each row's stop token.
@@ -126,7 +126,7 @@ def stop_token_ids(model, tokenizer, eos_token_id: int | list[int] | None = None
 
 
 def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, stop: set[int],
-                      choose=None, pad_id: int = 0, static: bool = False, streamer=None) -> list[list[int]]:
+                      choose=None, pad_id: int = 0, static: bool | str = False, streamer=None) -> list[list[int]]:
     """Decode from a prefill whose first generated token per row is ``token`` (batch,).
 
     ``choose(logits, tokens_so_far)`` picks the next tokens (greedy by default). Rows stop at
@@ -138,7 +138,7 @@ def continue_decoding(model, state, token: torch.Tensor, max_new_tokens: int, st
     """
     choose = choose or (lambda logits, tokens: logits.argmax(-1))
     if static:
-        step, check_every = static_step(model, state, max_new_tokens - 1), STOP_CHECK_EVERY
+        step, check_every = static_step(model, state, max_new_tokens - 1, static), STOP_CHECK_EVERY
     else:
         step, check_every = (lambda ids: decode_step(model, state, ids)), 1
     tokens = [token]
@@ -163,7 +163,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
              top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
              vision_config: DashConfig | None = None, chat: bool = False,
-             static_decode: bool = False, streamer=None, **multimodal) -> GenerationResult:
+             static_decode: bool | str = False, streamer=None, **multimodal) -> GenerationResult:
     """Answer ``prompts`` with DASH prefill and ordinary decoding.
 
     Parameters
@@ -183,6 +183,8 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     static_decode : decode into per-layer caches preallocated for the new tokens, the decode step
         replayed as one CUDA graph per token on a GPU (eagerly elsewhere; the same tokens as the
         default path). Needs the model on one device and sdpa or eager attention.
+        ``"compiled"``: the step is compiled by ``torch.compile`` before it is captured (its
+        small kernels fused; the first generate of a model compiles, which takes a while).
     streamer : as in HF ``generate`` (e.g. ``transformers.TextStreamer``): ``put`` gets the prompt
         ids (batch, seq), then each generated token (batch,) on the model's device, then ``end()``.
         A streamer that reads the tokens makes the host wait for every token.
@@ -192,6 +194,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    check_static_mode(static_decode)
     if config is not None and not isinstance(config, DashConfig):
         raise ValueError(f"config must be a DashConfig (dp.DashConfig(halt_ratio=0.5)); got {type(config).__name__}")
     config = config_or_recommended(model, config)

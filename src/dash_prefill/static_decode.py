@@ -7,6 +7,12 @@ entries the prefill left plus the new tokens; a step writes its token at slot
 each slot's original position and whether it holds a key yet. No step reads a host value, so
 on a GPU the step is captured once as a CUDA graph and replayed; on a CPU (or with a rotary
 table that reads positions on the host, dynamic / long RoPE) the same step runs eagerly.
+
+``compiled``: the step is first compiled by ``torch.compile`` (its norms, rotary products,
+activations and masks fused into a few kernels a layer), then captured. The replayed graph of
+the eager step still launches some 45 small kernels a layer, which cost more than the weights'
+reads at batch 1; see BENCHMARKS.md. Compiling costs time once per model and process (shapes
+are dynamic, so a new prompt length does not recompile).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from .adapters import adapter_for, device_of
 from .decode import grouped_attention
+from .policy import host_to_device
 from .prefill import PrefillResult, layer_step
 
 logger = logging.getLogger(__name__)
@@ -52,7 +59,10 @@ class StaticDecoder:
         if adapter.config._attn_implementation == "flash_attention_2":
             raise ValueError("static_decode masks the preallocated slots, which flash_attention_2 cannot; "
                              "load the model with attn_implementation='sdpa' or use static_decode=False")
-        self.first = [layer.keys.shape[2] for layer in state.cache.layers]  # host ints
+        device = adapter.device
+        # Entries each layer's prefill left, as device scalars: no value a compiled step would
+        # specialise on (and recompile for) changes from one prompt to the next.
+        self.first = list(host_to_device([layer.keys.shape[2] for layer in state.cache.layers], device))
         self.keys = [self._grown(layer.keys, new_tokens) for layer in state.cache.layers]
         self.values = [self._grown(layer.values, new_tokens) for layer in state.cache.layers]
         groups: dict[int, int] = {}
@@ -65,9 +75,10 @@ class StaticDecoder:
                 self.written.append(self._grown(real, new_tokens, dim=1))
                 self.group_first.append(layout.num_keys)
             self.group_of.append(groups[id(layout)])
-        self.next_positions = state.next_positions.to(adapter.device)  # (batch,)
-        self.rope_offset = None if state.rope_offset is None else state.rope_offset.to(adapter.device)
-        self.count = torch.zeros((), dtype=torch.long, device=adapter.device)  # tokens written so far
+        self.group_first = list(host_to_device(self.group_first, device))
+        self.next_positions = state.next_positions.to(device)  # (batch,)
+        self.rope_offset = None if state.rope_offset is None else state.rope_offset.to(device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far
 
     @staticmethod
     def _grown(tensor: torch.Tensor, new_tokens: int, dim: int = 2) -> torch.Tensor:
@@ -85,8 +96,14 @@ class StaticDecoder:
         return self.keys[layer_idx], self.values[layer_idx]
 
     @torch.no_grad()
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """One token per row (batch, 1) at the next original positions; logits (batch, vocab)."""
+    def step(self, token_ids: torch.Tensor, run=None) -> torch.Tensor:
+        """One token per row (batch, 1) at the next original positions; logits (batch, vocab).
+        ``run``: what runs the step's layers (:func:`compiled_layers`), else they run here."""
+        with grouped_attention(self.adapter.config):
+            return (run or StaticDecoder.layers)(self, token_ids)
+
+    def layers(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The step itself, under :func:`grouped_attention`: (batch, 1) -> (batch, vocab)."""
         adapter = self.adapter
         hidden = adapter.embed(token_ids)  # (batch, 1, hidden)
         positions = (self.next_positions + self.count)[:, None]  # (batch, 1)
@@ -97,14 +114,13 @@ class StaticDecoder:
             self.written[group].index_fill_(1, slot, True)
         rotary, masks = {}, {}  # per layer type, per (group, window)
         eager = adapter.config._attn_implementation == "eager"
-        with grouped_attention(adapter.config):
-            for idx, layer in enumerate(adapter.layers):
-                layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
-                if layer_type not in rotary:
-                    rotary[layer_type] = adapter.rotary(hidden, rope, idx)
-                if key not in masks:
-                    masks[key] = self._mask(*key, positions, hidden.dtype, eager)
-                hidden = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
+        for idx, layer in enumerate(adapter.layers):
+            layer_type, key = adapter.layer_types[idx], (self.group_of[idx], adapter.windows[idx])
+            if layer_type not in rotary:
+                rotary[layer_type] = adapter.rotary(hidden, rope, idx)
+            if key not in masks:
+                masks[key] = self._mask(*key, positions, hidden.dtype, eager)
+            hidden = layer_step(adapter, layer, hidden, rotary[layer_type], masks[key], self)
         self.count += 1
         return adapter.logits(hidden[:, -1])
 
@@ -130,37 +146,62 @@ def graphable(decoder: StaticDecoder) -> bool:
     return decoder.count.device.type == "cuda" and not any("dynamic" in t or t == "longrope" for t in types)
 
 
+_COMPILED = None
+
+
+def compiled_layers():
+    """``StaticDecoder.layers`` compiled once per process (dynamic shapes: one compilation
+    serves every prompt length; a new model or batch size compiles again)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(StaticDecoder.layers, dynamic=True)
+    return _COMPILED
+
+
 class GraphedStep:
     """``decoder.step`` captured as one CUDA graph; calling it replays the graph on ``token_ids``.
 
-    The first call runs the step eagerly (on a side stream, the warm-up capture asks for), then
-    captures it; every later call copies the tokens into the graph's input and replays.
-    The logits returned are the graph's output buffer, overwritten by the next call.
+    The first call runs the step for real (on a side stream, the warm-up capture asks for;
+    with ``run`` = :func:`compiled_layers` this call compiles), then captures it; every later
+    call copies the tokens into the graph's input and replays. The logits returned are the
+    graph's output buffer, overwritten by the next call.
     """
 
-    def __init__(self, decoder: StaticDecoder):
-        self.decoder, self.graph = decoder, None
+    def __init__(self, decoder: StaticDecoder, run=None):
+        self.decoder, self.run, self.graph = decoder, run, None
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self.decoder.step(token_ids)  # the real first step, also the warm-up
+                logits = self.decoder.step(token_ids, self.run)  # the real first step, also the warm-up
             torch.cuda.current_stream().wait_stream(stream)
             self.tokens, self.graph = token_ids.clone(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the step; runs nothing
-                self.logits = self.decoder.step(self.tokens)
+                self.logits = self.decoder.step(self.tokens, self.run)
             return logits
         self.tokens.copy_(token_ids)
         self.graph.replay()
         return self.logits
 
 
-def static_step(model, state: PrefillResult, new_tokens: int):
-    """The step function of a static decoder for ``new_tokens`` tokens: graphed where it can be."""
+STATIC_MODES = (False, True, "compiled")
+
+
+def check_static_mode(mode) -> None:
+    """One clear line for a ``static_decode`` value that is none of :data:`STATIC_MODES`."""
+    if not any(mode is m or (isinstance(m, str) and mode == m) for m in STATIC_MODES):
+        raise ValueError(f"static_decode must be False, True (a CUDA graph of the step) or 'compiled' "
+                         f"(torch.compile, then a CUDA graph); got {mode!r}")
+
+
+def static_step(model, state: PrefillResult, new_tokens: int, mode: bool | str = True):
+    """The step function of a static decoder for ``new_tokens`` tokens: graphed where it can be,
+    compiled first with ``mode="compiled"``."""
+    check_static_mode(mode)
     decoder = StaticDecoder(model, state, new_tokens)
     if graphable(decoder):
-        return GraphedStep(decoder)
-    logger.info("static decoding runs eagerly on %s (no CUDA graph)", decoder.count.device)
+        return GraphedStep(decoder, compiled_layers() if mode == "compiled" else None)
+    logger.info("static decoding runs eagerly on %s (no CUDA graph, not compiled)", decoder.count.device)
     return decoder.step

@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="count host synchronisations of one call per method (CUDA only)")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.png "
                         "(bench_e2e.json and bench_e2e.md with --new-tokens)")
-    e2e = parser.add_argument_group("end to end (--new-tokens): hf, hf-static, dash, dash-static, dash-hf")
+    e2e = parser.add_argument_group("end to end (--new-tokens): hf, hf-static, dash, dash-static, dash-compiled, dash-hf")
     e2e.add_argument("--new-tokens", type=parse_new_tokens,
                      help="instead of prefill only, time generating N new tokens (comma-separated): "
                      "TTFT, decode ms/token and total per method")

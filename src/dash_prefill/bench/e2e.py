@@ -121,7 +121,7 @@ class _HF:
         return out[:, ids.shape[1]:]
 
 
-def _dash(config: DashConfig, static: bool = False) -> Callable:
+def _dash(config: DashConfig, static: bool | str = False) -> Callable:
     def run(model, ids, n, clock=None):
         # A mask with the ids: they are used as given (no round trip through Python lists).
         result = generate(model, _IdsTokenizer(), ids, config, max_new_tokens=n, eos_token_id=[],
@@ -139,19 +139,23 @@ def _dash_hf(config: DashConfig) -> Callable:
     return run
 
 
-METHODS = ("hf", "hf-static", "dash", "dash-static", "dash-hf")
+METHODS = ("hf", "hf-static", "dash", "dash-static", "dash-compiled", "dash-hf")
+# Methods whose first call at a new cache shape may compile: one untimed call per length first.
+COMPILING = ("hf-static", "dash-compiled")
 
 
 def methods(settings: list[tuple[int | float, float]], num_layers: int, slots: int = 0,
             only: tuple[str, ...] = METHODS) -> list[tuple[str, float, int, Callable]]:
     """(method, halt_ratio, start_layer, fn): hf, hf-static (its cache sized for ``slots`` new
-    tokens), then dash, dash-static, dash-hf at ρ=0 (the first setting's start) and at every
-    setting; those named in ``only``. Protection as in the TTFT bench."""
+    tokens), then dash, dash-static (a CUDA graph of the step), dash-compiled (torch.compile,
+    then the graph), dash-hf at ρ=0 (the first setting's start) and at every setting; those
+    named in ``only``. Protection as in the TTFT bench."""
     first = start_layer_index(settings[0][0], num_layers)
     rows = [("hf", 0.0, num_layers, _HF()), ("hf-static", 0.0, num_layers, _HF(static=True, slots=slots))]
     for start, ratio in [(first, 0.0)] + [(start_layer_index(s, num_layers), r) for s, r in settings]:
         config = DashConfig(halt_ratio=ratio, start_layer=start, protect_first=4, protect_last=64)
         rows += [("dash", ratio, start, _dash(config)), ("dash-static", ratio, start, _dash(config, True)),
+                 ("dash-compiled", ratio, start, _dash(config, "compiled")),
                  ("dash-hf", ratio, start, _dash_hf(config))]
     return [row for row in rows if row[0] in only]
 
@@ -192,8 +196,9 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
 
     Each method is run ``repeats`` times per length for the largest N (:func:`_time_method`).
     Before any timing every method runs once on a 256-token prompt (CUDA context, kernels,
-    graph capture); per length, each method then runs ``warmup`` untimed 2-token calls, and
-    hf-static always one (its compilation for the new cache shape is not timed).
+    graph capture, compilation: its time is the row's ``first_call_s``); per length, each method
+    then runs ``warmup`` untimed 2-token calls, and the compiling ones (hf-static,
+    dash-compiled) always one (a compilation for a new cache shape is not timed).
     ``on_length(rows)`` is called with the rows so far after each length (to save partial results).
     """
     from .timing import random_ids
@@ -204,12 +209,16 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
     new_tokens = sorted(set(new_tokens))
     with torch.inference_mode():
         short = random_ids(1, min(256, min(lengths)), config.vocab_size, device, seed)
-        for method, _, _, fn in methods(settings, config.num_hidden_layers, 2, only):
+        first_call = {}
+        for method, ratio, _, fn in methods(settings, config.num_hidden_layers, 2, only):
+            began = time.perf_counter()
             try:
                 fn(model, short, 2)
             except Exception:  # noqa: BLE001 - a static path that cannot run fails again in its row
-                if not method.endswith("-static"):
+                if not _may_fail(method):
                     raise
+            _synchronize(device)
+            first_call[method, ratio] = time.perf_counter() - began
     rows = []
     for length in lengths:
         ids = random_ids(1, length, config.vocab_size, device, seed)
@@ -219,17 +228,18 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
         for method, ratio, start, fn in methods(settings, config.num_hidden_layers, max(new_tokens), only):
             base = {"record": "row", "arch": name, "batch": 1, "length": length, "method": method,
                     "halt_ratio": ratio, "start_layer": start, "status": "ok", "weight_bytes": weights,
-                    "kv_cache_bytes": kv, "floor_ms_per_token": floor}
+                    "kv_cache_bytes": kv, "floor_ms_per_token": floor,
+                    "first_call_s": first_call.get((method, ratio))}
             try:
                 with torch.inference_mode():
-                    if method == "hf-static" and not warmup:
+                    if method in COMPILING and not warmup:
                         fn(model, ids, 2)  # compiles for this cache shape
                     timed = _time_method(fn, model, ids, new_tokens, warmup, repeats)
             except torch.cuda.OutOfMemoryError:
                 timed = [{"status": "oom"}] * len(new_tokens)
                 logger.warning("out of memory: %s %s at length %d", name, method, length)
             except Exception as error:  # noqa: BLE001 - a static cache that cannot run is a row status
-                if not method.endswith("-static"):
+                if not _may_fail(method):
                     raise
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 timed = [{"status": f"error: {type(error).__name__}: {first_line}"[:160]}] * len(new_tokens)
@@ -250,6 +260,11 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
         if on_length is not None:
             on_length(rows)
     return rows
+
+
+def _may_fail(method: str) -> bool:
+    """Static caches and compiled steps may not run on a model; their rows say why."""
+    return method.endswith(("-static", "-compiled"))
 
 
 def _fmt(value) -> str:
