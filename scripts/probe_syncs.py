@@ -29,7 +29,7 @@ def run(family: str, padded: bool) -> None:
     torch.cuda.synchronize()
     stacks = []
     shown = warnings.showwarning
-    warnings.showwarning = lambda *a, **k: stacks.append(traceback.format_stack()[:-2])
+    warnings.showwarning = lambda message, *a, **k: stacks.append([f"{message}\n"] + traceback.format_stack()[:-2])
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -39,7 +39,7 @@ def run(family: str, padded: bool) -> None:
         warnings.showwarning = shown
     print(f"== {family} padded={padded}: {len(stacks)} sync(s)")
     for stack in stacks:
-        print("".join(line for line in stack[-6:]))
+        print(stack[0] + "".join(stack[-5:]))
 
 
 for name in sys.argv[1:] or ["gemma3", "llama"]:

@@ -55,4 +55,6 @@ def test_left_padded_prefill_syncs_the_host_once(family):
             prefill(model, ids, config, attention_mask=mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert sum("synchroniz" in str(w.message) for w in caught) == 1
+    # Only the sync warnings: the first use of the debug mode in a process also warns that the
+    # mode is a prototype ("does not yet detect all synchronizing operations").
+    assert sum("called a synchronizing CUDA operation" in str(w.message) for w in caught) == 1

@@ -183,8 +183,9 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     static_decode : decode into per-layer caches preallocated for the new tokens, the decode step
         replayed as one CUDA graph per token on a GPU (eagerly elsewhere; the same tokens as the
         default path). Needs the model on one device and sdpa or eager attention.
-        ``"compiled"``: the step is compiled by ``torch.compile`` before it is captured (its
-        small kernels fused; the first generate of a model compiles, which takes a while).
+        ``"compiled"``: the step is compiled by ``torch.compile`` (its small kernels fused) and
+        replayed as CUDA graphs; the first generate of a model compiles (a minute or two for
+        an 8B model). Measured faster than ``True`` at 8K, slower at 32K (BENCHMARKS.md).
     streamer : as in HF ``generate`` (e.g. ``transformers.TextStreamer``): ``put`` gets the prompt
         ids (batch, seq), then each generated token (batch,) on the model's device, then ``end()``.
         A streamer that reads the tokens makes the host wait for every token.

@@ -8,8 +8,9 @@ each slot's original position and whether it holds a key yet. No step reads a ho
 on a GPU the step is captured once as a CUDA graph and replayed; on a CPU (or with a rotary
 table that reads positions on the host, dynamic / long RoPE) the same step runs eagerly.
 
-``compiled``: the step is first compiled by ``torch.compile`` (its norms, rotary products,
-activations and masks fused into a few kernels a layer), then captured. The replayed graph of
+``compiled``: the step is compiled by ``torch.compile`` (its norms, rotary products,
+activations and masks fused into a few kernels a layer) in its reduce-overhead mode, which
+records and replays it as CUDA graphs. The replayed graph of
 the eager step still launches some 45 small kernels a layer, which cost more than the weights'
 reads at batch 1; see BENCHMARKS.md. Compiling costs time once per model and process (shapes
 are dynamic, so a new prompt length does not recompile).
@@ -150,36 +151,50 @@ _COMPILED = None
 
 
 def compiled_layers():
-    """``StaticDecoder.layers`` compiled once per process (dynamic shapes: one compilation
-    serves every prompt length; a new model or batch size compiles again)."""
+    """``StaticDecoder.layers`` compiled once per process by ``torch.compile`` in its
+    "reduce-overhead" mode: the fused step is recorded and replayed as CUDA graphs by
+    PyTorch itself (a new prompt shape records anew; dynamic shapes: one compilation serves
+    every prompt length, a new model or layout structure compiles again)."""
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(StaticDecoder.layers, dynamic=True)
+        _COMPILED = torch.compile(StaticDecoder.layers, dynamic=True, mode="reduce-overhead")
     return _COMPILED
+
+
+def compiled_step(decoder: StaticDecoder):
+    """The compiled step of ``decoder``: its buffers are marked as static addresses, so the
+    CUDA graphs write the cache in place (as HF's StaticCache does)."""
+    buffers = [*decoder.keys, *decoder.values, *decoder.positions, *decoder.written, *decoder.first,
+               *decoder.group_first, decoder.count, decoder.next_positions]
+    if decoder.rope_offset is not None:
+        buffers.append(decoder.rope_offset)
+    for tensor in buffers:
+        torch._dynamo.mark_static_address(tensor)
+    run = compiled_layers()
+    return lambda token_ids: decoder.step(token_ids, run).clone()  # outputs of a replay are overwritten by the next
 
 
 class GraphedStep:
     """``decoder.step`` captured as one CUDA graph; calling it replays the graph on ``token_ids``.
 
-    The first call runs the step for real (on a side stream, the warm-up capture asks for;
-    with ``run`` = :func:`compiled_layers` this call compiles), then captures it; every later
-    call copies the tokens into the graph's input and replays. The logits returned are the
-    graph's output buffer, overwritten by the next call.
+    The first call runs the step for real (on a side stream, the warm-up capture asks for), then
+    captures it; every later call copies the tokens into the graph's input and replays.
+    The logits returned are the graph's output buffer, overwritten by the next call.
     """
 
-    def __init__(self, decoder: StaticDecoder, run=None):
-        self.decoder, self.run, self.graph = decoder, run, None
+    def __init__(self, decoder: StaticDecoder):
+        self.decoder, self.graph = decoder, None
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self.decoder.step(token_ids, self.run)  # the real first step, also the warm-up
+                logits = self.decoder.step(token_ids)  # the real first step, also the warm-up
             torch.cuda.current_stream().wait_stream(stream)
             self.tokens, self.graph = token_ids.clone(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the step; runs nothing
-                self.logits = self.decoder.step(self.tokens, self.run)
+                self.logits = self.decoder.step(self.tokens)
             return logits
         self.tokens.copy_(token_ids)
         self.graph.replay()
@@ -202,6 +217,6 @@ def static_step(model, state: PrefillResult, new_tokens: int, mode: bool | str =
     check_static_mode(mode)
     decoder = StaticDecoder(model, state, new_tokens)
     if graphable(decoder):
-        return GraphedStep(decoder, compiled_layers() if mode == "compiled" else None)
+        return compiled_step(decoder) if mode == "compiled" else GraphedStep(decoder)
     logger.info("static decoding runs eagerly on %s (no CUDA graph, not compiled)", decoder.count.device)
     return decoder.step
