@@ -246,7 +246,8 @@ class PrefillState:
             window_queries=lambda: self.adapter.queries(layer, hidden[:, -window:],
                                                         tuple(t[:, -window:] for t in rotary)),
             keys=cached.keys, values=cached.values, positions=self.layout.positions.to(hidden.device),
-            scaling=layer.self_attn.scaling)
+            scaling=layer.self_attn.scaling,
+            queries=lambda: self.adapter.queries(layer, hidden, rotary))
 
     def compact(self, hidden: torch.Tensor, selection: Selection, layer_idx: int,
                 frozen_keys: bool) -> torch.Tensor:
@@ -287,7 +288,8 @@ class PrefillState:
         stats = PrefillStats(
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=kv_entries(self.cache),
-            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], frozen_keys, fractions[1:]),
+            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], frozen_keys, fractions[1:],
+                                        POLICIES[gates[0].config.policy].attention_passes if gates else 0),
             plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
         )
         return PrefillResult(

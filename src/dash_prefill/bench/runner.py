@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import start_layer_index
 from ..cost import ideal_speedup
-from ..policy import parse_pooled
+from ..policy import POLICIES, parse_pooled
 from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,14 @@ def _row(name, length, batch, method, ratio, start, timing: Timing | None, statu
                                                     "peak_over_weights_bytes", "kv_cache_bytes",
                                                     "kept_fraction")})
         row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
-            config, length, start, timing.kept_fraction)
+            config, length, start, timing.kept_fraction, scoring_passes=_scoring_passes(method))
     return row
+
+
+def _scoring_passes(method: str) -> int:
+    """Extra attention passes of a policy method (``attention-hops/p47``); 0 for the others."""
+    name = method.partition("/p")[0]
+    return POLICIES[name].attention_passes if name in POLICIES else 0
 
 
 def _add_speedups(rows: list[dict]) -> None:
