@@ -80,6 +80,8 @@ def test_policy_labels_parse_to_configs():
     assert (gated.start_layer, gated.pool, gated.later_gates) == (14, 63, ((0.6, 0.9), (20, 0.95)))
     assert parse_policy(policy_label(gated)) == gated
     assert parse_policy("attention@0.9/s14/p63o24").pool_offset == 24
+    with pytest.raises(ValueError, match=r"pool_offset must be an int with \|pool_offset\| <= pool // 2 = 2"):
+        parse_policy("attention@0.5/p5o9")
 
 
 @pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel-kv@0.25/s12",

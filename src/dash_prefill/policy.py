@@ -234,11 +234,12 @@ def attention_hops(context: ScoreContext) -> torch.Tensor:
     if context.padding is not None:
         open_ = open_ & ~context.padding
     found = torch.zeros(batch, seq, dtype=torch.bool, device=base.device)
+    queries = context.queries()  # every token's, once for all hops
     ranking = base
     for hop in range(HOPS):
         if hop:
-            ranking = attention_mass(context.queries(), context.keys, found, context.scaling)
-            near = span_max(found.float(), *NEAR[:1], offset=NEAR[1]) > 0
+            ranking = attention_mass(queries, context.keys, found, context.scaling)
+            near = span_max(found.float(), NEAR[0], offset=NEAR[1]) > 0
         else:
             near = found
         candidates = ranking.masked_fill(~open_ | near, float("-inf"))

@@ -8,12 +8,11 @@ each slot's original position and whether it holds a key yet. No step reads a ho
 on a GPU the step is captured once as a CUDA graph and replayed; on a CPU (or with a rotary
 table that reads positions on the host, dynamic / long RoPE) the same step runs eagerly.
 
-``compiled``: the step is compiled by ``torch.compile`` (its norms, rotary products,
-activations and masks fused into a few kernels a layer) in its reduce-overhead mode, which
-records and replays it as CUDA graphs. The replayed graph of
-the eager step still launches some 45 small kernels a layer, which cost more than the weights'
-reads at batch 1; see BENCHMARKS.md. Compiling costs time once per model and process (shapes
-are dynamic, so a new prompt length does not recompile).
+The replayed graph of the eager step still launches some 45 small kernels a layer, which at
+batch 1 cost more than reading the weights. ``compiled``: the step is compiled by
+``torch.compile`` (norms, rotary products, activations and masks fused into a few kernels a
+layer) in its reduce-overhead mode, which records and replays it as CUDA graphs; compiling
+costs time once per model, process and layout structure (dynamic shapes); see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -201,12 +200,9 @@ class GraphedStep:
         return self.logits
 
 
-STATIC_MODES = (False, True, "compiled")
-
-
 def check_static_mode(mode) -> None:
-    """One clear line for a ``static_decode`` value that is none of :data:`STATIC_MODES`."""
-    if not any(mode is m or (isinstance(m, str) and mode == m) for m in STATIC_MODES):
+    """One clear line for a ``static_decode`` value other than False, True and "compiled"."""
+    if not (mode is False or mode is True or mode == "compiled"):
         raise ValueError(f"static_decode must be False, True (a CUDA graph of the step) or 'compiled' "
                          f"(torch.compile, then a CUDA graph); got {mode!r}")
 

@@ -80,7 +80,8 @@ def _row(name, length, batch, method, ratio, start, timing: Timing | None, statu
 
 
 def _scoring_passes(method: str) -> int:
-    """Extra attention passes of a policy method (``attention-hops/p47``); 0 for the others."""
+    """Extra attention passes of a policy method (``attention-hops/p47``); 0 for the others
+    (the hooks, and the VLM bench's ``dash-image``, ``dash+vit``)."""
     name = method.partition("/p")[0]
     return POLICIES[name].attention_passes if name in POLICIES else 0
 
