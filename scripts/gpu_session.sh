@@ -14,6 +14,10 @@
 #   prefill  TTFT and peak memory at 8K/32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
 #   qwen     end to end, Qwen2.5-7B shape (32K context): fast paths at 8K and 32K
 #   probe    scripts/probe_static_decode.py at 8K and 32K
+#   attn     scripts/probe_decode_attention.py: one step's attention per layer at 8K/32K/128K slots
+#   e2e128   end to end, Llama-3.1-8B shape, every method, to 512 tokens at 128K-512
+#   qwenall  end to end, Qwen2.5-7B shape, every method, to 512 tokens at 8K and 32000
+#   static   tests/test_static_decode.py and tests/test_cuda_syncs.py on the GPU
 set -uo pipefail
 step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
 mkdir -p "$out"
@@ -26,7 +30,7 @@ case "$step" in
       >"$out/suite.log" 2>&1
     tail -2 "$out/suite.log"; grep -E "^(FAILED|ERROR)" "$out/suite.log" | cut -c1-200 | head -40 ;;
   e2e)
-    timeout 570 $e2e --arch llama-3.1-8b --lengths 8k,32k,130560 --new-tokens 32,128,512 \
+    timeout ${E2E_LIMIT:-570} $e2e --arch llama-3.1-8b --lengths ${E2E_LENGTHS:-8k,32k,130560} --new-tokens 32,128,512 \
       --methods hf-static,dash-static,dash-compiled --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
     grep -h "| llama" "$out"/e2e-fast/bench_e2e.md | cut -d'|' -f3-12 ;;
   eager)
@@ -53,5 +57,23 @@ case "$step" in
     grep -h "| qwen" "$out"/e2e-qwen/bench_e2e.md | cut -d'|' -f3-12 ;;
   probe)
     timeout 200 python3 scripts/probe_static_decode.py llama-3.1-8b 8192 32768 2>&1 | grep -v Warn | tail -40 ;;
+  attn)
+    timeout 150 python3 scripts/probe_decode_attention.py 2>&1 | grep -v Warn | tee "$out/attn.md" ;;
+  e2e128)
+    for m in hf-static,dash-static,dash-compiled hf,dash,dash-hf; do
+      timeout 275 $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 --methods $m \
+        --out "$out/e2e-128k-${m%%,*}" >"$out/e2e-128k-${m%%,*}.log" 2>&1
+      grep -h "| llama" "$out"/e2e-128k-${m%%,*}/bench_e2e.md | cut -d'|' -f3-12
+    done ;;
+  qwenall)
+    for m in hf-static,dash-static,dash-compiled hf,dash,dash-hf; do
+      timeout 275 $e2e --arch qwen2.5-7b --lengths 8k,32000 --new-tokens 32,128,512 --methods $m \
+        --out "$out/e2e-qwen-${m%%,*}" >"$out/e2e-qwen-${m%%,*}.log" 2>&1
+      grep -h "| qwen" "$out"/e2e-qwen-${m%%,*}/bench_e2e.md | cut -d'|' -f3-12
+    done ;;
+  static)
+    DASH_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_static_decode.py \
+      tests/test_cuda_syncs.py -rfE >"$out/static.log" 2>&1
+    tail -2 "$out/static.log"; grep -E "^(FAILED|ERROR)" "$out/static.log" | cut -c1-200 | head -20 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

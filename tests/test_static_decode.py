@@ -148,6 +148,54 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
     assert not torch.allclose(unmasked, ours)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 8])
+def test_single_query_attention_in_key_parts_equals_the_softmax_formula(splits):
+    from dash_prefill.decode import _single_query_attention
+
+    torch.manual_seed(0)
+    grouped = torch.randn(2, 2, 4, 16, dtype=torch.float64)  # (batch, kv_heads, groups, dim)
+    key, value = torch.randn(2, 2, 64, 16, dtype=torch.float64), torch.randn(2, 2, 64, 16, dtype=torch.float64)
+    mask = torch.rand(2, 1, 1, 64) > 0.4
+    mask[..., 0] = True
+    # Written out per row, head and query: softmax over the allowed keys, then the weighted values.
+    expected = torch.empty(2, 2, 4, 16, dtype=torch.float64)
+    for b in range(2):
+        allowed = mask[b, 0, 0]
+        for h in range(2):
+            for g in range(4):
+                logits = key[b, h, allowed] @ grouped[b, h, g] * 0.25
+                expected[b, h, g] = torch.exp(logits - logits.max()) @ value[b, h, allowed] / torch.exp(logits - logits.max()).sum()
+    got = _single_query_attention(grouped, key, value, mask, 0.25, splits)
+    torch.testing.assert_close(got, expected)
+
+
+def test_key_splits_aim_at_two_blocks_per_sm_and_divide_the_keys():
+    from dash_prefill.decode import key_splits
+
+    assert key_splits(1, 8, 32832, 132) == 32  # 33 wanted: the largest power of two below
+    assert key_splits(1, 8, 4160, 132) == 16  # 32 parts would hold fewer than 256 keys
+    assert key_splits(8, 8, 32832, 132) == 4  # a batch of 8 fills the GPU with fewer parts
+    assert key_splits(1, 8, 8193, 132) == 1  # an odd count is not split
+    assert key_splits(1, 8, 300, 132) == 1
+
+
+def test_the_compiled_step_keeps_single_query_attention_opaque(one_thread):
+    # What inductor would compile: the traced graph calls the operator once a layer, so its
+    # products are not regenerated as compiler kernels.
+    model = build_model("llama")
+    graphs = []
+
+    def backend(graph_module, inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module.forward
+
+    decoder = StaticDecoder(model, prefill(model, random_ids(1, 30), _config(0.5)), 4)
+    token = torch.ones(1, 1, dtype=torch.long)
+    decoder.step(token, torch.compile(StaticDecoder.layers, dynamic=True, backend=backend))
+    calls = sum(graph.count("dash_prefill.single_query_attention") for graph in graphs)
+    assert calls == model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_the_traced_step_gives_the_eager_steps_logits_at_two_prompt_lengths(name, one_thread):
     # torch.compile's tracing (the aot_eager backend: no code generation, seconds on a CPU) of

@@ -7,6 +7,7 @@ before the start layer, survivors from it on), masked by original positions (``c
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from transformers import AttentionInterface
@@ -39,11 +40,60 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       scaling=scaling, **kwargs)
     grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim ** -0.5
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    output = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (batch, kv_heads, groups, head_dim)
+    # Compiled, the step calls it as an opaque operator: inductor keeps these cuBLAS products
+    # (its own kernels for them were slower over a long cache) and fuses what surrounds them.
+    attend = single_query_attention if torch.compiler.is_compiling() else _single_query_attention
+    output = attend(grouped, key, value, attention_mask, scale)
     return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def key_splits(batch: int, kv_heads: int, keys: int, sm_count: int) -> int:
+    """Parts the keys are split into for the probabilities x values product (split-K): with
+    one query per row that product has too few outputs to occupy a GPU, so each part is its own
+    batch of a GEMM and the parts are summed (flash-decoding's split, done with cuBLAS).
+    Aims at two blocks per SM over the (batch, kv_heads) products: a power of two that divides
+    the key count (static slots are aligned to 64), at least 256 keys a part."""
+    target = 2 * sm_count // (batch * kv_heads)
+    splits = 1
+    while splits * 2 <= target and keys % (splits * 2) == 0 and keys // (splits * 2) >= 256:
+        splits *= 2
+    return splits
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: torch.Tensor | None, scale: float, splits: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for grouped queries (batch, kv_heads, groups, dim)
+    against (batch, kv_heads, keys, dim); the second product in ``splits`` parts of the keys
+    (default :func:`key_splits`, decided here, outside anything compiled: no guard on sizes)."""
+    if splits is None:
+        splits = key_splits(*key.shape[:3], _sm_count(key.device)) if key.is_cuda else 1
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(value.dtype)
+    if splits == 1 or not value.is_contiguous():
+        return torch.matmul(probs, value)  # (batch, kv_heads, groups, dim)
+    batch, kv_heads, groups, keys = probs.shape
+    parts = probs.view(batch, kv_heads, groups, splits, keys // splits).transpose(2, 3)
+    partial = torch.matmul(parts, value.view(batch, kv_heads, splits, keys // splits, -1))
+    return partial.to(torch.promote_types(partial.dtype, torch.float32)).sum(2).to(value.dtype)
+
+
+@torch.library.custom_op("dash_prefill::single_query_attention", mutates_args=())
+def single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`_single_query_attention` as an operator torch.compile does not look into."""
+    return _single_query_attention(grouped, key, value, mask, scale)
+
+
+@single_query_attention.register_fake
+def _(grouped, key, value, mask, scale):
+    return grouped.new_empty(*grouped.shape[:-1], value.shape[-1])
 
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
