@@ -169,14 +169,15 @@ def test_single_query_attention_in_key_parts_equals_the_softmax_formula(splits):
     torch.testing.assert_close(got, expected)
 
 
-def test_key_splits_aim_at_two_blocks_per_sm_and_divide_the_keys():
+def test_key_splits_keep_parts_of_8k_keys_and_divide_the_keys():
     from dash_prefill.decode import key_splits
 
-    assert key_splits(1, 8, 32832, 132) == 32  # 33 wanted: the largest power of two below
-    assert key_splits(1, 8, 4160, 132) == 16  # 32 parts would hold fewer than 256 keys
-    assert key_splits(8, 8, 32832, 132) == 4  # a batch of 8 fills the GPU with fewer parts
-    assert key_splits(1, 8, 8193, 132) == 1  # an odd count is not split
-    assert key_splits(1, 8, 300, 132) == 1
+    assert key_splits(1, 8, 8256, 132) == 1  # two parts would hold fewer than 8192 keys
+    assert key_splits(1, 8, 32832, 132) == 4
+    assert key_splits(1, 8, 130624, 132) == 8
+    assert key_splits(1, 8, 1 << 20, 132) == 32  # capped at two blocks per SM (33 wanted)
+    assert key_splits(8, 8, 130624, 132) == 4  # a batch of 8 fills the GPU with fewer parts
+    assert key_splits(1, 8, 130625, 132) == 1  # an odd count is not split
 
 
 def test_the_compiled_step_keeps_single_query_attention_opaque(one_thread):
