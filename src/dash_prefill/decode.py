@@ -101,7 +101,7 @@ def single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: torc
 
 @single_query_attention.register_fake
 def _(grouped, key, value, mask, scale):
-    return grouped.new_empty(*grouped.shape[:-1], value.shape[-1])
+    return value.new_empty(*grouped.shape[:-1], value.shape[-1])
 
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
