@@ -44,6 +44,15 @@ def test_grid_is_every_policy_start_and_ratio_and_rejects_unknown_policies():
         settings_grid(["fastv"], (0.4,), (0.5,))
 
 
+def test_calibrate_starts_take_layer_indices_as_the_labels_write_them():
+    from dash_prefill.calibrate_cli import _starts
+
+    starts = _starts("0.6,11")
+    assert starts == (0.6, 11) and isinstance(starts[1], int)
+    label, config = settings_grid(["attention/p63"], starts[1:], (0.75,))[0]
+    assert label == "attention@0.75/s11/p63" and config.start_layer == 11
+
+
 def test_zero_ratio_is_perfectly_faithful_and_heavy_halting_is_not():
     model = build_model("llama")
     prompts = [CalibrationPrompt(random_ids(1, 40, seed=s)[0].tolist(), random_ids(1, 6, seed=9)[0].tolist(),

@@ -17,6 +17,7 @@ import torch
 from .calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
                         builtin_prompts, choose, measure, plot, read_prompts, settings_grid, table,
                         write_profile)
+from .config import parse_start_layer
 from .profiles import profile_path, user_profile_path
 
 
@@ -25,6 +26,14 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"give comma-separated numbers; got {text!r}") from None
+
+
+def _starts(text: str) -> tuple[int | float, ...]:
+    try:
+        return tuple(parse_start_layer(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give comma-separated fractions of depth (0.4) or layer indices "
+                                         f"(11); got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"smallest top-1 agreement with plain prefill (default {Budget.min_agreement})")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                         help=f"NAME or NAME/pPOOL, comma-separated (default {','.join(DEFAULT_POLICIES)})")
-    parser.add_argument("--starts", type=_floats, default=DEFAULT_STARTS, help="start layers, fractions of depth")
+    parser.add_argument("--starts", type=_starts, default=DEFAULT_STARTS,
+                        help="start layers: fractions of depth (0.4) or layer indices (11)")
     parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
     parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
                         "where recommended_config finds it)")

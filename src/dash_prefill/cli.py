@@ -8,7 +8,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import POLICIES, DashConfig
+from .config import POLICIES, DashConfig, parse_start_layer
 
 DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selective Halting): compare "
                "plain and DASH prefill on a prompt, benchmark, evaluate accuracy, inspect what halts.")
@@ -25,7 +25,7 @@ TOOLS = {
 def start_layer_arg(text: str) -> int | float:
     """argparse type of every ``--start-layer``: "12" is a layer index, "0.4" a fraction of depth."""
     try:
-        return float(text) if "." in text else int(text)
+        return parse_start_layer(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"start layer is a layer index (12) or a fraction of depth (0.4); got {text!r}") from None

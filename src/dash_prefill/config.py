@@ -162,6 +162,12 @@ def _check_start(start) -> None:
         raise ValueError(f"start_layer as a float is a fraction of depth and must be in (0, 1); got {start}")
 
 
+def parse_start_layer(text: str) -> int | float:
+    """A start layer as written on a command line or in a label: "12" is a layer index, "0.4" a
+    fraction of depth (ValueError for anything else)."""
+    return float(text) if "." in text else int(text)
+
+
 def start_layer_index(start_layer: int | float, num_layers: int) -> int:
     """A start layer as a layer index: a float in (0, 1) is a fraction of depth
     (``int(start_layer * num_layers)``), an int must lie inside the model."""

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig
+from ..config import DashConfig, parse_start_layer
 from ..prefill import PrefillResult, prefill_branches
 from ..policy import POLICIES
 from ..generation import continue_decoding, stop_token_ids
@@ -59,16 +59,12 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
                          f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
     policy, relative, frozen, ratio, start, pool, offset, later = match.groups()
     if start is not None:
-        start_layer = _start(start)
-    gates = tuple((_start(at), float(r)) for r, at in (g.split("/s") for g in later.split("+")[1:]))
+        start_layer = parse_start_layer(start)
+    gates = tuple((parse_start_layer(at), float(r)) for r, at in (g.split("/s") for g in later.split("+")[1:]))
     return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
                       policy=policy, score="relative" if relative else "absolute",
                       frozen_keys=frozen is not None, pool=int(pool or 1), pool_offset=int(offset or 0),
                       later_gates=gates)
-
-
-def _start(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
 
 
 def policy_label(config: DashConfig) -> str:
