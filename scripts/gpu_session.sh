@@ -58,7 +58,7 @@ case "$step" in
   probe)
     timeout 200 python3 scripts/probe_static_decode.py llama-3.1-8b 8192 32768 2>&1 | grep -v Warn | tail -40 ;;
   attn)
-    timeout 150 python3 scripts/probe_decode_attention.py 2>&1 | grep -v Warn | tee "$out/attn.md" ;;
+    timeout 270 python3 scripts/probe_decode_attention.py 2>&1 | grep -v Warn | tee "$out/attn.md" ;;
   e2e128)
     for m in hf-static,dash-static,dash-compiled hf,dash,dash-hf; do
       timeout 275 $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 --methods $m \
@@ -73,7 +73,7 @@ case "$step" in
     done ;;
   static)
     DASH_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_static_decode.py \
-      tests/test_cuda_syncs.py -rfE >"$out/static.log" 2>&1
+      tests/test_flash_decode.py tests/test_cuda_syncs.py -rfE >"$out/static.log" 2>&1
     tail -2 "$out/static.log"; grep -E "^(FAILED|ERROR)" "$out/static.log" | cut -c1-200 | head -20 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -4,8 +4,10 @@ Usage: python scripts/probe_decode_attention.py [KEYS...]   (default 8256 32832 
 Llama-3.1-8B's shape (32 query heads, 8 key heads, head_dim 128, bf16, batch 1). 32 layers'
 worth of distinct caches are captured in one CUDA graph (so no layer reads another's keys from
 L2 and no launch is timed), replayed 20 times. Prints µs per layer and the bytes of keys and
-values read per second, for the product split in 1..64 parts, the default split, and HF's sdpa
-(which repeats the keys and values for GQA).
+values read per second: torch's products (cuBLAS, the second split in 1 part and in the default
+``key_splits``), the Triton flash-decoding kernel at its defaults, with other part counts and
+with other block sizes, warps and pipeline stages, and HF's sdpa (which repeats the keys and
+values for GQA). The last line names the fastest kernel setting at each length.
 """
 
 import sys
@@ -13,7 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dash_prefill.decode import _sm_count, _single_query_attention, key_splits
+from dash_prefill.decode import _single_query_attention, key_splits
+from dash_prefill.flash_decode import flash_decode, parts_for, sm_count
 
 LAYERS, HEADS, KV_HEADS, DIM = 32, 32, 8, 128
 
@@ -40,7 +43,7 @@ def per_layer_us(step) -> float:
 def main(*lengths):
     keys_list = [int(n) for n in lengths] or [8256, 32832, 130624]
     device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, {_sm_count(device)} SMs, torch {torch.__version__}")
+    print(f"{torch.cuda.get_device_name()}, {sm_count(device)} SMs, torch {torch.__version__}")
     print("| keys | method | µs/layer | TB/s (K+V) |\n|---|---|---|---|")
     for keys in keys_list:
         query = torch.randn(1, KV_HEADS, HEADS // KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
@@ -50,14 +53,30 @@ def main(*lengths):
         mask = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=device)
         mask[..., -100:] = False  # unwritten slots
         bytes_per_layer = 2 * keys * KV_HEADS * DIM * 2
-        default = key_splits(1, KV_HEADS, keys, _sm_count(device))
-        methods = {f"split {s}": s for s in (1, 2, 4, 8, 16, 32, 64) if keys % s == 0}
-        for name, splits in [*methods.items(), (f"default ({default})", default)]:
-            def step(splits=splits):
+        default = key_splits(1, KV_HEADS, keys, sm_count(device))
+        timed = {}
+
+        def time(name, attend):
+            def step():
                 for key, value in caches:
-                    _single_query_attention(query, key, value, mask, DIM ** -0.5, splits)
-            us = per_layer_us(step)
+                    attend(key, value)
+            timed[name] = us = per_layer_us(step)
             print(f"| {keys} | {name} | {us:.1f} | {bytes_per_layer / us / 1e6:.2f} |", flush=True)
+
+        for splits in sorted({1, default}):
+            time(f"cuBLAS, split {splits}", lambda k, v, s=splits: _single_query_attention(query, k, v, mask, DIM ** -0.5, s))
+        parts = parts_for(KV_HEADS, keys, sm_count(device))
+        for n in sorted({parts, max(1, parts // 2), parts * 2, parts * 4}):
+            time(f"triton, {n} parts{' (default)' if n == parts else ''}",
+                 lambda k, v, n=n: flash_decode(query, k, v, mask, DIM ** -0.5, parts=n))
+        for block in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    time(f"triton, {parts} parts, block {block}, {warps} warps, {stages} stages",
+                         lambda k, v, b=block, w=warps, st=stages: flash_decode(
+                             query, k, v, mask, DIM ** -0.5, parts=parts, block_keys=b, num_warps=w, num_stages=st))
+        best = min((name for name in timed if name.startswith("triton")), key=timed.get)
+        print(f"| {keys} | fastest: {best} | {timed[best]:.1f} | |", flush=True)
         hf_query = query.reshape(1, HEADS, 1, DIM)
 
         def sdpa():

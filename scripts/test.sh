@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "setup: installing the test-only requirements (requirements-test.txt)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 exec .venv/bin/python -m pytest -q "$@"

@@ -5,6 +5,9 @@ DASH_TEST_DEVICE=cuda runs the same tests on a GPU (every tensor factory default
 
 import os
 
+if not os.environ.get("DASH_TEST_DEVICE"):  # Triton kernels run in Triton's CPU interpreter; set
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
 import pytest
 import torch
 from transformers import (

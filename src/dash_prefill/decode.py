@@ -7,7 +7,6 @@ before the start layer, survivors from it on), masked by original positions (``c
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from transformers import AttentionInterface
@@ -15,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapters import adapter_for, device_of
 from .cache import KeyLayout
+from .flash_decode import available as flash_decode_available, flash_decode, sm_count
 from .prefill import LayerInputs, PrefillResult, layer_step
 
 GROUPED_SDPA = "dash_prefill_grouped_sdpa"
@@ -68,18 +68,15 @@ def key_splits(batch: int, kv_heads: int, keys: int, sm_count: int) -> int:
     return splits
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             mask: torch.Tensor | None, scale: float, splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for grouped queries (batch, kv_heads, groups, dim)
     against (batch, kv_heads, keys, dim); the second product in ``splits`` parts of the keys
     (default :func:`key_splits`, decided here, outside anything compiled: no guard on sizes)."""
+    if key.is_cuda and flash_decode_available and splits is None:
+        return flash_decode(grouped, key, value, mask, scale)
     if splits is None:
-        splits = key_splits(*key.shape[:3], _sm_count(key.device)) if key.is_cuda else 1
+        splits = key_splits(*key.shape[:3], sm_count(key.device)) if key.is_cuda else 1
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
