@@ -15,9 +15,9 @@ CUDA = os.environ.get("DASH_TEST_DEVICE") == "cuda"
 def written_out(grouped, key, value, mask, scale):
     """Per row, key head and query: softmax over the allowed keys, then the weighted values (float64)."""
     batch, kv_heads, groups, dim = grouped.shape
-    out = torch.empty(batch, kv_heads, groups, dim, dtype=torch.float64)
+    out = torch.empty(batch, kv_heads, groups, dim, dtype=torch.float64, device="cpu")
     for b in range(batch):
-        allowed = torch.ones(key.shape[2], dtype=torch.bool) if mask is None else mask[min(b, mask.shape[0] - 1), 0, 0].cpu()
+        allowed = torch.ones(key.shape[2], dtype=torch.bool, device="cpu") if mask is None else mask[min(b, mask.shape[0] - 1), 0, 0].cpu()
         for h in range(kv_heads):
             keys, values = key[b, h].cpu().double()[allowed], value[b, h].cpu().double()[allowed]
             for g in range(groups):
