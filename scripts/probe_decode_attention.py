@@ -4,8 +4,7 @@ Usage: python scripts/probe_decode_attention.py [KEYS...]   (default 8256 32832 
 Llama-3.1-8B's shape (32 query heads, 8 key heads, head_dim 128, bf16, batch 1). 32 layers'
 worth of distinct caches are captured in one CUDA graph (so no layer reads another's keys from
 L2 and no launch is timed), replayed 20 times. Prints µs per layer and the bytes of keys and
-values read per second: torch's products (cuBLAS, the second split in 1 part and in the default
-``key_splits``), the Triton flash-decoding kernel at its defaults, with other part counts and
+values read per second: torch's products (cuBLAS), the Triton flash-decoding kernel at its defaults, with other part counts and
 with other block sizes, warps and pipeline stages, and HF's sdpa (which repeats the keys and
 values for GQA). The last line names the fastest kernel setting at each length.
 """
@@ -15,7 +14,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dash_prefill.decode import _single_query_attention, key_splits
 from dash_prefill.flash_decode import flash_decode, parts_for, sm_count
 
 LAYERS, HEADS, KV_HEADS, DIM = 32, 32, 8, 128
@@ -53,7 +51,6 @@ def main(*lengths):
         mask = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=device)
         mask[..., -100:] = False  # unwritten slots
         bytes_per_layer = 2 * keys * KV_HEADS * DIM * 2
-        default = key_splits(1, KV_HEADS, keys, sm_count(device))
         timed = {}
 
         def time(name, attend):
@@ -63,8 +60,11 @@ def main(*lengths):
             timed[name] = us = per_layer_us(step)
             print(f"| {keys} | {name} | {us:.1f} | {bytes_per_layer / us / 1e6:.2f} |", flush=True)
 
-        for splits in sorted({1, default}):
-            time(f"cuBLAS, split {splits}", lambda k, v, s=splits: _single_query_attention(query, k, v, mask, DIM ** -0.5, s))
+        def cublas(k, v):  # the products of torch (cuBLAS) that decoding used before the kernel
+            scores = torch.matmul(query, k.transpose(-1, -2)).float() * DIM ** -0.5
+            return torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype), v)
+
+        time("cuBLAS products", cublas)
         parts = parts_for(KV_HEADS, keys, sm_count(device))
         for n in sorted({parts, max(1, parts // 2), parts * 2, parts * 4}):
             time(f"triton, {n} parts{' (default)' if n == parts else ''}",

@@ -148,38 +148,6 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
     assert not torch.allclose(unmasked, ours)
 
 
-@pytest.mark.parametrize("splits", [1, 2, 8])
-def test_single_query_attention_in_key_parts_equals_the_softmax_formula(splits):
-    from dash_prefill.decode import _single_query_attention
-
-    torch.manual_seed(0)
-    grouped = torch.randn(2, 2, 4, 16, dtype=torch.float64)  # (batch, kv_heads, groups, dim)
-    key, value = torch.randn(2, 2, 64, 16, dtype=torch.float64), torch.randn(2, 2, 64, 16, dtype=torch.float64)
-    mask = torch.rand(2, 1, 1, 64) > 0.4
-    mask[..., 0] = True
-    # Written out per row, head and query: softmax over the allowed keys, then the weighted values.
-    expected = torch.empty(2, 2, 4, 16, dtype=torch.float64)
-    for b in range(2):
-        allowed = mask[b, 0, 0]
-        for h in range(2):
-            for g in range(4):
-                logits = key[b, h, allowed] @ grouped[b, h, g] * 0.25
-                expected[b, h, g] = torch.exp(logits - logits.max()) @ value[b, h, allowed] / torch.exp(logits - logits.max()).sum()
-    got = _single_query_attention(grouped, key, value, mask, 0.25, splits)
-    torch.testing.assert_close(got, expected)
-
-
-def test_key_splits_keep_parts_of_8k_keys_and_divide_the_keys():
-    from dash_prefill.decode import key_splits
-
-    assert key_splits(1, 8, 8256, 132) == 1  # two parts would hold fewer than 8192 keys
-    assert key_splits(1, 8, 32832, 132) == 4
-    assert key_splits(1, 8, 130624, 132) == 8
-    assert key_splits(1, 8, 1 << 20, 132) == 32  # capped at two blocks per SM (33 wanted)
-    assert key_splits(8, 8, 130624, 132) == 4  # a batch of 8 fills the GPU with fewer parts
-    assert key_splits(1, 8, 130625, 132) == 1  # an odd count is not split
-
-
 def test_the_compiled_step_keeps_single_query_attention_opaque(one_thread):
     # What inductor would compile: the traced graph calls the operator once a layer, so its
     # products are not regenerated as compiler kernels.

@@ -14,18 +14,18 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .adapters import adapter_for, device_of
 from .cache import KeyLayout
-from .flash_decode import available as flash_decode_available, flash_decode, sm_count
+from .flash_decode import available as flash_decode_available, flash_decode
 from .prefill import LayerInputs, PrefillResult, layer_step
 
 GROUPED_SDPA = "dash_prefill_grouped_sdpa"
 
 
 def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention of one query per row as two matrix products, for HF attention modules.
+    """Attention of one query per row, for HF attention modules.
 
     The query heads that share a key head (GQA) become that head's queries, (batch, kv_heads,
-    groups, head_dim), so keys and values are read once and never repeated, and the products run
-    as cuBLAS GEMMs split over the keys. Measured on an H200 (Llama-3.1-8B shape, 32K keys, bf16),
+    groups, head_dim), so keys and values are read once and never repeated (on a GPU by one
+    flash-decoding kernel, :func:`_single_query_attention`). Measured on an H200 (Llama-3.1-8B shape, 32K keys, bf16),
     HF's sdpa on a single-query step dispatches to cuDNN's attention: 630 µs of GPU time a layer
     in the captured step (74% of it, scripts/probe_static_decode.py), and 1.7 ms of HOST time a
     call in eager decoding, 52 of its 78 ms a token (scripts/probe_eager_decode.py). Softmax in
@@ -40,53 +40,25 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       scaling=scaling, **kwargs)
     grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim ** -0.5
-    # Compiled, the step calls it as an opaque operator: inductor keeps these cuBLAS products
-    # (its own kernels for them were slower over a long cache) and fuses what surrounds them.
+    # Compiled, the step calls it as an opaque operator: inductor keeps the kernel (its own
+    # kernels for the products were slower over a long cache) and fuses what surrounds it.
     attend = single_query_attention if torch.compiler.is_compiling() else _single_query_attention
     output = attend(grouped, key, value, attention_mask, scale)
     return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-# Keys each part of a split product holds at least. Measured on an H200 (scripts/
-# probe_decode_attention.py, Llama-3.1-8B's 8 key heads, batch 1, µs a layer): 8256 slots
-# unsplit 39.9, in 2 parts 47.0; 32832: unsplit 94.5, 4 parts 85.5, 32 parts 97.3; 130624:
-# unsplit 318, 8 parts 246, 32 parts 279. Parts of about 8K keys were the fastest at each length.
-KEYS_PER_PART = 8192
-
-
-def key_splits(batch: int, kv_heads: int, keys: int, sm_count: int) -> int:
-    """Parts the keys are split into for the probabilities x values product (split-K): with
-    one query per row that product has too few outputs to occupy a GPU, so each part is its own
-    batch of a GEMM and the parts are summed (flash-decoding's split, done with cuBLAS).
-    A power of two that divides the key count (static slots are aligned to 64), each part at
-    least ``KEYS_PER_PART`` keys, and no more than two blocks per SM over the (batch, kv_heads)
-    products."""
-    target = 2 * sm_count // (batch * kv_heads)
-    splits = 1
-    while splits * 2 <= target and keys % (splits * 2) == 0 and keys // (splits * 2) >= KEYS_PER_PART:
-        splits *= 2
-    return splits
-
-
 def _single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            mask: torch.Tensor | None, scale: float, splits: int | None = None) -> torch.Tensor:
+                            mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for grouped queries (batch, kv_heads, groups, dim)
-    against (batch, kv_heads, keys, dim); the second product in ``splits`` parts of the keys
-    (default :func:`key_splits`, decided here, outside anything compiled: no guard on sizes)."""
-    if key.is_cuda and flash_decode_available and splits is None:
+    against (batch, kv_heads, keys, dim): on a GPU with Triton the flash-decoding kernel
+    (:mod:`dash_prefill.flash_decode`; on an H200 0.65-0.59x the time of the cuBLAS products with
+    a split-K second product at 8K-128K keys, BENCHMARKS.md), elsewhere torch's two products."""
+    if key.is_cuda and flash_decode_available:
         return flash_decode(grouped, key, value, mask, scale)
-    if splits is None:
-        splits = key_splits(*key.shape[:3], sm_count(key.device)) if key.is_cuda else 1
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1).to(value.dtype)
-    if splits == 1 or not value.is_contiguous():
-        return torch.matmul(probs, value)  # (batch, kv_heads, groups, dim)
-    batch, kv_heads, groups, keys = probs.shape
-    parts = probs.view(batch, kv_heads, groups, splits, keys // splits).transpose(2, 3)
-    partial = torch.matmul(parts, value.view(batch, kv_heads, splits, keys // splits, -1))
-    return partial.to(torch.promote_types(partial.dtype, torch.float32)).sum(2).to(value.dtype)
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (batch, kv_heads, groups, dim)
 
 
 @torch.library.custom_op("dash_prefill::single_query_attention", mutates_args=())
