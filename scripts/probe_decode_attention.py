@@ -4,9 +4,10 @@ Usage: python scripts/probe_decode_attention.py [KEYS...]   (default 8256 32832 
 Llama-3.1-8B's shape (32 query heads, 8 key heads, head_dim 128, bf16, batch 1). 32 layers'
 worth of distinct caches are captured in one CUDA graph (so no layer reads another's keys from
 L2 and no launch is timed), replayed 20 times. Prints µs per layer and the bytes of keys and
-values read per second: torch's products (cuBLAS), the Triton flash-decoding kernel at its defaults, with other part counts and
-with other block sizes, warps and pipeline stages, and HF's sdpa (which repeats the keys and
-values for GQA). The last line names the fastest kernel setting at each length.
+values read per second: torch's products (cuBLAS, ``decode.products_attention``), the Triton
+flash-decoding kernel at its defaults, with other part counts and with other block sizes, warps
+and pipeline stages, and HF's sdpa (which repeats the keys and values for GQA). The last line
+names the fastest kernel setting at each length.
 """
 
 import sys
@@ -14,6 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from dash_prefill.decode import products_attention
 from dash_prefill.flash_decode import flash_decode, parts_for, sm_count
 
 LAYERS, HEADS, KV_HEADS, DIM = 32, 32, 8, 128
@@ -60,11 +62,7 @@ def main(*lengths):
             timed[name] = us = per_layer_us(step)
             print(f"| {keys} | {name} | {us:.1f} | {bytes_per_layer / us / 1e6:.2f} |", flush=True)
 
-        def cublas(k, v):  # the products of torch (cuBLAS) that decoding used before the kernel
-            scores = torch.matmul(query, k.transpose(-1, -2)).float() * DIM ** -0.5
-            return torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype), v)
-
-        time("cuBLAS products", cublas)
+        time("cuBLAS products", lambda k, v: products_attention(query, k, v, mask, DIM ** -0.5))
         parts = parts_for(KV_HEADS, keys, sm_count(device))
         for n in sorted({parts, max(1, parts // 2), parts * 2, parts * 4}):
             time(f"triton, {n} parts{' (default)' if n == parts else ''}",

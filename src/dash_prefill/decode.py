@@ -51,10 +51,16 @@ def _single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: tor
                             mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for grouped queries (batch, kv_heads, groups, dim)
     against (batch, kv_heads, keys, dim): on a GPU with Triton the flash-decoding kernel
-    (:mod:`dash_prefill.flash_decode`; on an H200 0.65-0.59x the time of the cuBLAS products with
-    a split-K second product at 8K-128K keys, BENCHMARKS.md), elsewhere torch's two products."""
+    (:mod:`dash_prefill.flash_decode`; on an H200 0.59-0.67x the time of the cuBLAS products with
+    a split-K second product at 8K-128K keys, BENCHMARKS.md), elsewhere :func:`products_attention`."""
     if key.is_cuda and flash_decode_available:
         return flash_decode(grouped, key, value, mask, scale)
+    return products_attention(grouped, key, value, mask, scale)
+
+
+def products_attention(grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`_single_query_attention` as torch's two products (cuBLAS on a GPU), float32 softmax."""
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # (batch, kv_heads, groups, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
