@@ -18,6 +18,8 @@
 #   e2e128   end to end, Llama-3.1-8B shape, every method, to 512 tokens at 128K-512
 #   qwenall  end to end, Qwen2.5-7B shape, every method, to 512 tokens at 8K and 32000
 #   static   tests/test_static_decode.py and tests/test_cuda_syncs.py on the GPU
+#   gates    prefill TTFT at 32K/128K of two-gate settings (8:0.3+16:0.75 ...) with the host-sync check
+#   eager128 end to end, Llama-3.1-8B shape, eager paths (hf, dash, dash-hf) to 512 tokens at 128K-512
 set -uo pipefail
 step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
 mkdir -p "$out"
@@ -75,5 +77,14 @@ case "$step" in
     DASH_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_static_decode.py \
       tests/test_flash_decode.py tests/test_cuda_syncs.py -rfE >"$out/static.log" 2>&1
     tail -2 "$out/static.log"; grep -E "^(FAILED|ERROR)" "$out/static.log" | cut -c1-200 | head -20 ;;
+  gates)
+    timeout ${GATES_LIMIT:-300} $bench --arch llama-3.1-8b --lengths 32k,128k \
+      --settings 0.5:0.9,0.25:0.3+0.5:0.75,0.25:0.5+0.5:0.8 --policies attention/p63,dash-or-attention/p63 \
+      --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/gates" >"$out/gates.log" 2>&1
+    grep -vE "warn|bench:" "$out/gates.log" | tail -20 ;;
+  eager128)
+    timeout ${E2E_LIMIT:-280} $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 \
+      --methods hf,dash,dash-hf --out "$out/e2e-128k-eager" >"$out/e2e-128k-eager.log" 2>&1
+    grep -h "| llama" "$out"/e2e-128k-eager/bench_e2e.md | cut -d'|' -f3-12 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -211,3 +211,34 @@ def test_a_long_run_saves_each_finished_length_before_the_next_starts(tiny_arch,
     at_160 = [saved for length, saved in seen if length == 160]
     assert at_160 and all({r["length"] for r in saved[1:]} == {96} for saved in at_160)
     assert all(r["speedup"] is not None for r in at_160[0][1:])  # rows saved with their speedups
+
+
+def test_settings_with_later_gates_parse_and_time_the_gated_prefill(tiny_arch, tmp_path):
+    assert cli.parse_settings("0.4:0.5,1:0.3+3:0.75") == [(0.4, 0.5), (1, 0.3, ((3, 0.75),))]
+    args = _parse(["--arch", tiny_arch, "--lengths", "400", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                   "--settings", "1:0.3+3:0.75", "--policies", "attention/p15", "--out", str(tmp_path)])
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())[1:]
+    assert [r["method"] for r in rows] == ["plain", "dash", "attention/p15+0.75/s3"]  # no hooks row: one gate only
+    gated = rows[2]
+    assert (gated["halt_ratio"], gated["start_layer"], gated["later_gates"]) == (0.3, 1, [[3, 0.75]])
+    # The engine run with the same gates: the bench's row keeps what it keeps and has its ideal.
+    model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 400))
+    gates = dict(halt_ratio=0.3, start_layer=1, protect_first=4, protect_last=64, policy="attention", pool=15)
+    stats = prefill(model, ids, DashConfig(**gates, later_gates=((3, 0.75),))).stats
+    assert gated["kept_fraction"] == stats.kept_tokens[0] / 400 == 100 / 400
+    assert gated["ideal_speedup"] == pytest.approx(stats.ideal_speedup)
+    assert gated["ideal_speedup"] > prefill(model, ids, DashConfig(**gates)).stats.ideal_speedup
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--settings", "3:0.3+1:0.75"], "must come after the gate at layer 3"),
+    (["--settings", "1:0.5+3:0.25"], "must halt more of the prompt"),
+    (["--settings", "1:0.3+3:0.75", "--new-tokens", "4"], "timed by the prefill bench"),
+])
+def test_bad_later_gates_are_one_clear_line(tiny_arch, capsys, extra, message):
+    args = _parse(["--arch", tiny_arch, "--lengths", "96", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                   *extra])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -151,3 +151,23 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_exit_2(tiny_arch, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at most 512 tokens" in err[0]
+
+
+def test_compiling_methods_first_run_untimed_at_the_timed_runs_cache_shape(monkeypatch, one_thread):
+    """A compiled step records its CUDA graphs per cache shape, and the shape follows the number
+    of new tokens: the untimed call before timing asks for the most new tokens, as the timed
+    runs do (a 2-token warm-up would leave the timed runs to record anew)."""
+    calls = []
+    real = e2e.methods
+
+    def spying(*args, **kwargs):
+        return [(m, r, s, lambda model, ids, n, clock=None, fn=fn, m=m: calls.append((m, n)) or fn(model, ids, n, clock))
+                for m, r, s, fn in real(*args, **kwargs)]
+    monkeypatch.setattr(e2e, "methods", spying)
+    rows = e2e.run_e2e("tiny", build_model("llama"), [24], [2, 5], [(1, 0.5)], torch.device("cpu"),
+                       warmup=0, repeats=1, only=("hf", "hf-static", "dash-compiled"))
+    # After each method's first call (2 tokens): per method the untimed call, then the timed run.
+    assert calls[4:] == [("hf", 5), ("hf-static", 5), ("hf-static", 5), ("dash-compiled", 5),
+                         ("dash-compiled", 5), ("dash-compiled", 5), ("dash-compiled", 5)]
+    assert {r["method"]: "shape_call_s" in r for r in rows} == {"hf": False, "hf-static": True,
+                                                               "dash-compiled": True}

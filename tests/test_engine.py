@@ -49,7 +49,7 @@ def test_zero_ratio_matches_plain_forward(family, implementation, policy):
 
 @pytest.mark.parametrize("policy, pool", [("dash", 1), ("random", 1), ("dash", 5), ("attention", 3),
                                           ("contribution", 1), ("dash-question", 3),
-                                          ("attention-hops", 3)])
+                                          ("dash-or-attention", 3), ("attention-hops", 3)])
 def test_halting_matches_masked_reference(family, implementation, policy, pool):
     model = build_model(family, implementation)
     ids = random_ids(2, SEQ)

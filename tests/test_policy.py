@@ -152,3 +152,25 @@ def test_hops_follow_a_chain_of_mentions_from_what_the_question_finds():
     found = scores > context.attention().mean(dim=(1, 2)).amax()
     assert found.sum() == HOPS
     assert found[0, chain[:4]].all()  # the fifth token is wherever the last hop's mass is highest
+
+
+def test_dash_or_attention_keeps_a_token_either_signal_ranks_first_and_halts_one_both_rank_last():
+    # 40 tokens, one head: the question (last 4) attends most to token 5 and least to token
+    # 30; token 20 has the largest update and token 30 the smallest (no ties elsewhere).
+    seq, dim = 40, 8
+    keys = torch.zeros(1, 1, seq, dim)
+    keys[0, 0, :, 0] = torch.linspace(0.0, 0.1, seq)
+    keys[0, 0, 5, 0], keys[0, 0, 30, 0] = 1.0, -1.0
+    queries = torch.zeros(1, 1, seq, dim)
+    queries[0, 0, -4:, 0] = 30.0
+    output = torch.linspace(1.0, 2.0, seq)[None, :, None].expand(1, seq, dim).clone()
+    output[0, 20] *= 10.0
+    output[0, 30] *= 0.1
+    config = DashConfig(halt_ratio=0.5, protect_first=1, protect_last=4, policy="dash-or-attention")
+    context = ScoreContext(output=output, hidden=torch.zeros(1, seq, dim), config=config, padding=None,
+                           window_queries=lambda: queries[:, :, -4:], keys=keys, values=keys,
+                           positions=torch.arange(seq)[None], scaling=1.0)
+    scores = POLICIES["dash-or-attention"](context)[0]
+    assert scores[5] == scores[20] == 1.0  # the top rank of one signal each
+    assert scores[30] == 1 / seq and (scores > 1 / seq).sum() == seq - 1  # last of both: alone at the bottom
+    assert POLICIES["dash-or-attention"].query_aware

@@ -256,6 +256,15 @@ def dash_question(context: ScoreContext) -> torch.Tensor:
     return _rank(dash(context)) * _rank(attention(context))
 
 
+@register("dash-or-attention", query_aware=True)
+def dash_or_attention(context: ScoreContext) -> torch.Tensor:
+    """||U_t|| or the question's attention: the larger of their per-row ranks (in (0, 1]), so a
+    token survives when either ranks it high. The question finds what it names (a needle's
+    key and value); ||U|| keeps what stands out of the text without being named (the chain of
+    a variable-tracking prompt, whose later links never mention the value asked for)."""
+    return torch.maximum(_rank(dash(context)), _rank(attention(context)))
+
+
 def _rank(scores: torch.Tensor) -> torch.Tensor:
     """Per-row rank of each score, scaled to (0, 1]: (batch, seq) -> (batch, seq) float32."""
     order = scores.float().argsort(dim=-1)

@@ -16,7 +16,8 @@ import torch
 from ..cli import add_threads_option, count_arg, start_layer_arg
 from .e2e import METHODS
 from .report import _cell, columns, header, table_lines, write_json, write_plot
-from .runner import BenchPlan, Target, run_bench
+from ..config import DashConfig
+from .runner import BenchPlan, Target, later_gates, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
 from .timing import OtherLoad, trust_warnings
 from .vlm import VLM_ARCHITECTURES
@@ -49,15 +50,20 @@ def _numbers(kind):
     return lambda text: [kind(item.strip()) for item in text.split(",")]
 
 
-def parse_settings(text: str) -> list[tuple[int | float, float]]:
-    """"0.4:0.5,12:0.75" -> [(0.4, 0.5), (12, 0.75)]: explicit (start_layer, halt_ratio) pairs."""
-    pairs = []
+def parse_settings(text: str) -> list[tuple]:
+    """"0.4:0.5,12:0.75" -> [(0.4, 0.5), (12, 0.75)]: explicit (start_layer, halt_ratio) pairs;
+    "8:0.3+14:0.75" -> [(8, 0.3, ((14, 0.75),))]: a first gate and later gates (``later_gates``)."""
+    settings = []
     for item in text.split(","):
-        start, sep, ratio = item.partition(":")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as 0.4:0.5; got {item!r}")
-        pairs.append((start_layer_arg(start.strip()), float(ratio)))
-    return pairs
+        gates = []
+        for gate in item.split("+"):
+            start, sep, ratio = gate.partition(":")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as 0.4:0.5, later "
+                                                 f"gates joined by + (8:0.3+14:0.75); got {item!r}")
+            gates.append((start_layer_arg(start.strip()), float(ratio)))
+        settings.append(gates[0] if len(gates) == 1 else (*gates[0], tuple(gates[1:])))
+    return settings
 
 
 def parse_new_tokens(text: str) -> list[int]:
@@ -99,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
                         help="floats are fractions of depth, ints are layer indices")
     parser.add_argument("--settings", type=parse_settings,
-                        help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid)")
+                        help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid); "
+                        "later gates joined by +, e.g. 8:0.3+14:0.75 (prefill of text models only)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa",
                         help="attention implementation")
@@ -196,7 +203,6 @@ def _targets(args, dtype: torch.dtype) -> list[Target]:
 
 
 def _vlm_rows(args, settings, device, dtype) -> list[dict]:
-    from ..config import DashConfig
     from .vlm import run_vlm_bench
 
     rows = []
@@ -289,10 +295,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings = args.settings or [(s, r) for s in args.start_layer for r in args.halt_ratio]
     try:
-        for start, ratio in settings:
+        for start, ratio, *later in settings:
             if not 0.0 <= ratio < 1.0 or (isinstance(start, float) and not 0.0 < start < 1.0):
                 raise ValueError(f"setting start={start}, ratio={ratio}: ratio must be in [0, 1) and a "
                                  "fractional start in (0, 1)")
+            DashConfig(halt_ratio=ratio, start_layer=start, later_gates=later_gates((start, ratio, *later)))
+        vlm = any(a in VLM_ARCHITECTURES for a in args.arch or [])
+        if any(later_gates(s) for s in settings) and (args.new_tokens or vlm):
+            raise ValueError("settings with later gates (8:0.3+14:0.75) are timed by the prefill bench of "
+                             "text models only: drop --new-tokens and the vision-language archs")
         if args.new_tokens:
             return _e2e_main(args, settings, device, dtype)
         plan = BenchPlan(targets=_targets(args, dtype), lengths=args.lengths, batches=args.batch,

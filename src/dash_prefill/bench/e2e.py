@@ -140,7 +140,8 @@ def _dash_hf(config: DashConfig) -> Callable:
 
 
 METHODS = ("hf", "hf-static", "dash", "dash-static", "dash-compiled", "dash-hf")
-# Methods whose first call at a new cache shape may compile: one untimed call per length first.
+# Methods whose first call at a new cache shape compiles or records: one untimed call per length, for
+# the most new tokens (the timed runs reuse its cache buffers), first.
 COMPILING = ("hf-static", "dash-compiled")
 
 
@@ -196,9 +197,10 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
 
     Each method is run ``repeats`` times per length for the largest N (:func:`_time_method`).
     Before any timing every method runs once on a 256-token prompt (CUDA context, kernels,
-    graph capture, compilation: its time is the row's ``first_call_s``); per length, each method
-    then runs ``warmup`` untimed 2-token calls, and the compiling ones (hf-static,
-    dash-compiled) always one (a compilation for a new cache shape is not timed).
+    graph capture, compilation: its time is the row's ``first_call_s``); per length, the
+    compiling ones (hf-static, dash-compiled) then run once untimed for the most new tokens,
+    whose cache buffers the timed runs reuse (compilation and graph recording for a new cache
+    shape: the row's ``shape_call_s``), and each method runs ``warmup`` untimed 2-token calls.
     ``on_length(rows)`` is called with the rows so far after each length (to save partial results).
     """
     from .timing import random_ids
@@ -232,8 +234,11 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
                     "first_call_s": first_call.get((method, ratio))}
             try:
                 with torch.inference_mode():
-                    if method in COMPILING and not warmup:
-                        fn(model, ids, 2)  # compiles for this cache shape
+                    if method in COMPILING:  # compiles and records for the timed runs' cache shapes
+                        began = time.perf_counter()
+                        fn(model, ids, max(new_tokens))
+                        _synchronize(device)
+                        base["shape_call_s"] = time.perf_counter() - began
                     timed = _time_method(fn, model, ids, new_tokens, warmup, repeats)
             except torch.cuda.OutOfMemoryError:
                 timed = [{"status": "oom"}] * len(new_tokens)

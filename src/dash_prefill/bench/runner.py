@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import start_layer_index
+from ..config import DashConfig, start_layer_index
 from ..cost import ideal_speedup
-from ..policy import POLICIES, parse_pooled
+from ..policy import POLICIES, kept_count, parse_pooled
 from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
@@ -29,12 +29,13 @@ class Target:
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """What to run. ``settings`` are (start_layer, halt_ratio) pairs; a float start is a fraction."""
+    """What to run. ``settings`` are (start_layer, halt_ratio) pairs, or (start_layer, halt_ratio,
+    later_gates) triples; a float start is a fraction."""
 
     targets: list[Target]
     lengths: list[int]
     batches: list[int]
-    settings: list[tuple[int | float, float]]
+    settings: list[tuple]
     device: torch.device
     warmup: int = 2
     repeats: int = 5
@@ -44,17 +45,31 @@ class BenchPlan:
     policies: tuple[str, ...] = ("dash",)  # NAME or NAME/pPOOL; rows are labelled with it
 
 
-def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, Callable]]:
-    """(method, halt_ratio, start_layer, fn) in run order: plain, dash at ρ=0, then each setting."""
+def later_gates(setting: tuple) -> tuple[tuple[int | float, float], ...]:
+    """The gates after the first of a setting: its third element, if it has one."""
+    return tuple(setting[2]) if len(setting) > 2 else ()
+
+
+def gates_label(gates) -> str:
+    """"+0.75/s14" per later gate, as in the eval's labels (``attention/p63+0.75/s14``)."""
+    return "".join(f"+{ratio}/s{start}" for start, ratio in gates)
+
+
+def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, tuple, Callable]]:
+    """(method, halt_ratio, start_layer, later gates as (layer, halt_ratio), fn) in run order:
+    plain, dash at ρ=0, then each setting (hooks for one-gate settings only)."""
     first_start = start_layer_index(plan.settings[0][0], num_layers)
-    methods = [("plain", 0.0, num_layers, plain_method),
-               ("dash", 0.0, first_start, dash_method(0.0, first_start))]
-    for start, ratio in plan.settings:
-        index = start_layer_index(start, num_layers)
+    methods = [("plain", 0.0, num_layers, (), plain_method),
+               ("dash", 0.0, first_start, (), dash_method(0.0, first_start))]
+    for setting in plan.settings:
+        start, ratio, gates = setting[0], setting[1], later_gates(setting)
+        (index, _), *layers = DashConfig(halt_ratio=ratio, start_layer=start,
+                                         later_gates=gates).resolve_gates(num_layers)
         for policy in plan.policies:
-            methods.append((policy, ratio, index, dash_method(ratio, index, *parse_pooled(policy))))
-        if plan.hooks:
-            methods.append(("hooks", ratio, index, hooks_method(ratio, index)))
+            methods.append((policy + gates_label(layers), ratio, index, tuple(layers),
+                            dash_method(ratio, index, *parse_pooled(policy), later_gates=tuple(layers))))
+        if plan.hooks and not gates:
+            methods.append(("hooks", ratio, index, (), hooks_method(ratio, index)))
     return methods
 
 
@@ -64,18 +79,25 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _row(name, length, batch, method, ratio, start, timing: Timing | None, status, config) -> dict:
+def _row(name, length, batch, method, ratio, start, timing: Timing | None, status, config, gates=()) -> dict:
+    """One table row; ``gates``: the later gates as (layer, halt_ratio), whose kept fractions the
+    ideal counts as the engine keeps them (the protected tokens, then the top of the rest)."""
     row = {"record": "row", "arch": name, "length": length, "batch": batch, "method": method,
            "halt_ratio": ratio, "start_layer": start, "status": status,
            "median_s": None, "min_s": None, "max_s": None, "peak_bytes": None,
            "peak_over_weights_bytes": None, "kv_cache_bytes": None, "kept_fraction": None,
            "ideal_speedup": None}
+    if gates:
+        row["later_gates"] = [list(gate) for gate in gates]
     if timing is not None:
         row.update({k: getattr(timing, k) for k in ("median_s", "min_s", "max_s", "peak_bytes",
                                                     "peak_over_weights_bytes", "kv_cache_bytes",
                                                     "kept_fraction")})
+        protected = min(length, 4 + 64)  # the benchmark's protection (``dash_method``)
+        fractions = [(layer, kept_count(length, r, protected) / length) for layer, r in gates]
+        first = timing.kept_fraction if not gates else kept_count(length, ratio, protected) / length
         row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
-            config, length, start, timing.kept_fraction, scoring_passes=_scoring_passes(method))
+            config, length, start, first, later_gates=fractions, scoring_passes=_scoring_passes(method))
     return row
 
 
@@ -121,7 +143,7 @@ def _count_syncs(method, model, input_ids) -> int:
 def _sync_check(name, model, input_ids, methods) -> list[dict]:
     """One call of every method under CUDA's sync debug mode: how often each syncs the host."""
     records = []
-    for method, ratio, start, fn in methods:
+    for method, ratio, start, _, fn in methods:
         try:
             count = _count_syncs(fn, model, input_ids)
         except (torch.cuda.OutOfMemoryError, NotImplementedError) as error:
@@ -178,10 +200,11 @@ def run_bench(plan: BenchPlan, on_point=None) -> tuple[list[dict], list[dict]]:
                 if not checked:
                     syncs += _sync_check(target.name, model, ids, methods)
                     checked = True
-                for method, ratio, start, fn in methods:
+                for method, ratio, start, gates, fn in methods:
                     progress.set_postfix_str(f"{target.name} b={batch} T={length} {method} ρ={ratio}")
                     timing, status = _measure_or_skip(plan, fn, model, ids, f"{target.name} {method}")
-                    rows.append(_row(target.name, length, batch, method, ratio, start, timing, status, config))
+                    rows.append(_row(target.name, length, batch, method, ratio, start, timing, status, config,
+                                     gates))
                     progress.update(1)
                 del ids
                 if on_point is not None:

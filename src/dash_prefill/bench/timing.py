@@ -58,11 +58,12 @@ def plain_method(model, input_ids):
     return logits, cache, 1.0
 
 
-def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1) -> Method:
+def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1,
+                later_gates: tuple = ()) -> Method:
     """This package's engine with the benchmark's protection (first 4, last 64 tokens: the
     question window of query-aware policies)."""
     config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=4, protect_last=64,
-                        policy=policy, pool=pool)
+                        policy=policy, pool=pool, later_gates=later_gates)
 
     def run(model, input_ids):
         result = prefill(model, input_ids, config)
