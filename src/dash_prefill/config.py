@@ -153,6 +153,12 @@ class DashConfig:
         return gates
 
 
+def gates_label(gates) -> str:
+    """"+0.75/s14" per later (start_layer, halt_ratio) gate, as labels write them
+    (``attention@0.3/s8/p63+0.75/s14``)."""
+    return "".join(f"+{ratio}/s{start}" for start, ratio in gates)
+
+
 def _check_start(start) -> None:
     if isinstance(start, bool) or not isinstance(start, (int, float)):
         raise ValueError(f"start_layer must be an int layer index or a float in (0, 1); got {start!r}")

@@ -295,11 +295,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings = args.settings or [(s, r) for s in args.start_layer for r in args.halt_ratio]
     try:
-        for start, ratio, *later in settings:
+        for setting in settings:
+            start, ratio = setting[:2]
             if not 0.0 <= ratio < 1.0 or (isinstance(start, float) and not 0.0 < start < 1.0):
                 raise ValueError(f"setting start={start}, ratio={ratio}: ratio must be in [0, 1) and a "
                                  "fractional start in (0, 1)")
-            DashConfig(halt_ratio=ratio, start_layer=start, later_gates=later_gates((start, ratio, *later)))
+            DashConfig(halt_ratio=ratio, start_layer=start, later_gates=later_gates(setting))
         vlm = any(a in VLM_ARCHITECTURES for a in args.arch or [])
         if any(later_gates(s) for s in settings) and (args.new_tokens or vlm):
             raise ValueError("settings with later gates (8:0.3+14:0.75) are timed by the prefill bench of "

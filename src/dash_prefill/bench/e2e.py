@@ -27,6 +27,7 @@ from ..config import DashConfig, start_layer_index
 from ..generation import generate
 from ..hf_generate import halting
 from .shapes import kv_bytes
+from .timing import PROTECT_FIRST, PROTECT_LAST
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ def methods(settings: list[tuple[int | float, float]], num_layers: int, slots: i
     first = start_layer_index(settings[0][0], num_layers)
     rows = [("hf", 0.0, num_layers, _HF()), ("hf-static", 0.0, num_layers, _HF(static=True, slots=slots))]
     for start, ratio in [(first, 0.0)] + [(start_layer_index(s, num_layers), r) for s, r in settings]:
-        config = DashConfig(halt_ratio=ratio, start_layer=start, protect_first=4, protect_last=64)
+        config = DashConfig(halt_ratio=ratio, start_layer=start, protect_first=PROTECT_FIRST,
+                            protect_last=PROTECT_LAST)
         rows += [("dash", ratio, start, _dash(config)), ("dash-static", ratio, start, _dash(config, True)),
                  ("dash-compiled", ratio, start, _dash(config, "compiled")),
                  ("dash-hf", ratio, start, _dash_hf(config))]

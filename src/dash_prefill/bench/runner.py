@@ -11,10 +11,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig, start_layer_index
+from ..config import DashConfig, gates_label, start_layer_index
 from ..cost import ideal_speedup
-from ..policy import POLICIES, kept_count, parse_pooled
-from .timing import Timing, dash_method, hooks_method, measure, plain_method, random_ids
+from ..policy import POLICIES, parse_pooled
+from .timing import Timing, dash_method, hooks_method, kept_fraction, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ class BenchPlan:
 def later_gates(setting: tuple) -> tuple[tuple[int | float, float], ...]:
     """The gates after the first of a setting: its third element, if it has one."""
     return tuple(setting[2]) if len(setting) > 2 else ()
-
-
-def gates_label(gates) -> str:
-    """"+0.75/s14" per later gate, as in the eval's labels (``attention/p63+0.75/s14``)."""
-    return "".join(f"+{ratio}/s{start}" for start, ratio in gates)
 
 
 def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, tuple, Callable]]:
@@ -93,9 +88,8 @@ def _row(name, length, batch, method, ratio, start, timing: Timing | None, statu
         row.update({k: getattr(timing, k) for k in ("median_s", "min_s", "max_s", "peak_bytes",
                                                     "peak_over_weights_bytes", "kv_cache_bytes",
                                                     "kept_fraction")})
-        protected = min(length, 4 + 64)  # the benchmark's protection (``dash_method``)
-        fractions = [(layer, kept_count(length, r, protected) / length) for layer, r in gates]
-        first = timing.kept_fraction if not gates else kept_count(length, ratio, protected) / length
+        fractions = [(layer, kept_fraction(length, r)) for layer, r in gates]
+        first = timing.kept_fraction if not gates else kept_fraction(length, ratio)
         row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
             config, length, start, first, later_gates=fractions, scoring_passes=_scoring_passes(method))
     return row

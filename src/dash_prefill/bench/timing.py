@@ -58,12 +58,22 @@ def plain_method(model, input_ids):
     return logits, cache, 1.0
 
 
+# The benchmark's protection: the first 4 tokens and the last 64 (the question window of
+# query-aware policies).
+PROTECT_FIRST, PROTECT_LAST = 4, 64
+
+
+def kept_fraction(length: int, halt_ratio: float) -> float:
+    """Fraction of a ``length``-token prompt the engine keeps at ``halt_ratio`` under that protection."""
+    return kept_count(length, halt_ratio, min(length, PROTECT_FIRST + PROTECT_LAST)) / length
+
+
 def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1,
                 later_gates: tuple = ()) -> Method:
     """This package's engine with the benchmark's protection (first 4, last 64 tokens: the
     question window of query-aware policies)."""
-    config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=4, protect_last=64,
-                        policy=policy, pool=pool, later_gates=later_gates)
+    config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=PROTECT_FIRST,
+                        protect_last=PROTECT_LAST, policy=policy, pool=pool, later_gates=later_gates)
 
     def run(model, input_ids):
         result = prefill(model, input_ids, config)
@@ -74,9 +84,9 @@ def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool:
 def hooks_method(halt_ratio: float, start_layer: int) -> Method:
     """The kvpress-style hooks re-implementation with the same selection and protection."""
     def run(model, input_ids):
-        logits, cache = hooks_prefill(model, input_ids, halt_ratio, start_layer, 4, 64)
+        logits, cache = hooks_prefill(model, input_ids, halt_ratio, start_layer, PROTECT_FIRST, PROTECT_LAST)
         length = input_ids.shape[1]
-        return logits, cache, kept_count(length, halt_ratio, min(length, 4 + 64)) / length
+        return logits, cache, kept_fraction(length, halt_ratio)
     return run
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig, parse_start_layer
+from ..config import DashConfig, gates_label, parse_start_layer
 from ..prefill import PrefillResult, prefill_branches
 from ..policy import POLICIES
 from ..generation import continue_decoding, stop_token_ids
@@ -74,7 +74,7 @@ def policy_label(config: DashConfig) -> str:
     label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
     label = f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
     label += f"o{config.pool_offset}" if config.pool_offset else ""
-    return label + "".join(f"+{ratio}/s{start}" for start, ratio in config.later_gates)
+    return label + gates_label(config.later_gates)
 
 
 def parse_policies(text: str, start_layer: int | float = 0.4,
