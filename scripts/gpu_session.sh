@@ -12,8 +12,10 @@
 #   fast     end to end, fast paths only, to 128 tokens at 8K/32K (about 150 s)
 #   eagerprobe  scripts/probe_eager_decode.py: eager decoding after rho=0 and rho=0.5, profiled
 #   prefill  TTFT and peak memory at 8K/32K/128K for dash, attention/p63, contribution/p15 (and ρ=0)
-#   qwen     end to end, Qwen2.5-7B shape (32K context): fast paths at 8K and 32K
+#   qwen     end to end, Qwen2.5-7B shape: fast paths at QWEN_LENGTHS (8k,32000; 130560 too: the
+#            shape's table allows 128K, which the real model reaches with YaRN) within QWEN_LIMIT s
 #   probe    scripts/probe_static_decode.py at 8K and 32K
+#   steps    scripts/probe_decode_steps.py: the first compiled decoding steps of consecutive calls, 8K
 #   attn     scripts/probe_decode_attention.py: one step's attention per layer at 8K/32K/128K slots
 #   e2e128   end to end, Llama-3.1-8B shape, every method, to 512 tokens at 128K-512
 #   qwenall  end to end, Qwen2.5-7B shape, every method, to 512 tokens at 8K and 32000
@@ -54,9 +56,11 @@ case "$step" in
       --out "$out/prefill" >"$out/prefill.log" 2>&1
     grep -vE "warn|bench:" "$out/prefill.log" | tail -20 ;;
   qwen)
-    timeout 330 $e2e --arch qwen2.5-7b --lengths 8k,32000 --new-tokens 32,128,512 \
-      --methods hf-static,dash-static,dash-compiled --out "$out/e2e-qwen" >"$out/e2e-qwen.log" 2>&1
+    timeout ${QWEN_LIMIT:-330} $e2e --arch qwen2.5-7b --lengths ${QWEN_LENGTHS:-8k,32000} --new-tokens 32,128,512 \
+      --methods ${QWEN_METHODS:-hf-static,dash-static,dash-compiled} --out "$out/e2e-qwen" >"$out/e2e-qwen.log" 2>&1
     grep -h "| qwen" "$out"/e2e-qwen/bench_e2e.md | cut -d'|' -f3-12 ;;
+  steps)
+    timeout ${STEPS_LIMIT:-300} python3 scripts/probe_decode_steps.py llama-3.1-8b 8192 2>&1 | grep -v Warn | tail -20 ;;
   probe)
     timeout 200 python3 scripts/probe_static_decode.py llama-3.1-8b 8192 32768 2>&1 | grep -v Warn | tail -40 ;;
   attn)
