@@ -35,7 +35,7 @@ case "$step" in
     tail -2 "$out/suite.log"; grep -E "^(FAILED|ERROR)" "$out/suite.log" | cut -c1-200 | head -40 ;;
   e2e)
     timeout ${E2E_LIMIT:-570} $e2e --arch llama-3.1-8b --lengths ${E2E_LENGTHS:-8k,32k,130560} --new-tokens 32,128,512 \
-      --methods hf-static,dash-static,dash-compiled --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
+      --methods ${E2E_METHODS:-hf-static,dash-static,dash-compiled} --out "$out/e2e-fast" >"$out/e2e-fast.log" 2>&1
     grep -h "| llama" "$out"/e2e-fast/bench_e2e.md | cut -d'|' -f3-12 ;;
   eager)
     timeout 250 $e2e --arch llama-3.1-8b --lengths 8k,32k --new-tokens 32,128 --methods hf,dash,dash-hf \

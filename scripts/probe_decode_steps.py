@@ -4,8 +4,8 @@ Usage: python scripts/probe_decode_steps.py [ARCH] [LENGTH] [MODE...]   (default
 For each MODE, four consecutive prefill + decode calls of 64 tokens (ρ=0): the time to build the
 decoder, each of the first 8 steps (a sync after each), the mean of steps 9-63, the address of
 layer 0's key buffer and the change of torch's inductor/dynamo counters. "fresh": every call
-allocates new buffers (the library); "pooled": every call copies the prefill into the same
-buffers, so the compiled step sees the same static addresses each call.
+allocates new buffers (the library before buffers were kept); "kept": the library, whose compiled
+decoder writes into the buffers the last call left, so the step sees the same static addresses.
 """
 
 import collections
@@ -20,35 +20,12 @@ from dash_prefill import DashConfig, prefill
 from dash_prefill.bench.shapes import build_random_model
 from dash_prefill.bench.timing import random_ids
 
-POOL: dict = {}
-LAST: list = []
-FIELDS = ("keys", "values", "positions", "written", "first", "group_first")
-
-
 class FreshDecoder(sd.StaticDecoder):
-    """The library's decoder, remembered so the probe can print its buffers' addresses."""
+    """The library's decoder without kept buffers: every call allocates its own."""
 
-    def __init__(self, model, state, new_tokens):
-        super().__init__(model, state, new_tokens)
-        LAST[:] = [self]
-
-
-class PooledDecoder(FreshDecoder):
-    """The library's decoder, but every buffer the compiled step reads is the same tensor in every
-    call: the first call's buffers are kept, later calls copy their contents into them."""
-
-    def __init__(self, model, state, new_tokens):
-        super().__init__(model, state, new_tokens)
-        for name in FIELDS:
-            fresh = getattr(self, name)
-            kept = POOL.setdefault(name, fresh)
-            for old, new in zip(kept, fresh):
-                old.copy_(new)
-            setattr(self, name, kept)
-        for name in ("next_positions", "count"):
-            kept = POOL.setdefault(name, getattr(self, name))
-            kept.copy_(getattr(self, name))
-            setattr(self, name, kept)
+    def __init__(self, model, state, new_tokens, keep=False):
+        super().__init__(model, state, new_tokens, keep=False)
+        sd._KEPT[model] = (self.buffers(), lambda: None)  # for the address printed
 
 
 def snapshot():
@@ -57,13 +34,13 @@ def snapshot():
 
 
 def main(arch="llama-3.1-8b", length="8192", *modes):
-    modes = modes or ("fresh", "pooled")
+    modes = modes or ("fresh", "kept")
     model = build_random_model(arch, torch.bfloat16, torch.device("cuda"), "sdpa")
     ids = random_ids(1, int(length), model.config.vocab_size, "cuda")
     config = DashConfig(halt_ratio=0.0, start_layer=0.4, protect_first=4, protect_last=64)
     original = sd.StaticDecoder
     for mode in modes:
-        sd.StaticDecoder = PooledDecoder if mode == "pooled" else FreshDecoder
+        sd.StaticDecoder = FreshDecoder if mode == "fresh" else original
         for call in range(4):
             before = snapshot()
             with torch.inference_mode():
@@ -81,12 +58,11 @@ def main(arch="llama-3.1-8b", length="8192", *modes):
                     torch.cuda.synchronize()
                     times.append((time.perf_counter() - began) * 1e3)
             changed = {k: v - before.get(k, 0) for k, v in snapshot().items() if v != before.get(k, 0)}
-            address = LAST[0].keys[0].data_ptr()
+            address = sd._KEPT[model][0][0].data_ptr()
             print(f"{mode} call {call}: build {build:.1f} ms; steps 1-8 " + " ".join(f"{t:.1f}" for t in times[:8])
                   + f"; mean 9-63 {sum(times[8:]) / len(times[8:]):.2f} ms; sum {sum(times):.0f} ms"
                   + f"; keys[0] at {address:#x}" + f"; counters {dict(changed)}", flush=True)
             del state, step
-            LAST.clear()
     sd.StaticDecoder = original
 
 

@@ -3,7 +3,9 @@
 On a CPU the static step runs eagerly; the CUDA tests run with DASH_TEST_DEVICE=cuda.
 """
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.generation import generate
-from dash_prefill.static_decode import GraphedStep, StaticDecoder, static_step
+from dash_prefill.static_decode import _KEPT, GraphedStep, StaticDecoder, release_buffers, static_step
 from test_errors import _Tokenizer
 from test_vlm import GRIDS
 from vlms import BUILDERS, build_vlm, vlm_inputs
@@ -191,6 +193,58 @@ def test_compiled_decoding_gives_the_tokens_of_eager_decoding(name):
     eager = generate(model, _Tokenizer(), ids, _config(0.5), **options).token_ids
     compiled = generate(model, _Tokenizer(), ids, _config(0.5), static_decode="compiled", **options).token_ids
     assert compiled == eager
+
+
+def _storages(decoder):
+    return {t.untyped_storage().data_ptr() for t in decoder.buffers()}
+
+
+def test_a_compiled_decoder_reuses_the_buffers_the_last_one_left_and_keeps_its_tokens(one_thread):
+    # Same addresses call after call: torch.compile's CUDA graphs replay instead of recording anew.
+    # Prompts of two lengths in turn: buffers whose shapes no longer fit are replaced.
+    model = build_model("llama")
+    release_buffers(model)
+    calls = [(random_ids(1, 30, seed=1), 0.5), (random_ids(1, 30, seed=2), 0.5), (random_ids(1, 41, seed=3), 0.0),
+             (random_ids(1, 30, seed=4), 0.5)]
+    seen = []
+    for ids, ratio in calls:
+        options = dict(max_new_tokens=8, attention_mask=torch.ones_like(ids), eos_token_id=[])
+        eager = generate(model, _Tokenizer(), ids, _config(ratio), **options).token_ids
+        compiled = generate(model, _Tokenizer(), ids, _config(ratio), static_decode="compiled", **options).token_ids
+        assert compiled == eager
+        seen.append({t.data_ptr() for t in _KEPT[model][0]})
+    assert seen[1] == seen[0]  # same shapes: every buffer reused
+    assert seen[2] != seen[1]  # another length: the key and value buffers are new
+
+
+def test_a_kept_decoder_in_use_is_never_shared_and_release_frees_its_buffers(one_thread):
+    model = build_model("llama")
+    ids = random_ids(1, 30)
+    first = StaticDecoder(model, prefill(model, ids, _config(0.5)), 6, keep=True)
+    second = StaticDecoder(model, prefill(model, ids, _config(0.5)), 6, keep=True)
+    assert not _storages(first) & _storages(second)
+    reference = StaticDecoder(model, prefill(model, ids, _config(0.5)), 6)
+    token = torch.ones(1, 1, dtype=torch.long)
+    for _ in range(3):
+        second.step(token)  # written while ``first`` lives: ``first`` must not see it
+        torch.testing.assert_close(first.step(token), reference.step(token))
+    owner = weakref.ref(second)
+    del first, second
+    gc.collect()
+    assert owner() is None and model in _KEPT
+    release_buffers(model)
+    assert model not in _KEPT
+
+
+def test_a_decoder_traced_by_torch_compile_is_freed_after_its_call(one_thread):
+    # Kept buffers are reused only once their decoder is gone: torch.compile must not hold it.
+    model = build_model("llama")
+    decoder = StaticDecoder(model, prefill(model, random_ids(1, 30), _config(0.5)), 4, keep=True)
+    decoder.step(torch.ones(1, 1, dtype=torch.long), torch.compile(StaticDecoder.layers, dynamic=True, backend="aot_eager"))
+    owner = weakref.ref(decoder)
+    del decoder
+    gc.collect()
+    assert owner() is None
 
 
 @pytest.mark.parametrize("mode", ["fast", 1, None])

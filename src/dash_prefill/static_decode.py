@@ -13,11 +13,16 @@ batch 1 cost more than reading the weights. ``compiled``: the step is compiled b
 ``torch.compile`` (norms, rotary products, activations and masks fused into a few kernels a
 layer) in its reduce-overhead mode, which records and replays it as CUDA graphs; compiling
 costs time once per model, process and layout structure (dynamic shapes); see BENCHMARKS.md.
+Its graphs are recorded for the buffers' addresses, and a call whose buffers lie elsewhere
+records them anew (about 25 ms at 8K in the Llama-3.1-8B shape on an H200), so a compiled
+decoder keeps its buffers on the model for the next call whose buffers have the same shapes
+(as HF's static cache does); :func:`release_buffers` frees them.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -47,10 +52,11 @@ class StaticDecoder:
     positions, written : per group of layers sharing a ``KeyLayout``, (batch, slots):
         each slot's original position, and whether it holds a real key (prompt padding and
         filler slots never do; slot ``cached + i`` does once token i is written).
-    The decoder takes over ``state``: its dynamic cache is not advanced.
+    The decoder takes over ``state``: its dynamic cache is not advanced. ``keep``: reuse the
+    buffers the model's last kept decoder left where their shapes fit, and keep these.
     """
 
-    def __init__(self, model, state: PrefillResult, new_tokens: int):
+    def __init__(self, model, state: PrefillResult, new_tokens: int, keep: bool = False):
         self.adapter = adapter = adapter_for(model)
         devices = {device_of(layer) for layer in adapter.layers} | {adapter.device, device_of(model.lm_head)}
         if len(devices) > 1:
@@ -60,32 +66,49 @@ class StaticDecoder:
             raise ValueError("static_decode masks the preallocated slots, which flash_attention_2 cannot; "
                              "load the model with attn_implementation='sdpa' or use static_decode=False")
         device = adapter.device
+        # keep: written into the buffers the model's last compiled decoder left where they fit
+        # (same addresses: its recorded graphs replay), and left on the model for the next call.
+        kept = _kept_for(model, self) if keep else None
+        grow = lambda tensor, dim=2: self._grown(tensor, new_tokens, dim, next(kept, None) if kept else None)  # noqa: E731
+        self.keys = [grow(layer.keys) for layer in state.cache.layers]
+        self.values = [grow(layer.values) for layer in state.cache.layers]
+        layouts = list({id(layout): layout for layout in state.key_layouts}.values())  # one per group
+        group = {id(layout): index for index, layout in enumerate(layouts)}
+        self.group_of = [group[id(layout)] for layout in state.key_layouts]
+        self.positions = [grow(layout.positions, 1) for layout in layouts]
+        self.written = [grow(torch.ones_like(layout.positions, dtype=torch.bool) if layout.real is None
+                             else layout.real, 1) for layout in layouts]
+        group_first = [layout.num_keys for layout in layouts]
         # Entries each layer's prefill left, as device scalars: no value a compiled step would
         # specialise on (and recompile for) changes from one prompt to the next.
-        self.first = list(host_to_device([layer.keys.shape[2] for layer in state.cache.layers], device))
-        self.keys = [self._grown(layer.keys, new_tokens) for layer in state.cache.layers]
-        self.values = [self._grown(layer.values, new_tokens) for layer in state.cache.layers]
-        groups: dict[int, int] = {}
-        self.group_of, self.positions, self.written, self.group_first = [], [], [], []
-        for layout in state.key_layouts:
-            if id(layout) not in groups:
-                groups[id(layout)] = len(self.positions)
-                real = layout.real if layout.real is not None else torch.ones_like(layout.positions, dtype=torch.bool)
-                self.positions.append(self._grown(layout.positions, new_tokens, dim=1))
-                self.written.append(self._grown(real, new_tokens, dim=1))
-                self.group_first.append(layout.num_keys)
-            self.group_of.append(groups[id(layout)])
-        self.group_first = list(host_to_device(self.group_first, device))
-        self.next_positions = state.next_positions.to(device)  # (batch,)
-        self.rope_offset = None if state.rope_offset is None else state.rope_offset.to(device)
-        self.count = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far
+        self.first = [grow(t, None) for t in host_to_device([layer.keys.shape[2] for layer in state.cache.layers], device)]
+        self.group_first = [grow(t, None) for t in host_to_device(group_first, device)]
+        self.next_positions = grow(state.next_positions.to(device), None)  # (batch,)
+        self.count = grow(torch.zeros((), dtype=torch.long, device=device), None)  # tokens written so far
+        self.rope_offset = None if state.rope_offset is None else grow(state.rope_offset.to(device), None)
+        if keep:
+            _keep(model, self)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the step reads or writes in place, in one order."""
+        rest = [self.next_positions, self.count] + ([] if self.rope_offset is None else [self.rope_offset])
+        return [*self.keys, *self.values, *self.positions, *self.written, *self.first, *self.group_first, *rest]
 
     @staticmethod
-    def _grown(tensor: torch.Tensor, new_tokens: int, dim: int = 2) -> torch.Tensor:
-        """``tensor`` followed by zeros along ``dim`` up to :func:`slot_count` slots."""
+    def _grown(tensor: torch.Tensor, new_tokens: int, dim: int | None = 2,
+               into: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor`` followed by zeros along ``dim`` up to :func:`slot_count` slots (``dim=None``:
+        a copy of ``tensor``), written into ``into`` when it has the result's shape and dtype."""
         shape = list(tensor.shape)
-        shape[dim] = slot_count(shape[dim], new_tokens) - shape[dim]
-        return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+        if dim is not None:
+            shape[dim] = slot_count(shape[dim], new_tokens)
+        if into is None or list(into.shape) != shape or into.dtype != tensor.dtype or into.device != tensor.device:
+            into = tensor.new_empty(shape)
+        if dim is None:
+            return into.copy_(tensor)
+        into.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        into.narrow(dim, tensor.shape[dim], shape[dim] - tensor.shape[dim]).zero_()
+        return into
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """What an attention module calls on its cache: write this token's (batch, kv_heads, 1,
@@ -163,14 +186,33 @@ def compiled_layers():
 def compiled_step(decoder: StaticDecoder):
     """The compiled step of ``decoder``: its buffers are marked as static addresses, so the
     CUDA graphs write the cache in place (as HF's StaticCache does)."""
-    buffers = [*decoder.keys, *decoder.values, *decoder.positions, *decoder.written, *decoder.first,
-               *decoder.group_first, decoder.count, decoder.next_positions]
-    if decoder.rope_offset is not None:
-        buffers.append(decoder.rope_offset)
-    for tensor in buffers:
+    for tensor in decoder.buffers():
         torch._dynamo.mark_static_address(tensor)
     run = compiled_layers()
     return lambda token_ids: decoder.step(token_ids, run).clone()  # outputs of a replay are overwritten by the next
+
+
+# Per model: the buffers of its last compiled decoder and a weak reference to that decoder.
+_KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[torch.Tensor], weakref.ref]]" = weakref.WeakKeyDictionary()
+
+
+def _kept_for(model, decoder: StaticDecoder):
+    """An iterator over the buffers the model's last compiled decoder left, in
+    :meth:`StaticDecoder.buffers` order, when that decoder is gone (none is shared with a
+    decoder still in use); else None. ``_grown`` uses one where its shape fits."""
+    buffers, owner = _KEPT.get(model, (None, None))
+    if buffers is None or owner() is not None:
+        return None
+    return iter(buffers)
+
+
+def _keep(model, decoder: StaticDecoder) -> None:
+    _KEPT[model] = (decoder.buffers(), weakref.ref(decoder))
+
+
+def release_buffers(model) -> None:
+    """Free the decoding buffers a compiled decoder kept on ``model`` for its next call."""
+    _KEPT.pop(model, None)
 
 
 class GraphedStep:
@@ -211,7 +253,7 @@ def static_step(model, state: PrefillResult, new_tokens: int, mode: bool | str =
     """The step function of a static decoder for ``new_tokens`` tokens: graphed where it can be,
     compiled first with ``mode="compiled"``."""
     check_static_mode(mode)
-    decoder = StaticDecoder(model, state, new_tokens)
+    decoder = StaticDecoder(model, state, new_tokens, keep=mode == "compiled")
     if graphable(decoder):
         return compiled_step(decoder) if mode == "compiled" else GraphedStep(decoder)
     logger.info("static decoding runs eagerly on %s (no CUDA graph, not compiled)", decoder.count.device)
