@@ -147,3 +147,45 @@ def test_calibrate_rows_of_a_missing_file_is_one_line_and_exit_2(tmp_path, capsy
     assert main(["calibrate", "--model", "m", "--rows", str(tmp_path / "none.rows.json")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_settings_take_labels_with_later_gates_and_shifted_spans():
+    (label, config), = settings_grid([], (), (), ["attention@0.3/s1/p7o2+0.75/s2"])
+    assert label == "attention@0.3/s1/p7o2+0.75/s2"
+    assert (config.start_layer, config.halt_ratio, config.pool, config.pool_offset, config.later_gates) == \
+        (1, 0.3, 7, 2, ((2, 0.75),))
+    assert config.protect_last == DashConfig().protect_last
+    assert len(settings_grid(["dash"], (0.4,), (0.5,), [label])) == 2
+    with pytest.raises(ValueError, match="halts nothing"):
+        settings_grid([], (), (), ["plain"])
+    with pytest.raises(ValueError, match="grid is empty"):
+        settings_grid([], (0.4,), (0.5,))
+
+
+def test_a_later_gate_is_measured_faster_than_its_first_gate_alone():
+    model = build_model("llama")
+    prompts = [CalibrationPrompt(random_ids(1, 48, seed=3)[0].tolist(), random_ids(1, 6, seed=9)[0].tolist(),
+                                 4, "test")]
+    one, two = measure(model, prompts, settings_grid([], (), (), ["attention@0.25/s1", "attention@0.25/s1+0.75/s2"]))
+    assert two["ideal_speedup"] > one["ideal_speedup"] > 1.0
+    assert two["kl"] != one["kl"]
+
+
+def test_a_profile_with_later_gates_and_an_offset_gives_that_config_back(tmp_path, monkeypatch):
+    from dash_prefill.calibrate import _setting
+
+    monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path))
+    model = build_model("qwen3")
+    (label, config), = settings_grid([], (), (), ["attention@0.3/s1/p7o2+0.75/s2"])
+    chosen = {"label": label, "kl": 0.01, "top1_agreement": 0.97, "nll_change": 0.0, "ideal_speedup": 1.8,
+              "config": _setting(config)}
+    write_profile(user_profile_path(model), "tiny", chosen, [chosen], Budget(), {})
+    assert recommended_config(model) == config
+
+
+def test_calibrate_settings_with_an_unreadable_label_is_one_line_and_exit_2(capsys):
+    from dash_prefill.cli import main
+
+    assert main(["calibrate", "--model", "m", "--settings", "attention@0.3+0.75", "--policies", ""]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read policy label" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -155,10 +155,13 @@ def read_prompts(path, tokenizer, continuation_tokens: int = 24) -> list[Calibra
 # ---------------------------------------------------------------------------- measurement
 
 
-def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAULT_RATIOS) -> list[tuple[str, DashConfig]]:
+def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAULT_RATIOS,
+                  labels=()) -> list[tuple[str, DashConfig]]:
     """(label, config) for every policy x start x ratio; a policy is ``NAME`` or ``NAME/pPOOL``.
-    Labels are the evaluation's (``attention@0.75/s0.3/p15``), so a choice can be evaluated."""
-    from .eval.runner import policy_label
+    ``labels`` adds settings written as the evaluation writes them, for what the grid cannot
+    span: later gates and shifted spans (``attention@0.3/s8/p47o16+0.75/s14``). Labels are the
+    evaluation's (``attention@0.75/s0.3/p15``), so a choice can be evaluated."""
+    from .eval.runner import parse_policy, policy_label
 
     grid = []
     for item in policies:
@@ -167,8 +170,15 @@ def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAU
             for ratio in ratios:
                 config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=pool)
                 grid.append((policy_label(config), config))
+    for label in labels:
+        config = parse_policy(label)
+        if config.halt_ratio == 0.0:
+            raise ValueError(f"--settings {label!r} halts nothing; calibration compares halting settings "
+                             f"with plain prefill itself")
+        grid.append((policy_label(config), dataclasses.replace(config, protect_last=DashConfig().protect_last)))
     if not grid:
-        raise ValueError("the calibration grid is empty: give at least one policy, start and ratio")
+        raise ValueError("the calibration grid is empty: give at least one policy, start and ratio, "
+                         "or --settings")
     return grid
 
 

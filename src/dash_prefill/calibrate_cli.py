@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"smallest top-1 agreement with plain prefill (default {Budget.min_agreement})")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                         help=f"NAME or NAME/pPOOL, comma-separated (default {','.join(DEFAULT_POLICIES)})")
+    parser.add_argument("--settings", default="",
+                        help="more settings, as evaluation labels, measured besides the grid: later gates "
+                        "and shifted spans (attention@0.3/s8/p47o16+0.75/s14); --policies '' measures only these")
     parser.add_argument("--starts", type=_starts, default=DEFAULT_STARTS,
                         help="start layers: fractions of depth (0.4) or layer indices (11)")
     parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
@@ -68,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         budget = Budget(args.budget, args.min_agreement)
         grid = settings_grid([p.strip() for p in args.policies.split(",") if p.strip()],
-                             args.starts, args.ratios)
+                             args.starts, args.ratios,
+                             [label.strip() for label in args.settings.split(",") if label.strip()])
         if args.count < 1 and args.prompts is None:
             raise ValueError(f"--count must be >= 1; got {args.count}")
         if args.rows is not None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..config import DashConfig
 
-PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first")
+PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first", "pool_offset",
+                  "later_gates")
 _SHIPPED = Path(__file__).parent
 logger = logging.getLogger(__name__)
 
