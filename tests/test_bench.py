@@ -1,5 +1,6 @@
 """The benchmark: argument parsing, real shapes, the hooks press, measurement, CLI end to end."""
 
+import dataclasses
 import argparse
 import json
 
@@ -242,3 +243,15 @@ def test_bad_later_gates_are_one_clear_line(tiny_arch, capsys, extra, message):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_bench_policy_with_a_shifted_span_times_the_engine_with_that_offset(tiny_arch):
+    from dash_prefill.bench.timing import dash_method
+    from dash_prefill.policy import parse_pooled
+
+    model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 400))
+    assert parse_pooled("attention/p15o6") == ("attention", 15, 6)
+    shifted = dash_method(0.5, 1, *parse_pooled("attention/p15o6"))(model, ids)[0]
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=4, protect_last=64, policy="attention", pool=15)
+    assert torch.equal(shifted, prefill(model, ids, dataclasses.replace(config, pool_offset=6)).logits)
+    assert not torch.equal(shifted, prefill(model, ids, config).logits)

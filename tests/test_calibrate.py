@@ -189,3 +189,11 @@ def test_calibrate_settings_with_an_unreadable_label_is_one_line_and_exit_2(caps
     assert main(["calibrate", "--model", "m", "--settings", "attention@0.3+0.75", "--policies", ""]) == 2
     err = capsys.readouterr().err
     assert "cannot read policy label" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_grid_policy_takes_a_shifted_span_and_refuses_a_malformed_one():
+    (label, config), = settings_grid(["attention/p47o16"], (0.5,), (0.9,))
+    assert label == "attention@0.9/s0.5/p47o16" and (config.pool, config.pool_offset) == (47, 16)
+    for bad in ("attention/p47o", "attention/o16", "attention/p47x16"):
+        with pytest.raises(ValueError, match="unknown policy"):
+            settings_grid([bad], (0.5,), (0.9,))

@@ -165,10 +165,11 @@ def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAU
 
     grid = []
     for item in policies:
-        name, pool = parse_pooled(item)
+        name, pool, offset = parse_pooled(item)
         for start in starts:
             for ratio in ratios:
-                config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=pool)
+                config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=pool,
+                                    pool_offset=offset)
                 grid.append((policy_label(config), config))
     for label in labels:
         config = parse_policy(label)

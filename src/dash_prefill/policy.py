@@ -9,6 +9,7 @@ engine never knows which policy produced the scores.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -273,14 +274,15 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return ranks.float() / scores.shape[-1]
 
 
-def parse_pooled(item: str) -> tuple[str, int]:
-    """A policy named with its pooling, ``NAME`` or ``NAME/pPOOL`` (``attention/p15``) ->
-    (name, pool); ValueError naming the registered policies otherwise."""
-    name, _, pool = item.strip().partition("/p")
-    if name not in POLICIES or not (pool == "" or pool.isdigit()):
-        raise ValueError(f"unknown policy {item!r}; use NAME or NAME/pPOOL with NAME one of "
-                         f"{', '.join(POLICIES)} (e.g. attention/p15)")
-    return name, int(pool or 1)
+def parse_pooled(item: str) -> tuple[str, int, int]:
+    """A policy named with its pooling, ``NAME``, ``NAME/pPOOL`` (``attention/p15``) or
+    ``NAME/pPOOLoOFFSET`` (``attention/p47o16``: the span shifted 16 tokens after the peak) ->
+    (name, pool, pool_offset); ValueError naming the registered policies otherwise."""
+    match = re.fullmatch(r"([a-z-]+)(?:/p(\d+)(?:o(\d+))?)?", item.strip())
+    if match is None or match[1] not in POLICIES:
+        raise ValueError(f"unknown policy {item!r}; use NAME, NAME/pPOOL or NAME/pPOOLoOFFSET with NAME one of "
+                         f"{', '.join(POLICIES)} (e.g. attention/p15, attention/p47o16)")
+    return match[1], int(match[2] or 1), int(match[3] or 0)
 
 
 def policy_scores(context: ScoreContext) -> torch.Tensor:
