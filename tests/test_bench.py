@@ -1,7 +1,7 @@
 """The benchmark: argument parsing, real shapes, the hooks press, measurement, CLI end to end."""
 
-import dataclasses
 import argparse
+import dataclasses
 import json
 
 import pytest
