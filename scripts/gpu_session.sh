@@ -22,6 +22,9 @@
 #   static   tests/test_static_decode.py and tests/test_cuda_syncs.py on the GPU
 #   gates    prefill TTFT at 32K/128K of two-gate settings (8:0.3+16:0.75 ...) with the host-sync check
 #   eager128 end to end, Llama-3.1-8B shape, eager paths (hf, dash, dash-hf) to 512 tokens at 128K-512
+#   spans    prefill TTFT at 32K/128K of the shifted span (attention/p47o16) beside attention/p63, one
+#            gate and two, with the host-sync check
+#   hf128    end to end, Llama-3.1-8B shape, HF's compiled static cache to 512 tokens at 128K-512
 set -uo pipefail
 step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
 mkdir -p "$out"
@@ -90,5 +93,14 @@ case "$step" in
     timeout ${E2E_LIMIT:-280} $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 \
       --methods hf,dash,dash-hf --out "$out/e2e-128k-eager" >"$out/e2e-128k-eager.log" 2>&1
     grep -h "| llama" "$out"/e2e-128k-eager/bench_e2e.md | cut -d'|' -f3-12 ;;
+  spans)
+    timeout ${SPANS_LIMIT:-330} $bench --arch llama-3.1-8b --lengths 32k,128k \
+      --settings 0.4:0.5,0.25:0.3+0.5:0.75 --policies attention/p47o16,attention/p63 \
+      --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/spans" >"$out/spans.log" 2>&1
+    grep -vE "warn|bench:" "$out/spans.log" | tail -20 ;;
+  hf128)
+    timeout ${E2E_LIMIT:-280} $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 \
+      --methods hf-static --out "$out/e2e-128k-hf-static" >"$out/e2e-128k-hf-static.log" 2>&1
+    grep -h "| llama" "$out"/e2e-128k-hf-static/bench_e2e.md | cut -d'|' -f3-12 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
