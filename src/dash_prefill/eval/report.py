@@ -2,7 +2,9 @@
 
 Means over tasks are means of per-task means. "vs plain" compares a policy with plain prefill
 on exactly the cells (task, sample) both have, so a policy run on a subset of the tasks (the
-start-layer sweep) is compared fairly; its "mean" column is over its own tasks only.
+start-layer sweep) is compared fairly: it is the policy's mean score over those cells divided by
+plain's (a ratio of sample means, which equals the ratio of per-task means when every task has
+the same number of cells). Its "mean" column is over its own tasks only.
 """
 
 from __future__ import annotations
