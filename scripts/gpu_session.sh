@@ -7,6 +7,7 @@
 #            -n 16; the registry models must be set up first, scripts/gpu_setup.sh)
 #   e2e      end to end, Llama-3.1-8B shape: fast paths (hf-static, dash-static, dash-compiled)
 #            to 512 tokens at 8K/32K/128K-512
+#            (E2E_LENGTHS / E2E_METHODS replace them, e.g. 130560 and hf-static)
 #   eager    end to end, eager paths (hf, dash, dash-hf) to 128 tokens at 8K/32K
 #   syncs    scripts/probe_syncs.py: the stack of every host sync of the CUDA sync test's prefills
 #   fast     end to end, fast paths only, to 128 tokens at 8K/32K (about 150 s)
@@ -21,10 +22,8 @@
 #   qwenall  end to end, Qwen2.5-7B shape, every method, to 512 tokens at 8K and 32000
 #   static   tests/test_static_decode.py and tests/test_cuda_syncs.py on the GPU
 #   gates    prefill TTFT at 32K/128K of two-gate settings (8:0.3+16:0.75 ...) with the host-sync check
+#            (GATES_SETTINGS / GATES_POLICIES replace the grid: the shifted span, twelfth session)
 #   eager128 end to end, Llama-3.1-8B shape, eager paths (hf, dash, dash-hf) to 512 tokens at 128K-512
-#   spans    prefill TTFT at 32K/128K of the shifted span (attention/p47o16) beside attention/p63, one
-#            gate and two, with the host-sync check
-#   hf128    end to end, Llama-3.1-8B shape, HF's compiled static cache to 512 tokens at 128K-512
 set -uo pipefail
 step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
 mkdir -p "$out"
@@ -86,21 +85,13 @@ case "$step" in
     tail -2 "$out/static.log"; grep -E "^(FAILED|ERROR)" "$out/static.log" | cut -c1-200 | head -20 ;;
   gates)
     timeout ${GATES_LIMIT:-300} $bench --arch llama-3.1-8b --lengths 32k,128k \
-      --settings 0.5:0.9,0.25:0.3+0.5:0.75,0.25:0.5+0.5:0.8 --policies attention/p63,dash-or-attention/p63 \
+      --settings ${GATES_SETTINGS:-0.5:0.9,0.25:0.3+0.5:0.75,0.25:0.5+0.5:0.8} \
+      --policies ${GATES_POLICIES:-attention/p63,dash-or-attention/p63} \
       --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/gates" >"$out/gates.log" 2>&1
     grep -vE "warn|bench:" "$out/gates.log" | tail -20 ;;
   eager128)
     timeout ${E2E_LIMIT:-280} $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 \
       --methods hf,dash,dash-hf --out "$out/e2e-128k-eager" >"$out/e2e-128k-eager.log" 2>&1
     grep -h "| llama" "$out"/e2e-128k-eager/bench_e2e.md | cut -d'|' -f3-12 ;;
-  spans)
-    timeout ${SPANS_LIMIT:-330} $bench --arch llama-3.1-8b --lengths 32k,128k \
-      --settings 0.4:0.5,0.25:0.3+0.5:0.75 --policies attention/p47o16,attention/p63 \
-      --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/spans" >"$out/spans.log" 2>&1
-    grep -vE "warn|bench:" "$out/spans.log" | tail -20 ;;
-  hf128)
-    timeout ${E2E_LIMIT:-280} $e2e --arch llama-3.1-8b --lengths 130560 --new-tokens 32,128,512 \
-      --methods hf-static --out "$out/e2e-128k-hf-static" >"$out/e2e-128k-hf-static.log" 2>&1
-    grep -h "| llama" "$out"/e2e-128k-hf-static/bench_e2e.md | cut -d'|' -f3-12 ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac
