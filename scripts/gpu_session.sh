@@ -86,7 +86,7 @@ case "$step" in
   gates)
     timeout ${GATES_LIMIT:-300} $bench --arch llama-3.1-8b --lengths 32k,128k \
       --settings ${GATES_SETTINGS:-0.5:0.9,0.25:0.3+0.5:0.75,0.25:0.5+0.5:0.8} \
-      --policies ${GATES_POLICIES:-attention/p63,dash-or-attention/p63} \
+      --policies ${GATES_POLICIES:-attention/p63} \
       --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/gates" >"$out/gates.log" 2>&1
     grep -vE "warn|bench:" "$out/gates.log" | tail -20 ;;
   eager128)

@@ -77,18 +77,8 @@ def _cache_keyword(layer):
 
 
 @torch.no_grad()
-def _update_hook(layer, captured):
-    """Capture what the attention sublayer adds to the residual (Gemma-3: after its post-attention norm)."""
-    if hasattr(layer, "pre_feedforward_layernorm"):
-        return layer.post_attention_layernorm.register_forward_hook(
-            lambda module, args, output: captured.update(update=output))
-    return layer.self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(update=output[0]))
-
-
-@torch.no_grad()
 def reference_forward(model, input_ids, start_layer, active, attention_mask=None, prompt_len=None,
-                      frozen_keys=False, later_gates=(), **multimodal):
+                      later_gates=(), **multimodal):
     """Returns (last-position logits, cache holding every token in every layer).
 
     active : (batch, seq) bool, the tokens that keep running after ``start_layer``.
@@ -96,8 +86,6 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
         that keep running after it.
     prompt_len : tokens from this index on are decoded ones: they see no halted key even in
         the start layer (whose cache dropped the halted tokens after scoring).
-    frozen_keys : halted tokens stay visible in later layers, their hidden state frozen at
-        h + U of the start layer (they skip its MLP and everything after).
     multimodal : a VLM's processor outputs (pixel_values, image_grid_thw, token_type_ids, ...).
     """
     config = model.config.get_text_config()
@@ -123,27 +111,17 @@ def reference_forward(model, input_ids, start_layer, active, attention_mask=None
             allowed &= query - key < config.sliding_window
         reaching = [a for layer_idx, a in gates if layer_idx < idx]  # tokens that reach this layer
         here = [a for layer_idx, a in gates if layer_idx == idx]  # its cache keeps only these
-        if frozen_keys:
-            pass
-        elif reaching:
+        if reaching:
             allowed &= reaching[-1][:, None, :]
-        if not frozen_keys and here and prompt_len is not None:
+        if here and prompt_len is not None:
             allowed[:, prompt_len:] &= here[0][:, None, :]
         allowed |= eye
         if config.model_type == "gemma3_text":
             rotary = base.rotary_emb(hidden, rope, types[idx])
         else:
             rotary = base.rotary_emb(hidden, rope)
-        captured = {}
-        handle = _update_hook(layer, captured)
-        before = hidden
         hidden = layer(hidden, attention_mask=_mask(config._attn_implementation, allowed, hidden.dtype),
                        position_embeddings=rotary, position_ids=positions, **{_cache_keyword(layer): cache})
-        handle.remove()
-        if frozen_keys and idx == start_layer:
-            frozen = before + captured["update"]
-        if frozen_keys and idx >= start_layer:
-            hidden = torch.where(active[:, :, None], hidden, frozen)
     logits = model.lm_head(base.norm(hidden[:, -1])).float()
     cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:

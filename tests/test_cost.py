@@ -36,13 +36,6 @@ def test_sliding_window_limits_attended_pairs():
     assert attended_pairs(10, 4) == 10 + 6 * 4
 
 
-def test_frozen_keys_cost_more_than_dropping_them_but_less_than_plain():
-    config = FAMILIES["llama"][1]()
-    dropped = ideal_speedup(config, 4096, 1, 0.5)
-    frozen = ideal_speedup(config, 4096, 1, 0.5, frozen_keys=True)
-    assert 1.0 < frozen < dropped
-
-
 def test_a_later_gate_costs_the_tokens_entering_each_layer():
     """Layer by layer by hand: 4 layers, gates at 1 (keep 1/2) and 2 (keep 1/4), 64 tokens."""
     from transformers import LlamaConfig
@@ -62,15 +55,3 @@ def test_a_later_gate_costs_the_tokens_entering_each_layer():
     assert prefill_flops(config, 64, 1, 0.5, later_gates=[(2, 0.25)]) == by_hand
     assert prefill_flops(config, 64, 1, 0.5, later_gates=[(2, 0.25)]) < prefill_flops(config, 64, 1, 0.5)
 
-
-def test_scoring_passes_cost_every_query_and_a_narrow_attention_pass_each_at_the_gate():
-    from transformers import LlamaConfig
-
-    from dash_prefill.cost import attended_pairs, prefill_flops
-
-    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=10)
-    # queries of 64 tokens (2 * hidden * head_dim * heads), then 3 passes of logits + 8 values
-    extra = 2 * 8 * 4 * 2 * 64 + 3 * 2 * 2 * (4 + 8) * attended_pairs(64, None)
-    assert prefill_flops(config, 64, 1, 0.5, scoring_passes=3) == prefill_flops(config, 64, 1, 0.5) + extra
-    assert prefill_flops(config, 64, 4, 1.0, scoring_passes=3) == prefill_flops(config, 64, 4, 1.0)  # plain

@@ -20,7 +20,7 @@ from dash_prefill.generation import generate
     ({"score": "l1"}, r"score must be one of"),
     ({"later_gates": ((0.6, 0.4),)}, r"each later gate must halt more of the prompt than the gate before"),
     ({"later_gates": (0.6, 0.9)}, r"later_gates must be a tuple of \(start_layer, halt_ratio\) pairs"),
-    ({"later_gates": ((0.6, 0.9),), "frozen_keys": True}, r"later_gates work with frozen_keys=False"),
+    ({"later_gates": ((0.6, 0.9),), "eligible": "image"}, r"later_gates work with eligible='all' only"),
 ])
 def test_invalid_config_is_rejected_with_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -84,7 +84,7 @@ def test_policy_labels_parse_to_configs():
         parse_policy("attention@0.5/p5o9")
 
 
-@pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel-kv@0.25/s12",
+@pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel@0.25/s12",
                                    "attention@0.75/s0.3/p15", "dash-question@0.9/s0.5/p31",
                                    "attention@0.9/s14/p63o24", "attention@0.9/s14/p31o-8"])
 def test_policy_label_reads_back_into_the_same_config(label):

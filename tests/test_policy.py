@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dash_prefill import DashConfig
-from dash_prefill.policy import (HOPS, POLICIES, ScoreContext, attention_mass, delta_norm, halted_count,
-                                 random_scores, select_active, span_max, window_attention)
+from dash_prefill.policy import (POLICIES, delta_norm, halted_count, random_scores, select_active, span_max,
+                                 window_attention)
 
 
 @pytest.mark.parametrize("seq_len,ratio,kept", [(100, 0.5, 50), (101, 0.33, 68), (64, 0.75, 16),
@@ -119,58 +119,3 @@ def test_window_attention_of_grouped_heads_equals_attention_over_repeated_keys()
     logits = torch.einsum("bhqd,bhkd->bhqk", queries, repeated) * 0.25
     causal = positions[:, None, None, :] <= positions[:, -5:][:, None, :, None]
     assert torch.allclose(ours, logits.masked_fill(~causal, float("-inf")).softmax(-1), atol=1e-6)
-
-
-def test_attention_mass_is_the_causal_softmax_weight_on_the_marked_keys():
-    torch.manual_seed(0)
-    queries, keys = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)
-    marked = torch.rand(2, 30) > 0.6
-    logits = torch.einsum("bhqd,bhkd->bhqk", queries, keys.repeat_interleave(2, dim=1)) * 0.5
-    logits = logits.masked_fill(~torch.ones(30, 30, dtype=torch.bool).tril(), float("-inf"))
-    expected = (logits.softmax(-1) * marked[:, None, None, :]).sum(-1).mean(1)  # (batch, seq)
-    torch.testing.assert_close(attention_mass(queries, keys, marked, 0.5), expected)
-
-
-def test_hops_follow_a_chain_of_mentions_from_what_the_question_finds():
-    # One head, 300 tokens: the question (last 5) looks at token 10; token 100's query looks at
-    # token 10's key, token 200's at token 100's, 280's at 200's. The chain is found in order,
-    # and nothing else is (the hops' zone keeps them off the chain's neighbours).
-    seq, dim = 300, 16
-    keys = torch.zeros(1, 1, seq, dim)
-    queries = torch.zeros(1, 1, seq, dim)
-    chain = [10, 100, 200, 280]
-    for axis, token in enumerate(chain[:4]):
-        keys[0, 0, token, axis] = 1.0
-    queries[0, 0, -5:, 0] = 50.0  # the question -> token 10
-    for axis, token in enumerate(chain[1:4]):
-        queries[0, 0, token, axis] = 50.0  # token 100 -> 10, 200 -> 100, 280 -> 200
-    config = DashConfig(halt_ratio=0.5, protect_first=2, protect_last=5, policy="attention-hops")
-    context = ScoreContext(output=None, hidden=torch.zeros(1, seq, 4), config=config, padding=None,
-                           window_queries=lambda: queries[:, :, -5:], keys=keys, values=keys,
-                           positions=torch.arange(seq)[None], scaling=1.0, queries=lambda: queries)
-    scores = POLICIES["attention-hops"](context)
-    found = scores > context.attention().mean(dim=(1, 2)).amax()
-    assert found.sum() == HOPS
-    assert found[0, chain[:4]].all()  # the fifth token is wherever the last hop's mass is highest
-
-
-def test_dash_or_attention_keeps_a_token_either_signal_ranks_first_and_halts_one_both_rank_last():
-    # 40 tokens, one head: the question (last 4) attends most to token 5 and least to token
-    # 30; token 20 has the largest update and token 30 the smallest (no ties elsewhere).
-    seq, dim = 40, 8
-    keys = torch.zeros(1, 1, seq, dim)
-    keys[0, 0, :, 0] = torch.linspace(0.0, 0.1, seq)
-    keys[0, 0, 5, 0], keys[0, 0, 30, 0] = 1.0, -1.0
-    queries = torch.zeros(1, 1, seq, dim)
-    queries[0, 0, -4:, 0] = 30.0
-    output = torch.linspace(1.0, 2.0, seq)[None, :, None].expand(1, seq, dim).clone()
-    output[0, 20] *= 10.0
-    output[0, 30] *= 0.1
-    config = DashConfig(halt_ratio=0.5, protect_first=1, protect_last=4, policy="dash-or-attention")
-    context = ScoreContext(output=output, hidden=torch.zeros(1, seq, dim), config=config, padding=None,
-                           window_queries=lambda: queries[:, :, -4:], keys=keys, values=keys,
-                           positions=torch.arange(seq)[None], scaling=1.0)
-    scores = POLICIES["dash-or-attention"](context)[0]
-    assert scores[5] == scores[20] == 1.0  # the top rank of one signal each
-    assert scores[30] == 1 / seq and (scores > 1 / seq).sum() == seq - 1  # last of both: alone at the bottom
-    assert POLICIES["dash-or-attention"].query_aware

@@ -60,10 +60,10 @@ def test_static_step_logits_match_decode_step_past_the_sliding_window(family, on
         token = expected.argmax(-1)[:, None]
 
 
-def test_frozen_keys_and_stop_tokens_decode_statically_as_dynamically(one_thread):
+def test_stop_tokens_decode_statically_as_dynamically(one_thread):
     model = build_model("gemma3")
     ids, mask = _padded()
-    config = _config(0.5, frozen_keys=True)
+    config = _config(0.5)
     dynamic, static = _both(model, ids, mask, config, eos_token_id=[])
     assert static == dynamic
     stop = dynamic[1][3]  # row 1 stops early; the static path reads the stop check later

@@ -27,8 +27,6 @@ class KeyLayout:
         keep fewer tokens than the widest row); None when every key is real.
     end : int
         One past the largest position of any row, known on the host (no device sync).
-    ordered : bool
-        Whether positions grow along the keys (then causal order is index order).
     blocks : LongTensor (batch, keys) or None
         Bidirectional blocks (Gemma-3 images): keys of one block (id >= 0) are visible to
         queries of the same block whatever their order; -1 = ordinary causal token.
@@ -37,7 +35,6 @@ class KeyLayout:
     positions: torch.Tensor
     real: torch.Tensor | None
     end: int
-    ordered: bool = True
     blocks: torch.Tensor | None = None
 
     @property
@@ -53,27 +50,13 @@ class KeyLayout:
         else:
             real = old if filled is None else old & filled
         blocks = None if self.blocks is None else self.blocks.gather(1, index)
-        return KeyLayout(positions, real, self.end, self.ordered, blocks)
-
-    def concat(self, other: KeyLayout) -> KeyLayout:
-        """These keys followed by ``other``'s (positions no longer grow along the keys)."""
-        if self.real is None and other.real is None:
-            real = None
-        else:
-            mine = self.real if self.real is not None else torch.ones_like(self.positions, dtype=torch.bool)
-            theirs = other.real if other.real is not None else torch.ones_like(other.positions, dtype=torch.bool)
-            real = torch.cat([mine, theirs], dim=1)
-        blocks = None
-        if self.blocks is not None and other.blocks is not None:
-            blocks = torch.cat([self.blocks, other.blocks], dim=1)
-        return KeyLayout(torch.cat([self.positions, other.positions], dim=1), real,
-                         max(self.end, other.end), ordered=False, blocks=blocks)
+        return KeyLayout(positions, real, self.end, blocks)
 
     def tail(self, count: int) -> KeyLayout:
         """The layout of the last ``count`` keys."""
         real = None if self.real is None else self.real[:, -count:]
         blocks = None if self.blocks is None else self.blocks[:, -count:]
-        return KeyLayout(self.positions[:, -count:], real, self.end, self.ordered, blocks)
+        return KeyLayout(self.positions[:, -count:], real, self.end, blocks)
 
     def append(self, positions: torch.Tensor) -> KeyLayout:
         """The layout after real keys at ``positions`` (batch, new) are appended (decoding,
@@ -85,7 +68,7 @@ class KeyLayout:
         if blocks is not None:
             blocks = torch.cat([blocks, blocks.new_full(positions.shape, -1)], dim=1)
         return KeyLayout(torch.cat([self.positions, positions], dim=1), real,
-                         self.end + positions.shape[1], self.ordered, blocks)
+                         self.end + positions.shape[1], blocks)
 
 
 # ----------------------------------------------------------------- what each layer keeps
@@ -118,11 +101,10 @@ def crop_to_window(cache: DynamicCache, layer_idx: int, layout: KeyLayout,
     freed); returns the layout of what it keeps.
 
     Positions grow along the cache, so the keys a future token can still see (original positions
-    within the window) are among the last window-1 entries, compacted or not. A layout whose
-    positions do not grow (frozen keys) is kept whole.
+    within the window) are among the last window-1 entries, compacted or not.
     """
     keep = window_keeps(window)
-    if keep is None or not layout.ordered or layout.num_keys <= keep:
+    if keep is None or layout.num_keys <= keep:
         return layout
     layer = cache.layers[layer_idx]
     layer.keys = layer.keys[:, :, -keep:].clone()
@@ -155,12 +137,12 @@ def attention_mask(implementation: str, query_positions: torch.Tensor, keys: Key
     # Fused causal kernels align the queries with the first keys: exact for one query or as
     # many queries as keys, not for several new tokens after a cache.
     aligned = query_positions.shape[1] in (1, keys.num_keys)
-    if (keys.real is None and keys.ordered and aligned and not window_bites and not blocks
+    if (keys.real is None and aligned and not window_bites and not blocks
             and implementation != "eager"):
         return None
     if implementation == "flash_attention_2":
         raise NotImplementedError(
-            "flash_attention_2 supports DASH only without padding, without frozen_keys, without "
+            "flash_attention_2 supports DASH only without padding, without "
             "Gemma-3 image blocks and without sliding-window layers longer than the window; use "
             "attn_implementation='sdpa'"
         )

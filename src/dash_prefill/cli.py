@@ -97,8 +97,6 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_dash_options(parser: argparse.ArgumentParser) -> None:
     add_setting_options(parser)
-    parser.add_argument("--frozen-keys", action="store_true",
-                        help="halted tokens stay visible as keys/values in later layers")
     parser.add_argument("--max-new-tokens", type=count_arg(1), default=32, help="length of the answers")
     parser.add_argument("--repeats", type=count_arg(1), default=3, help="timed runs per method (median)")
 
@@ -113,8 +111,7 @@ def setting(args, model) -> tuple[DashConfig, str]:
     recommended, source = recommended_setting(model, getattr(args, "policy", None))
     given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score")
              if getattr(args, name, None) is not None}
-    config = replace(recommended, **given, protect_last=args.protect_last,
-                     frozen_keys=getattr(args, "frozen_keys", False))
+    config = replace(recommended, **given, protect_last=args.protect_last)
     if given:
         options = ", ".join("--" + name.replace("_", "-") for name in given)
         source = f"{options} as given, the rest from the {source}"

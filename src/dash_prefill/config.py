@@ -40,12 +40,6 @@ class DashConfig:
         "absolute" is ||U_t||₂ (the paper); "relative" is ||U_t||₂ / ||h_t||₂.
     seed : int
         Seed of the random policy.
-    frozen_keys : bool
-        False (the paper): halted tokens vanish from later layers; their keys and values are
-        neither computed nor cached. True: halted tokens stay visible as keys and values in
-        every later layer, computed from their frozen hidden state; they still skip the
-        queries, attention output and MLP. Costs key/value projections and attention over all
-        keys, and keeps the full KV cache.
     pool : int
         Odd width of a sliding maximum applied to the scores before selection (1: none): a
         token is kept when a token within ``pool // 2`` of it ranks high, so spans (a number,
@@ -72,7 +66,6 @@ class DashConfig:
     policy: str = "dash"
     score: str = "absolute"
     seed: int = 0
-    frozen_keys: bool = False
     eligible: str = "all"
     pool: int = 1
     pool_offset: int = 0
@@ -91,8 +84,6 @@ class DashConfig:
                 raise ValueError(f"{name} must be an int >= 0; got {value!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}; got {self.policy!r}")
-        if not isinstance(self.frozen_keys, bool):
-            raise ValueError(f"frozen_keys must be True or False; got {self.frozen_keys!r}")
         if self.eligible not in ELIGIBLE:
             raise ValueError(f"eligible must be one of {ELIGIBLE}; got {self.eligible!r}")
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
@@ -119,8 +110,8 @@ class DashConfig:
                 raise ValueError(f"each later gate must halt more of the prompt than the gate before "
                                  f"(a halt_ratio in ({ratio}, 1)); got {later!r}")
             ratio = later
-        if gates and (self.frozen_keys or self.eligible != "all"):
-            raise ValueError("later_gates work with frozen_keys=False and eligible='all' only")
+        if gates and self.eligible != "all":
+            raise ValueError("later_gates work with eligible='all' only")
 
     def as_dict(self) -> dict:
         """The fields, for a JSON record; ``later_gates`` only when there are some (so records

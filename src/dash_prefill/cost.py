@@ -32,16 +32,12 @@ def attended_pairs(num_tokens: int, window: int | None) -> int:
 
 
 def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
-                  frozen_keys: bool = False, later_gates=(), scoring_passes: int = 0) -> float:
+                  later_gates=()) -> float:
     """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``
     (and, at each later gate ``(layer, kept_fraction)`` of ``later_gates``, fewer).
 
-    ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill. With
-    ``frozen_keys`` halted tokens still get key/value projections and are attended to.
+    ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill.
     A gate layer runs attention on the tokens entering it and its MLP on those it keeps.
-    ``scoring_passes``: extra causal attention passes the policy runs at each gate over the
-    tokens entering it (``attention-hops``: queries of every token, then logits and one
-    8-wide value column per pass).
     """
     d = _dims(config)
     key_values = 2 * d["hidden"] * d["head_dim"] * 2 * d["kv_heads"]
@@ -54,27 +50,18 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
     for layer, window in enumerate(layer_windows(config)):
         leaving = gates.get(layer, entering)
         tokens_in, tokens_out = (max(1, round(f * seq_len)) for f in (entering, leaving))
-        if scoring_passes and layer in gates and leaving < 1.0:
-            total += 2 * d["hidden"] * d["head_dim"] * d["heads"] * tokens_in  # every token's query
-            total += scoring_passes * 2 * d["heads"] * (d["head_dim"] + 8) * attended_pairs(tokens_in, None)
         full_pairs = attended_pairs(seq_len, window)
-        if frozen_keys and layer > start_layer:
-            # Every key stays; only the queries thin out.
-            total += (projections + mlp) * tokens_in + key_values * (seq_len - tokens_in)
-            total += per_pair * full_pairs * entering
-        else:
-            # Survivors are spread over the original positions: pairs thin out quadratically.
-            pairs = (full_pairs if entering == 1.0 else
-                     attended_pairs(tokens_in, None) if window is None else full_pairs * entering**2)
-            total += projections * tokens_in + per_pair * pairs + mlp * tokens_out
+        # Survivors are spread over the original positions: pairs thin out quadratically.
+        pairs = (full_pairs if entering == 1.0 else
+                 attended_pairs(tokens_in, None) if window is None else full_pairs * entering**2)
+        total += projections * tokens_in + per_pair * pairs + mlp * tokens_out
         entering = leaving
     return total
 
 
 def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float,
-                  frozen_keys: bool = False, later_gates=(), scoring_passes: int = 0) -> float:
+                  later_gates=()) -> float:
     """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
     num_layers = _dims(config)["layers"]
     full = prefill_flops(config, seq_len, num_layers)
-    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, frozen_keys, later_gates,
-                                scoring_passes)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, later_gates)

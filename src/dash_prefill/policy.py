@@ -102,8 +102,6 @@ class ScoreContext:
         The question window: the last ``max(protect_last, 1)`` prompt tokens.
     window_queries : () -> (batch, heads, window, head_dim)
         Rotated queries of the window's tokens at the start layer.
-    queries : () -> (batch, heads, seq, head_dim)
-        Rotated queries of every token at the start layer (one more query projection).
     keys, values : (batch, kv_heads, seq, head_dim)
         The start layer's keys and values of every token (its cache, before compaction).
     positions : (batch, seq)
@@ -113,11 +111,10 @@ class ScoreContext:
     """
 
     def __init__(self, *, output, hidden, config, padding, window_queries, keys, values,
-                 positions, scaling, queries=None):
+                 positions, scaling):
         self.output, self.hidden, self.config, self.padding = output, hidden, config, padding
         self.window = min(max(config.protect_last, 1), hidden.shape[1])
         self._window_queries, self.keys, self.values = window_queries, keys, values
-        self.queries = queries
         self.positions, self.scaling = positions, scaling
         self._attention = None
 
@@ -143,15 +140,13 @@ Policy = Callable[[ScoreContext], torch.Tensor]
 POLICIES: dict[str, Policy] = {}
 
 
-def register(name: str, query_aware: bool, attention_passes: int = 0) -> Callable[[Policy], Policy]:
+def register(name: str, query_aware: bool) -> Callable[[Policy], Policy]:
     """Add a policy under ``name``: a pure function ScoreContext -> scores (batch, seq),
     higher meaning more worth computing further. ``query_aware`` policies read the question
     window (the prompt's last ``protect_last`` tokens); the others can serve a context shared
-    by many questions. ``attention_passes``: causal attention passes over every token the
-    policy adds at a gate (the cost model counts them)."""
+    by many questions."""
     def add(function: Policy) -> Policy:
         function.query_aware = query_aware
-        function.attention_passes = attention_passes
         POLICIES[name] = function
         return function
     return add
@@ -177,14 +172,6 @@ def attention(context: ScoreContext) -> torch.Tensor:
     return context.attention().mean(dim=(1, 2))
 
 
-@register("attention-max", query_aware=True)
-def attention_max(context: ScoreContext) -> torch.Tensor:
-    """Attention received from the question window, mean over its queries, MAX over heads: a
-    token survives when any one head looks at it (a retrieval head's peak is not averaged away
-    by the many heads that attend locally)."""
-    return context.attention().mean(dim=2).amax(dim=1)
-
-
 @register("contribution", query_aware=True)
 def contribution(context: ScoreContext) -> torch.Tensor:
     """What token t adds to the question window's attention output: Σ_h mean_q a_hqt ||v_ht||
@@ -196,74 +183,11 @@ def contribution(context: ScoreContext) -> torch.Tensor:
     return (heads * values).sum(dim=1)
 
 
-# Multi-hop selection: the token the question finds, then a token attending to it, ...
-HOPS = 5  # tokens found: one by the question, then one per hop
-NEAR = (97, 16)  # (width, offset) of the zone around a found token that no later hop may pick
-
-
-def attention_mass(queries: torch.Tensor, keys: torch.Tensor, marked: torch.Tensor,
-                   scaling: float) -> torch.Tensor:
-    """Attention every token pays, causally, to the keys ``marked`` (batch, seq) bool, mean
-    over heads -> (batch, seq) float32. One SDPA call whose values are the marks: the
-    (seq, seq) attention matrix is never built.
-
-    queries : (batch, heads, seq, head_dim); keys : (batch, kv_heads, seq, head_dim), in
-    sequence order (at a gate the tokens still computed are in original order, so causal
-    order is index order). Padding keys count in the normalisation.
-    """
-    batch, kv_heads, seq, _ = keys.shape
-    values = torch.zeros(batch, kv_heads, seq, 8, dtype=queries.dtype, device=queries.device)
-    values[..., 0] = marked[:, None, :].to(queries.dtype)
-    paid = torch.nn.functional.scaled_dot_product_attention(
-        queries, keys.to(queries.dtype), values, is_causal=True, scale=scaling,
-        enable_gqa=queries.shape[1] != kv_heads)
-    return paid[..., 0].float().mean(dim=1)
-
-
-@register("attention-hops", query_aware=True, attention_passes=HOPS - 1)
-def attention_hops(context: ScoreContext) -> torch.Tensor:
-    """The question window's attention (``attention``) finds one token; then ``HOPS - 1``
-    hops each add the token that attends most to those found so far (a later mention of
-    what was found: the chain ``B = A`` after ``A = 12345``, another value for the same key),
-    outside the zone ``NEAR`` around them (whose attention to them is merely local). Found
-    tokens outrank every other token; the rest keep the window's ranking. The protection
-    windows never seed a hop. Costs HOPS - 1 attention passes of the start layer."""
-    base = attention(context)  # (batch, seq)
-    batch, seq = base.shape
-    index = torch.arange(seq, device=base.device)
-    open_ = ((index >= context.config.protect_first) & (index < seq - context.window))[None]
-    if context.padding is not None:
-        open_ = open_ & ~context.padding
-    found = torch.zeros(batch, seq, dtype=torch.bool, device=base.device)
-    queries = context.queries()  # every token's, once for all hops
-    ranking = base
-    for hop in range(HOPS):
-        if hop:
-            ranking = attention_mass(queries, context.keys, found, context.scaling)
-            near = span_max(found.float(), NEAR[0], offset=NEAR[1]) > 0
-        else:
-            near = found
-        candidates = ranking.masked_fill(~open_ | near, float("-inf"))
-        best = candidates.argmax(dim=-1, keepdim=True)  # (batch, 1)
-        found = found.scatter(1, best, candidates.gather(1, best) > float("-inf"))
-    top = base.amax(dim=-1, keepdim=True)
-    return torch.where(found, top + 1 + base, base)
-
-
 @register("dash-question", query_aware=True)
 def dash_question(context: ScoreContext) -> torch.Tensor:
     """||U_t|| and the question's attention together: the product of their per-row ranks
     (in (0, 1]), so a token survives when it still changes AND the question looks at it."""
     return _rank(dash(context)) * _rank(attention(context))
-
-
-@register("dash-or-attention", query_aware=True)
-def dash_or_attention(context: ScoreContext) -> torch.Tensor:
-    """||U_t|| or the question's attention: the larger of their per-row ranks (in (0, 1]), so a
-    token survives when either ranks it high. The question finds what it names (a needle's
-    key and value); ||U|| keeps what stands out of the text without being named (the chain of
-    a variable-tracking prompt, whose later links never mention the value asked for)."""
-    return torch.maximum(_rank(dash(context)), _rank(attention(context)))
 
 
 def _rank(scores: torch.Tensor) -> torch.Tensor:

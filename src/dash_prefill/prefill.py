@@ -1,10 +1,10 @@
 """DASH prefill: one visible loop over the decoder layers.
 
 Layers before the start layer run on every prompt token. At the start layer the attention
-output U of every token is scored (``policy.py``), the sequence is compacted ONCE to the active
-tokens, and every later layer runs on the active tokens only, at their original positions
-(``cache.KeyLayout``). Halted tokens are never copied back: only the cache and the last
-position's logits are read afterwards.
+output U of every token is scored (``policy.py``), the sequence is compacted to the active
+tokens (once per gate: once, unless ``later_gates`` adds more), and every later layer runs on
+the active tokens only, at their original positions (``cache.KeyLayout``). Halted tokens are
+never copied back: only the cache and the last position's logits are read afterwards.
 """
 
 from __future__ import annotations
@@ -176,11 +176,10 @@ class PrefillState:
         self.rope = None if prompt.rope is None else prompt.rope.to(device)
         self.rope_offset = self._rope_offset(positions)
         self.layout = KeyLayout(positions, real, self.seq_len, blocks=blocks)
-        self.cached = self.layout  # the keys the layer being run writes to its cache
         self.inputs = LayerInputs(adapter, self.hidden.dtype, positions, self.layout, self.rope, blocks)
         self.cache = DynamicCache()
         self.layouts: list[KeyLayout] = []
-        self.cropped: dict[tuple[int, int], KeyLayout] = {}  # one cropped layout per (layout, window)
+        self.cropped: dict[int, KeyLayout] = {}  # window -> the cropped layout, until the next compaction
         self.selection: Selection | None = None
         self.scores: torch.Tensor | None = None
 
@@ -216,7 +215,7 @@ class PrefillState:
             self.selection, local = self._select_among_survivors(gate, context)
         if local.index.shape[1] == after.shape[1] and local.filled is None:
             return after  # nothing halts
-        return self.compact(after, local, layer_idx, gate.config.frozen_keys)
+        return self.compact(after, local, layer_idx)
 
     def _select_among_survivors(self, gate: Gate, context: ScoreContext) -> tuple[Selection, Selection]:
         """A later gate: rank the tokens still computed in the prompt's index space (pooled over
@@ -246,24 +245,18 @@ class PrefillState:
             window_queries=lambda: self.adapter.queries(layer, hidden[:, -window:],
                                                         tuple(t[:, -window:] for t in rotary)),
             keys=cached.keys, values=cached.values, positions=self.layout.positions.to(hidden.device),
-            scaling=layer.self_attn.scaling,
-            queries=lambda: self.adapter.queries(layer, hidden, rotary))
+            scaling=layer.self_attn.scaling)
 
-    def compact(self, hidden: torch.Tensor, selection: Selection, layer_idx: int,
-                frozen_keys: bool) -> torch.Tensor:
+    def compact(self, hidden: torch.Tensor, selection: Selection, layer_idx: int) -> torch.Tensor:
         """Keep only the active tokens, all at once: their hidden states, original positions,
-        rotary rows and key layout, and this layer's cache (unless halted keys stay visible,
-        ``frozen_keys``). hidden : (batch, seq, hidden) -> (batch, kept, hidden)."""
+        rotary rows and key layout, and this layer's cache.
+        hidden : (batch, seq, hidden) -> (batch, kept, hidden)."""
         home = self.layout.positions.device
         index = selection.index.to(home)  # (batch, kept)
         filled = None if selection.filled is None else selection.filled.to(home)
         active = self.layout.gather(index, filled)
-        if frozen_keys:  # the opt-in strategy: halted tokens stay visible as keys in later layers
-            from .frozen_keys import keep_halted_visible
-            self.cache, self.layout = keep_halted_visible(self, hidden, selection, active, layer_idx)
-        else:
-            keep_cached(self.cache, layer_idx, index.to(hidden.device))
-            self.layout = self.cached = active
+        keep_cached(self.cache, layer_idx, index.to(hidden.device))
+        self.layout, self.cropped = active, {}
         if self.rope is not None:  # (batch, seq) or (3, batch, seq) -> (..., kept)
             self.rope = self.rope.gather(-1, index.expand(*self.rope.shape[:-2], *index.shape))
         self.inputs = LayerInputs(self.adapter, hidden.dtype, active.positions, self.layout, self.rope,
@@ -271,11 +264,11 @@ class PrefillState:
         return hidden.gather(1, index.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
     def finish_layer(self, layer_idx: int) -> None:
-        """Crop a sliding-window layer's cache as HF does; record the layout of what it keeps."""
+        """Crop a sliding-window layer's cache as HF does; record the layout of what it keeps
+        (one object per window between compactions: decoding groups layers by it)."""
         window = self.adapter.windows[layer_idx]
-        kept = crop_to_window(self.cache, layer_idx, self.cached, window)
-        self.layouts.append(self.cropped.setdefault((id(self.cached), window), kept))
-        self.cached = self.layout  # later layers cache the tokens still computed
+        kept = crop_to_window(self.cache, layer_idx, self.layout, window)
+        self.layouts.append(self.cropped.setdefault(window, kept))
 
     def result(self, model, gates: list[Gate]) -> PrefillResult:
         """The cache, the last position's logits and the stats."""
@@ -283,13 +276,11 @@ class PrefillState:
         kept = self.selection.kept_per_row if self.selection is not None else lengths
         batch = len(lengths)
         start = gates[0].start_layer if gates else num_layers
-        frozen_keys = bool(gates) and gates[0].config.frozen_keys
         fractions = [(g.start_layer, max(g.eligibility.kept) / self.seq_len) for g in gates] or [(start, 1.0)]
         stats = PrefillStats(
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=kv_entries(self.cache),
-            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], frozen_keys, fractions[1:],
-                                        POLICIES[gates[0].config.policy].attention_passes if gates else 0),
+            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], fractions[1:]),
             plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
         )
         return PrefillResult(

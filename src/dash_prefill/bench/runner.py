@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import DashConfig, gates_label, start_layer_index
 from ..cost import ideal_speedup
-from ..policy import POLICIES, parse_pooled
+from ..policy import parse_pooled
 from .timing import Timing, dash_method, hooks_method, kept_fraction, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,8 @@ def _row(name, length, batch, method, ratio, start, timing: Timing | None, statu
         fractions = [(layer, kept_fraction(length, r)) for layer, r in gates]
         first = timing.kept_fraction if not gates else kept_fraction(length, ratio)
         row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
-            config, length, start, first, later_gates=fractions, scoring_passes=_scoring_passes(method))
+            config, length, start, first, later_gates=fractions)
     return row
-
-
-def _scoring_passes(method: str) -> int:
-    """Extra attention passes of a policy method (``attention-hops/p47``); 0 for the others
-    (the hooks, and the VLM bench's ``dash-image``, ``dash+vit``)."""
-    name = method.partition("/p")[0]
-    return POLICIES[name].attention_passes if name in POLICIES else 0
 
 
 def _add_speedups(rows: list[dict]) -> None:

@@ -36,14 +36,13 @@ logger = logging.getLogger(__name__)
 
 PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
 _NAMES = "|".join(sorted(map(re.escape, POLICIES), key=len, reverse=True))
-_LABEL = re.compile(rf"^({_NAMES})(-rel)?(-kv)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+)(?:o(-?[0-9]+))?)?((?:\+[0-9.]+/s[0-9.]+)*)$")
+_LABEL = re.compile(rf"^({_NAMES})(-rel)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+)(?:o(-?[0-9]+))?)?((?:\+[0-9.]+/s[0-9.]+)*)$")
 
 
 def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
-    """The config of a label: ``plain``, or ``POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...]``:
+    """The config of a label: ``plain``, or ``POLICY[-rel]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...]``:
     ``dash@0.5``, ``dash-rel@0.5`` (relative score), ``attention@0.5/p15`` (scores pooled
     over 15 tokens; ``/p63o24``: the span shifted 24 tokens after the peak, ``pool_offset``), ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12),
-    ``dash-kv@0.5`` (halted tokens stay visible as keys, ``frozen_keys``),
     ``attention@0.75/s14/p63+0.95/s17`` (a later gate at layer 17 halting 95% of the prompt,
     ``later_gates``). POLICY is a name in ``policy.POLICIES``.
 
@@ -55,15 +54,15 @@ def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
     match = _LABEL.match(label)
     if match is None:
         raise ValueError(f"cannot read policy label {label!r}; use plain or "
-                         f"POLICY[-rel][-kv]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...] with POLICY one of "
+                         f"POLICY[-rel]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...] with POLICY one of "
                          f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
-    policy, relative, frozen, ratio, start, pool, offset, later = match.groups()
+    policy, relative, ratio, start, pool, offset, later = match.groups()
     if start is not None:
         start_layer = parse_start_layer(start)
     gates = tuple((parse_start_layer(at), float(r)) for r, at in (g.split("/s") for g in later.split("+")[1:]))
     return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
                       policy=policy, score="relative" if relative else "absolute",
-                      frozen_keys=frozen is not None, pool=int(pool or 1), pool_offset=int(offset or 0),
+                      pool=int(pool or 1), pool_offset=int(offset or 0),
                       later_gates=gates)
 
 
@@ -71,7 +70,7 @@ def policy_label(config: DashConfig) -> str:
     """The label :func:`parse_policy` reads back into ``config`` (with ``protect_last=0``)."""
     if not config.scores_tokens:
         return "plain"
-    label = config.policy + ("-rel" if config.score == "relative" else "") + ("-kv" if config.frozen_keys else "")
+    label = config.policy + ("-rel" if config.score == "relative" else "")
     label = f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
     label += f"o{config.pool_offset}" if config.pool_offset else ""
     return label + gates_label(config.later_gates)
