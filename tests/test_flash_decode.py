@@ -82,3 +82,21 @@ def test_flash_decode_in_bfloat16_on_a_gpu_matches_float32():
     low = flash_decode(grouped.bfloat16(), key.bfloat16(), value.bfloat16(), mask, 128 ** -0.5)
     high = flash_decode(grouped, key, value, mask, 128 ** -0.5)
     torch.testing.assert_close(low.float(), high, atol=2e-2, rtol=2e-2)
+
+
+def test_flash_decode_offsets_past_two_to_the_31_elements_reach_the_right_keys():
+    """Row 2 of keys with a 2**30-element batch stride starts at element 2**31: in int32 offset
+    arithmetic it wraps to -2**31 and the kernel would read the decoy written there instead.
+    One 8 GiB (float16) buffer, allocated but untouched except for the rows read."""
+    batch, dim, keys, stride = 3, 16, 32, 1 << 30
+    storage = torch.empty((1 << 31) + 2 * stride + keys * dim, dtype=torch.float16)
+    key = storage[1 << 31:].as_strided((batch, 1, keys, dim), (stride, keys * dim, dim, 1))
+    torch.manual_seed(3)
+    for b in range(batch):
+        key[b].copy_(torch.randn(1, keys, dim))
+    storage[:keys * dim].copy_(torch.randn(keys * dim) * 10)  # the decoy where int32 offsets wrap to
+    grouped = torch.randn(batch, 1, 2, dim, dtype=torch.float16)
+    value = torch.randn(batch, 1, keys, dim, dtype=torch.float16)
+    got = flash_decode(grouped, key, value, None, dim ** -0.5, parts=1, block_keys=32)
+    expected = written_out(grouped, key, value, None, dim ** -0.5)
+    torch.testing.assert_close(got.double(), expected, atol=2e-3, rtol=2e-3)

@@ -50,8 +50,9 @@ if triton is not None:
                      GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
                      PRECISION: tl.constexpr):
-        row = tl.program_id(0)  # batch * kv_heads + head
-        part = tl.program_id(1)
+        # int64 offsets: one buffer of a large batch at a long context passes 2**31 elements
+        row = tl.program_id(0).to(tl.int64)  # batch * kv_heads + head
+        part = tl.program_id(1).to(tl.int64)
         b = row // kv_heads
         h = row % kv_heads
         g = tl.arange(0, BLOCK_G)
@@ -90,7 +91,7 @@ if triton is not None:
     @triton.jit
     def _join_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, parts,
                      GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         overall = tl.full([BLOCK_G], float("-inf"), tl.float32)
