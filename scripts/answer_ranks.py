@@ -76,8 +76,7 @@ def main() -> None:
             with torch.inference_mode():
                 states = prefill_branches(model, ids, configs)
             for (label, _), state in zip(policies, states):
-                active = torch.zeros(len(prompt.ids), dtype=torch.bool)
-                active[state.active_index[0].cpu()] = True
+                active = state.active_mask[0].cpu()
                 scores = state.scores[0, :context_end].float().cpu()
                 ranked = scores.argsort().argsort().float() / max(context_end - 1, 1) * 100
                 entry = stats[label]

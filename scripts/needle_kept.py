@@ -50,7 +50,7 @@ def main(model_name: str, task: str, length: str, samples: str, *labels: str) ->
         with torch.inference_mode():
             states = prefill_branches(model, torch.tensor([prompt.ids]), configs)
         for (label, _), state in zip(policies, states):
-            active = set(state.active_index[0].tolist())
+            active = set(state.active_mask[0].nonzero()[:, 0].tolist())
             scores = state.scores[0, :context_end]
             hit = sum(p in active for p in positions)
             entry = kept[label]

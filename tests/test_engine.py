@@ -7,6 +7,7 @@ from torch.testing import assert_close
 from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.cost import ideal_speedup
+from dash_prefill.policy import POLICIES
 from reference import reference_forward, start_layer_scores, top_tokens, update_norms
 
 SEQ = 40
@@ -21,16 +22,15 @@ def _window_keep(model, layer):
     return window - 1
 
 
+def _kept_index(result):
+    """(batch, kept) original indices of the tokens computed past the last gate, for rows that
+    keep the same number of tokens."""
+    return result.active_mask.nonzero()[:, 1].view(result.active_mask.shape[0], -1)
+
+
 def _tail(tensor, count, dim):
     return tensor if count is None else tensor.narrow(dim, max(0, tensor.shape[dim] - count),
                                                        min(count, tensor.shape[dim]))
-
-
-def _active_mask(result, batch, seq_len):
-    active = torch.zeros(batch, seq_len, dtype=torch.bool)
-    if result.active_index is None:
-        return ~active
-    return active.scatter(1, result.active_index, True)
 
 
 @pytest.mark.parametrize("policy", ["dash", "none"])
@@ -55,11 +55,11 @@ def test_halting_matches_masked_reference(family, implementation, policy, pool):
     config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3, policy=policy,
                         pool=pool)
     result = prefill(model, ids, config)
-    active = _active_mask(result, 2, SEQ)
+    active = result.active_mask
     logits, cache = reference_forward(model, ids, start_layer=1, active=active)
     assert_close(result.logits, logits)
     for layer in range(1, len(model.model.layers)):
-        index = result.active_index[:, None, :, None]
+        index = _kept_index(result)[:, None, :, None]
         for name in ("keys", "values"):
             theirs = getattr(cache.layers[layer], name)
             kept = theirs.gather(2, index.expand(-1, theirs.shape[1], -1, theirs.shape[3]))
@@ -72,10 +72,9 @@ def test_cache_after_start_layer_holds_exactly_the_kept_tokens_in_order(family):
     ids = random_ids(1, SEQ)
     result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_first=1, protect_last=1))
     kept = SEQ - int(0.5 * SEQ)
-    assert result.active_index.shape == (1, kept)
-    assert torch.all(result.active_index[0, 1:] > result.active_index[0, :-1])
+    assert _kept_index(result).shape == (1, kept)
     for layer, entry in enumerate(result.cache.layers):
-        expected = torch.arange(SEQ) if layer < 2 else result.active_index[0]
+        expected = torch.arange(SEQ) if layer < 2 else _kept_index(result)[0]
         expected = _tail(expected, _window_keep(model, layer), 0)
         assert entry.keys.shape[2] == len(expected)
         assert torch.equal(result.key_layouts[layer].positions[0], expected)
@@ -105,7 +104,7 @@ def test_dash_halts_the_tokens_with_the_smallest_attention_update(family):
     result = prefill(model, ids, DashConfig(halt_ratio=0.25, start_layer=2, protect_first=0, protect_last=1))
     kept = SEQ - int(0.25 * SEQ)
     expected = norms[:-1].topk(kept - 1).indices.tolist() + [SEQ - 1]
-    assert sorted(expected) == result.active_index[0].tolist()
+    assert sorted(expected) == _kept_index(result)[0].tolist()
     assert_close(result.scores[0], norms)
 
 
@@ -117,17 +116,18 @@ def test_relative_score_divides_by_the_residual_norm(family):
     assert_close(result.scores[0], update.norm(dim=-1) / hidden.norm(dim=-1))
 
 
-@pytest.mark.parametrize("variant", [
+@pytest.mark.parametrize("gates", [
     dict(),
-    dict(policy="attention", pool=3, later_gates=((2, 0.75),)),  # two gates, pooled, filler slots
-])
-def test_left_padded_batch_equals_each_row_alone(family, variant):
+    dict(pool=3, pool_offset=1, later_gates=((2, 0.75),)),  # two gates, a shifted span, filler slots
+], ids=["one-gate", "two-gates-pooled"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_left_padded_row_keeps_the_tokens_and_logits_it_has_alone(family, policy, gates):
     model = build_model(family)
     lengths = [SEQ, 29, 17]
     rows = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     ids = torch.stack([torch.cat([torch.zeros(SEQ - len(r), dtype=torch.long), r]) for r in rows])
     mask = torch.stack([torch.cat([torch.zeros(SEQ - len(r)), torch.ones(len(r))]).long() for r in rows])
-    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2, **variant)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=2, policy=policy, **gates)
     final = config.later_gates[-1][1] if config.later_gates else 0.5
     batch = prefill(model, ids, config, attention_mask=mask)
     next_token = batch.logits.argmax(-1)
@@ -135,9 +135,26 @@ def test_left_padded_batch_equals_each_row_alone(family, variant):
     for i, row in enumerate(rows):
         alone = prefill(model, row[None], config)
         assert batch.stats.kept_tokens[i] == alone.stats.kept_tokens[0] == len(row) - int(final * len(row))
+        assert not batch.active_mask[i, :SEQ - len(row)].any()
+        assert torch.equal(batch.active_mask[i, SEQ - len(row):], alone.active_mask[0]), f"row {i}"
         assert_close(batch.logits[i], alone.logits[0], atol=2e-5, rtol=1e-4)
         alone_step = decode_step(model, alone, next_token[i, None, None])
         assert_close(batch_step[i], alone_step[0], atol=2e-5, rtol=1e-4)
+
+
+def test_active_mask_of_a_short_row_lists_exactly_its_kept_tokens():
+    # 97 tokens next to 160 at rho=0.5: the short row keeps 49 of the 80 compacted slots; the
+    # other 31 are filler (computed, never attended to) and not active.
+    model = build_model("llama")
+    long, short = random_ids(1, 160, seed=5)[0], random_ids(1, 97, seed=6)[0]
+    ids = torch.stack([long, torch.cat([torch.zeros(63, dtype=torch.long), short])])
+    mask = (torch.arange(160)[None] >= torch.tensor([0, 63])[:, None]).long()
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=3)
+    result = prefill(model, ids, config, attention_mask=mask)
+    assert result.stats.kept_tokens == [80, 49]
+    assert result.active_mask.sum(-1).tolist() == [80, 49]
+    assert not result.active_mask[1, :63].any()
+    assert torch.equal(result.active_mask[1, 63:], prefill(model, short[None], config).active_mask[0])
 
 
 def test_decoding_after_halting_matches_reference_with_the_new_token_active(family, implementation):
@@ -147,7 +164,7 @@ def test_decoding_after_halting_matches_reference_with_the_new_token_active(fami
     result = prefill(model, ids, config)
     token = result.logits.argmax(-1)
     logits = decode_step(model, result, token[:, None])
-    active = torch.cat([_active_mask(result, 1, SEQ), torch.ones(1, 1, dtype=torch.bool)], dim=1)
+    active = torch.cat([result.active_mask, torch.ones(1, 1, dtype=torch.bool)], dim=1)
     expected, _ = reference_forward(model, torch.cat([ids, token[:, None]], 1), start_layer=1, active=active,
                                    prompt_len=SEQ)
     assert_close(logits, expected)
@@ -265,7 +282,7 @@ def test_a_later_gate_halts_more_of_the_survivors_exactly_as_the_masked_referenc
     second = top_tokens(norms, 0.7, 2, 3)
     assert (second <= first).all() and second.sum(-1).tolist() == [SEQ - int(0.7 * SEQ)] * 2
     result = prefill(model, ids, config)
-    assert_close(_active_mask(result, 2, SEQ), second)
+    assert_close(result.active_mask, second)
     expected, _ = reference_forward(model, ids, 1, first, later_gates=((2, second),))
     assert_close(result.logits, expected)
     kept = [SEQ, SEQ - int(0.4 * SEQ), SEQ - int(0.7 * SEQ)]  # entries before, at and after the gates

@@ -14,7 +14,7 @@ from dash_prefill.eval import cli, runner
 from dash_prefill.eval.fidelity import evaluate_fidelity
 from dash_prefill.eval.report import summarize, write_report
 from dash_prefill.eval.runner import (
-    PLAIN, encode_sample, evaluate, parse_policies, parse_policy, policy_label, read_records, sample_configs)
+    PLAIN, encode_sample, evaluate, parse_policies, read_records, sample_configs)
 from dash_prefill.eval.tasks import generate_samples
 
 # Small ops on a shared CPU run far faster single-threaded.
@@ -66,45 +66,41 @@ def count_calls(model):
     return calls, handle
 
 
-def test_policy_labels_parse_to_configs():
-    assert parse_policy("plain") == PLAIN
-    config = parse_policy("dash-rel@0.5/s0.25")
+def test_policy_labels_parse_to_configs_with_the_question_unprotected():
+    assert parse_policies("plain") == [("plain", PLAIN)]
+    (label, config), = parse_policies("dash-rel@0.5/d0.25")
+    assert label == "dash-rel@0.5/d0.25" and config.protect_last == 0
     assert (config.policy, config.score, config.halt_ratio, config.start_layer) == ("dash", "relative", 0.5, 0.25)
-    assert parse_policy("attention@0.75/s12").start_layer == 12
-    assert parse_policy("random@0.5", start_layer=3).start_layer == 3
-    with pytest.raises(ValueError, match="cannot read policy label"):
-        parse_policy("fastv@0.5")
-    pooled = parse_policy("contribution@0.75/s0.3/p15")
-    assert (pooled.policy, pooled.halt_ratio, pooled.start_layer, pooled.pool) == ("contribution", 0.75, 0.3, 15)
-    gated = parse_policy("attention@0.75/s14/p63+0.9/s0.6+0.95/s20")
-    assert (gated.start_layer, gated.pool, gated.later_gates) == (14, 63, ((0.6, 0.9), (20, 0.95)))
-    assert parse_policy(policy_label(gated)) == gated
-    assert parse_policy("attention@0.9/s14/p63o24").pool_offset == 24
-    with pytest.raises(ValueError, match=r"pool_offset must be an int with \|pool_offset\| <= pool // 2 = 2"):
-        parse_policy("attention@0.5/p5o9")
-
-
-@pytest.mark.parametrize("label", ["plain", "dash@0.5/s0.4", "dash-rel@0.25/s12",
-                                   "attention@0.75/s0.3/p15", "dash-question@0.9/s0.5/p31",
-                                   "attention@0.9/s14/p63o24", "attention@0.9/s14/p31o-8"])
-def test_policy_label_reads_back_into_the_same_config(label):
-    from dash_prefill.eval.runner import policy_label
-    assert policy_label(parse_policy(label)) == label
+    assert parse_policies("random@0.5", start_layer=3)[0] == ("random@0.5/s3", parse_policies("random@0.5/s3")[0][1])
+    with pytest.raises(ValueError, match="unknown policy 'fastv'"):
+        parse_policies("fastv@0.5/s1")
+    with pytest.raises(ValueError, match=r"no start layer: add /sLAYER .* or /dFRACTION"):
+        parse_policies("dash@0.5")
 
 
 def test_calibrated_label_is_replaced_by_the_recommended_settings_own_label():
-    from dash_prefill.eval.runner import policy_label
     recommended = DashConfig(halt_ratio=0.75, start_layer=0.3, policy="attention", pool=15)
     labels = [label for label, _ in parse_policies("plain,calibrated", calibrated=recommended)]
-    assert labels == ["plain", "attention@0.75/s0.3/p15"]
-    assert policy_label(recommended) == labels[1]
+    assert labels == ["plain", "attention@0.75/d0.3/p15"] == ["plain", recommended.label]
     with pytest.raises(ValueError, match="calibrated"):
         parse_policies("calibrated")
 
 
+def test_a_result_written_under_a_label_is_found_again_under_the_same_label(model, tmp_path):
+    """A results file whose labels are in this grammar (as the committed ones are since issue 28)
+    resumes: the cell of ``dash@0.5/d0.4`` is found whether it is asked for with its start or,
+    with start_layer 0.4, without."""
+    path = tmp_path / "results.jsonl"
+    evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 1, parse_policies("dash@0.5/d0.4"), path)
+    calls, handle = count_calls(model)
+    again = evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 1, parse_policies("dash@0.5", 0.4), path)
+    handle.remove()
+    assert calls == [] and [r["label"] for r in again] == ["dash@0.5/d0.4"]
+
+
 def test_rerun_makes_no_model_calls_and_a_new_policy_runs_only_its_cells(model, tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
-    policies = parse_policies("plain,dash@0.5")
+    policies = parse_policies("plain,dash@0.5/d0.4")
     first = evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 2, policies, path)
     assert len(first) == 4 and len(read_records(path)) == 4
 
@@ -116,11 +112,11 @@ def test_rerun_makes_no_model_calls_and_a_new_policy_runs_only_its_cells(model, 
     original = runner.prefill_branches
     monkeypatch.setattr(runner, "prefill_branches",
                         lambda m, ids, configs: branches.append(len(configs)) or original(m, ids, configs))
-    evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 2, policies + parse_policies("random@0.5"), path)
+    evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 2, policies + parse_policies("random@0.5/d0.4"), path)
     handle.remove()
     added = read_records(path)[4:]
     assert branches == [1, 1] and len(calls) > 0
-    assert [(r["label"], r["sample"]) for r in added] == [("random@0.5", 0), ("random@0.5", 1)]
+    assert [(r["label"], r["sample"]) for r in added] == [("random@0.5/d0.4", 0), ("random@0.5/d0.4", 1)]
 
 
 @pytest.mark.parametrize("tokenizer", [CharTokenizer(), TemplateTokenizer()], ids=["raw", "chat"])
@@ -129,25 +125,25 @@ def test_protect_last_covers_question_and_answer_prefix(model, tokenizer):
     prompt = encode_sample(tokenizer, sample)
     suffix = TemplateTokenizer.SUFFIX if prompt.chat_template else ""
     assert prompt.tail_tokens == len(sample.question + suffix + sample.answer_prefix)
-    config = sample_configs([("dash@0.9", parse_policy("dash@0.9", start_layer=1))], sample, prompt)[0]
+    config = sample_configs(parse_policies("dash@0.9/s1"), sample, prompt)[0]
     state = prefill(model, torch.tensor([prompt.ids]), config)
-    active = set(state.active_index[0].tolist())
+    active = set(state.active_mask[0].nonzero()[:, 0].tolist())
     tail = range(len(prompt.ids) - prompt.tail_tokens, len(prompt.ids))
     assert set(tail) <= active
     assert len(active) < len(prompt.ids)  # the context was halted
 
 
 def test_zero_halt_ratio_scores_and_predictions_equal_plain(model, tmp_path):
-    policies = parse_policies("plain,dash@0.0,random@0.0")
+    policies = parse_policies("plain,dash@0.0/d0.4,random@0.0/d0.4")
     records = evaluate(model, CharTokenizer(), "tiny", ["passkey"], LENGTH, 2, policies, tmp_path / "r.jsonl")
     by_label = {}
     for record in records:
         by_label.setdefault(record["label"], []).append((record["prediction"], record["score"]))
-    assert by_label["dash@0.0"] == by_label["plain"] == by_label["random@0.0"]
+    assert by_label["dash@0.0/d0.4"] == by_label["plain"] == by_label["random@0.0/d0.4"]
 
 
 def test_fidelity_of_plain_against_itself_is_exact(model, tmp_path):
-    policies = [("plain", PLAIN)] + parse_policies("dash@0.5")
+    policies = [("plain", PLAIN)] + parse_policies("dash@0.5/d0.4")
     records = evaluate_fidelity(model, CharTokenizer(), "tiny", ["passkey", "niah_single_1"], LENGTH, 3,
                                 policies, tmp_path / "r.jsonl", num_tokens=4)
     plain = [r for r in records if r["label"] == "plain"]
@@ -215,5 +211,5 @@ def test_quick_preset_runs_for_real(tmp_path):
     assert cli.main(parser.parse_args(["--preset", "quick", "--out", str(tmp_path)])) == 0
     records = read_records(tmp_path / "results.jsonl")
     assert len(records) == 3 * 10 * 3
-    assert {r["label"] for r in records} == {"plain", "dash@0.5/s0.8", "random@0.5/s0.8"}
+    assert {r["label"] for r in records} == {"plain", "dash@0.5/d0.8", "random@0.5/d0.8"}
     assert all(r["prompt_tokens"] <= 4096 for r in records)

@@ -46,7 +46,7 @@ def test_inspect_writes_a_plot_and_greys_exactly_the_halted_tokens(tmp_path):
     greyed = {int(i) for i in re.findall(r'class="tok halted" data-index="(\d+)"', page)}
     shown = {int(i) for i in re.findall(r'class="tok \w+" data-index="(\d+)"', page)}
     state = prefill(model, torch.tensor([CharTokenizer()(TEXT)["input_ids"]]), config)
-    expected = set(range(len(TEXT))) - set(state.active_index[0].tolist())
+    expected = set((~state.active_mask[0]).nonzero()[:, 0].tolist())
     assert greyed == expected == set(found.halted) and len(greyed) == len(TEXT) // 2
     assert shown == set(range(len(TEXT)))
     assert "halted token" in page and f"<td>halted tokens</td><td>{len(greyed)}</td>" in page

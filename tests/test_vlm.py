@@ -24,13 +24,6 @@ def _split(inputs):
     return inputs.pop("input_ids"), inputs
 
 
-def _active_mask(result, seq_len):
-    active = torch.zeros(result.logits.shape[0], seq_len, dtype=torch.bool)
-    if result.active_index is None:
-        return ~active
-    return active.scatter(1, result.active_index, True)
-
-
 def test_rho_zero_matches_hf_forward_with_two_images(vlm, one_thread):
     model = build_vlm(vlm)
     ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
@@ -65,7 +58,7 @@ def test_halted_prefill_matches_masked_reference_at_original_rope_positions(vlm,
     scores = start_layer_scores(model, ids, 1, **extra)
     active = top_tokens(scores, 0.5, 2, 3, may_halt=(ids == IMAGE_TOKEN) if eligible == "image" else None)
     result = prefill(model, ids, config, **extra)
-    assert torch.equal(_active_mask(result, ids.shape[1]), active)
+    assert torch.equal(result.active_mask, active)
     expected, _ = reference_forward(model, ids, 1, active, **extra)
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -75,7 +68,7 @@ def test_image_eligibility_never_halts_text_and_halts_rho_of_the_image_tokens(vl
     ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
     config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=0, protect_last=0, eligible="image")
     result = prefill(model, ids, config, **extra)
-    active = _active_mask(result, ids.shape[1])[0]
+    active = result.active_mask[0]
     image = ids[0] == IMAGE_TOKEN
     assert active[~image].all()
     assert int((~active).sum()) == int(0.5 * int(image.sum()))

@@ -8,7 +8,7 @@ Writes two files:
   before its post-attention norm), computed by running every layer on every token with the
   engine's own ``prefill.layer_step``, as with policy "none".
 - ``tokens.html``: the prompt's tokens, the halted ones greyed out, for one ``DashConfig``
-  (from ``prefill(...).active_index``), with a legend and the prefill stats.
+  (from ``prefill(...).active_mask``), with a legend and the prefill stats.
 
 The prompt is tokenized as ``generate`` tokenizes it: as given, or (``chat=True``, the
 command's default unless ``--raw``) as a user turn of the chat template, like ``dash-prefill run``.
@@ -147,8 +147,7 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir, cha
     out_dir.mkdir(parents=True, exist_ok=True)
     absolute, relative = delta_norms(model, ids)
     result = prefill(model, ids[None], config)
-    active = set(range(len(ids))) if result.active_index is None else set(result.active_index[0].tolist())
-    halted = sorted(set(range(len(ids))) - active)
+    halted = (~result.active_mask[0]).nonzero()[:, 0].tolist()
     start = result.stats.start_layer if config.scores_tokens else config.resolve_start_layer(len(absolute))
     plot_path = out_dir / "delta_norms.png"
     plot_norms(absolute, relative, start, plot_path, f"{len(ids)} prompt tokens")

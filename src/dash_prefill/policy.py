@@ -161,8 +161,14 @@ def dash(context: ScoreContext) -> torch.Tensor:
 
 @register("random", query_aware=False)
 def random(context: ScoreContext) -> torch.Tensor:
-    """The control: the same number of tokens halted uniformly at random (``seed``)."""
-    return random_scores(context.batch, context.seq_len, context.config.seed, context.hidden.device)
+    """The control: the same number of tokens halted uniformly at random (``seed``). The j-th
+    token a row still computes (padding and filler slots skipped) scores the j-th draw of a
+    generator seeded with ``seed``, so a row draws the same scores in any batch as alone."""
+    draws = random_scores(1, context.seq_len, context.config.seed, context.hidden.device)
+    draws = draws.expand(context.batch, -1)  # (batch, seq)
+    if context.padding is None:
+        return draws
+    return draws.gather(1, _real_order(context.padding))
 
 
 @register("attention", query_aware=True)
@@ -187,15 +193,27 @@ def contribution(context: ScoreContext) -> torch.Tensor:
 def dash_question(context: ScoreContext) -> torch.Tensor:
     """||U_t|| and the question's attention together: the product of their per-row ranks
     (in (0, 1]), so a token survives when it still changes AND the question looks at it."""
-    return _rank(dash(context)) * _rank(attention(context))
+    return _rank(dash(context), context.padding) * _rank(attention(context), context.padding)
 
 
-def _rank(scores: torch.Tensor) -> torch.Tensor:
-    """Per-row rank of each score, scaled to (0, 1]: (batch, seq) -> (batch, seq) float32."""
-    order = scores.float().argsort(dim=-1)
+def _real_order(padding: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) index of each token among its row's real tokens (padding: 0)."""
+    return ((~padding).long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _rank(scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """Per-row rank of each score among the row's real tokens, scaled to (0, 1] (padding: 0);
+    ties are ranked by position. (batch, seq) -> (batch, seq) float32."""
+    scores = scores.float()
+    if padding is not None:
+        scores = scores.masked_fill(padding, float("-inf"))  # padding ranks first, then drops out
+    order = scores.argsort(dim=-1, stable=True)
     ranks = torch.empty_like(order).scatter_(
         -1, order, torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order))
-    return ranks.float() / scores.shape[-1]
+    if padding is None:
+        return ranks.float() / scores.shape[-1]
+    pads = padding.sum(-1, keepdim=True)
+    return (ranks - pads).clamp_min(0).float() / (scores.shape[-1] - pads)
 
 
 def parse_pooled(item: str) -> tuple[str, int, int]:

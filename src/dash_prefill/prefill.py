@@ -65,8 +65,10 @@ class PrefillResult:
     logits : (batch, vocab) float32
         Logits of the last prompt position.
     stats : PrefillStats
-    active_index : (batch, kept) LongTensor or None
-        Original indices of the active tokens (None when nothing was halted).
+    active_mask : (batch, seq) BoolTensor
+        True at the prompt tokens computed past the last gate (every prompt token when nothing
+        halts); False at halted tokens and padding. ``active_mask[i].sum()`` is
+        ``stats.kept_tokens[i]``.
     scores : (batch, seq) float32 or None
         The policy's scores at the start layer.
     key_layouts : list[KeyLayout]
@@ -81,7 +83,7 @@ class PrefillResult:
     cache: DynamicCache
     logits: torch.Tensor
     stats: PrefillStats
-    active_index: torch.Tensor | None
+    active_mask: torch.Tensor
     scores: torch.Tensor | None
     key_layouts: list[KeyLayout] = field(repr=False)
     next_positions: torch.Tensor = field(repr=False)
@@ -270,6 +272,16 @@ class PrefillState:
         kept = crop_to_window(self.cache, layer_idx, self.layout, window)
         self.layouts.append(self.cropped.setdefault(window, kept))
 
+    def _active_mask(self) -> torch.Tensor:
+        """(batch, seq) True at the prompt tokens still computed (filler slots and padding are not)."""
+        selection, home = self.selection, self.layout.positions.device
+        if selection is None:  # never compacted: the layout is the prompt's
+            real = self.layout.real
+            return torch.ones_like(self.layout.positions, dtype=torch.bool) if real is None else real
+        marks = True if selection.filled is None else selection.filled.to(home)
+        active = torch.zeros(len(self.lengths), self.seq_len, dtype=torch.bool, device=home)
+        return active.scatter(1, selection.index.to(home), marks)
+
     def result(self, model, gates: list[Gate]) -> PrefillResult:
         """The cache, the last position's logits and the stats."""
         num_layers, lengths = len(self.adapter.layers), self.lengths
@@ -285,7 +297,7 @@ class PrefillState:
         )
         return PrefillResult(
             cache=self.cache, logits=self.adapter.logits(self.hidden[:, -1]), stats=stats,
-            active_index=self.selection.index if kept != lengths else None, scores=self.scores,
+            active_mask=self._active_mask(), scores=self.scores,
             key_layouts=self.layouts,
             # The last token is real in every row (left padding): the next position follows it.
             next_positions=self.layout.positions[:, -1] + 1,
