@@ -174,13 +174,41 @@ def test_every_command_takes_threads_and_applies_it(command, monkeypatch):
         return 0
 
     parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: parser)
     parser._subparsers._group_actions[0].choices[command].set_defaults(handler=record)
     required = {"run": ["--model", "x", "--prompt-file", "p"], "inspect": ["--model", "x", "--prompt-file", "p"],
                 "bench": ["--arch", "smollm2-135m"]}
     torch.set_num_threads(2)
     assert cli.main([command, *required.get(command, []), "--threads", "1"]) == 0
     assert seen == [1]
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = f"import sys\n{code}\nsys.stderr.write(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert done.returncode == 0, done.stderr
+    return set(done.stderr.split())
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_no_torch(flag):
+    modules = _modules_after(f"from dash_prefill import cli\ntry:\n    cli.main([{flag!r}])\nexcept SystemExit:\n    pass")
+    assert "dash_prefill.cli" in modules and "torch" not in modules
+
+
+def test_importing_the_package_leaves_torch_dynamo_out():
+    modules = _modules_after("import dash_prefill\nassert dash_prefill.__version__")
+    assert "dash_prefill" in modules and "torch._dynamo" not in modules
+
+
+def test_the_package_names_resolve_on_first_use_and_prefill_stays_the_function():
+    import dash_prefill
+    import dash_prefill.prefill  # noqa: F401 (the submodule of the same name)
+
+    assert callable(dash_prefill.prefill) and dash_prefill.prefill.__name__ == "prefill"
+    assert all(getattr(dash_prefill, name) for name in dash_prefill.__all__)
 
 
 def test_help_describes_the_tool_shows_defaults_and_every_option(capsys):

@@ -6,9 +6,12 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import POLICIES, DashConfig, parse_start_layer
+
+if TYPE_CHECKING:
+    from .config import DashConfig
 
 DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selective Halting): compare "
                "plain and DASH prefill on a prompt, benchmark, evaluate accuracy, inspect what halts.")
@@ -23,12 +26,14 @@ TOOLS = {
 
 
 def start_layer_arg(text: str) -> int | float:
-    """argparse type of every ``--start-layer``: "12" is a layer index, "0.4" a fraction of depth."""
+    """argparse type of every start layer option: "12" or "s12" is a layer index, "d0.4" a fraction
+    of depth, as labels write them (:func:`dash_prefill.config.parse_start_layer`)."""
+    from .config import parse_start_layer
+
     try:
         return parse_start_layer(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"start layer is a layer index (12) or a fraction of depth (0.4); got {text!r}") from None
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def ratio_arg(text: str) -> float:
@@ -218,27 +223,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="dash-prefill", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-
-    demo = add("demo", "plain vs DASH prefill on a long prompt, embedded model")
+def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--model", default=DEMO_MODEL, help="registry name or model directory")
     demo.add_argument("--tokens", type=count_arg(1), default=6000, help="prompt length in tokens")
     _add_dash_options(demo)
     demo.set_defaults(handler=cmd_demo)
-    run = add("run", "plain vs DASH prefill on your own prompt and model")
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--model", required=True, help="registry name or local model directory (hub ids need hub access)")
     run.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for stdin")
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     _add_dash_options(run)
     run.set_defaults(handler=cmd_run)
-    inspect = add("inspect", "per-layer ||U|| of a prompt and which tokens halt")
+
+
+def _add_inspect(inspect: argparse.ArgumentParser) -> None:
+    from .config import POLICIES
+
     inspect.add_argument("--model", required=True, help="registry name or local model directory (hub ids need hub access)")
     inspect.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")
     inspect.add_argument("--raw", action="store_true",
@@ -248,15 +250,41 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", default="inspect_out", help="directory for the PNG and the HTML page")
     add_setting_options(inspect)
     inspect.set_defaults(handler=cmd_inspect)
-    for name, (module, help_text) in TOOLS.items():
-        sub = add(name, help_text)
+
+
+def _add_tool(module: str):
+    def add(sub: argparse.ArgumentParser) -> None:
         try:
             tool = importlib.import_module(module)
         except ImportError as error:
             sub.set_defaults(handler=lambda args, e=error: _unavailable(e))
-            continue
+            return
         tool.add_arguments(sub)
         sub.set_defaults(handler=tool.main)
+    return add
+
+
+# Every command: its help line and what adds its options.
+COMMANDS = {
+    "demo": ("plain vs DASH prefill on a long prompt, embedded model", _add_demo),
+    "run": ("plain vs DASH prefill on your own prompt and model", _add_run),
+    "inspect": ("per-layer ||U|| of a prompt and which tokens halt", _add_inspect),
+    **{name: (help_text, _add_tool(module)) for name, (module, help_text) in TOOLS.items()},
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the command named there gets its options (the others
+    their help line), so ``--help`` and ``--version`` import no tool and no torch (seconds)."""
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    parser = Parser(prog="dash-prefill", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_options) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if named is None or named == name:
+            add_options(sub)
     return parser
 
 
@@ -266,7 +294,8 @@ def _unavailable(error: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
