@@ -5,6 +5,8 @@ merged image embeddings and M-RoPE positions from the model's own forward) and i
 against the model's own forward with every token active (tests/test_reference.py)."""
 
 import inspect
+import sys
+from fractions import Fraction
 
 import torch
 from transformers import DynamicCache
@@ -165,7 +167,6 @@ def top_tokens(scores, halt_ratio, protect_first, protect_last, may_halt=None):
     of the others, the ones with the largest scores stay until ``T - floor(ρ·T)`` tokens remain
     (``may_halt`` given: until ``floor(ρ·count)`` of the tokens that may halt have halted).
     Returns (batch, seq) bool."""
-    from fractions import Fraction
     batch, seq_len = scores.shape
     active = torch.zeros(batch, seq_len, dtype=torch.bool)
     for row in range(batch):
@@ -181,3 +182,64 @@ def top_tokens(scores, halt_ratio, protect_first, protect_last, may_halt=None):
         for t in order[:keep]:
             active[row, t] = True
     return active
+
+
+@torch.no_grad()
+def attention_at(model, input_ids, layer):
+    """HF's own eager forward with every token, read at decoder layer ``layer`` where HF
+    computes it: {"update": the attention module's output U (batch, seq, hidden), "weights":
+    its attention probabilities (batch, heads, seq, seq), under HF's own mask (sliding window
+    included), "values": its value states (batch, kv_heads, seq, head_dim)}. The model must use
+    eager attention (its modeling module's ``eager_attention_forward`` is wrapped for the call)."""
+    assert model.config._attn_implementation == "eager", "attention_at reads eager attention"
+    base = getattr(model.model, "language_model", model.model)
+    attention = base.layers[layer].self_attn
+    modeling = sys.modules[type(attention).__module__]
+    original, seen = modeling.eager_attention_forward, {}
+
+    def recording(module, query, key, value, *args, **kwargs):
+        output, weights = original(module, query, key, value, *args, **kwargs)
+        if module is attention:
+            seen.update(weights=weights.float(), values=value.float())
+        return output, weights
+
+    handle = attention.register_forward_hook(lambda module, args, output: seen.update(update=output[0]))
+    modeling.eager_attention_forward = recording
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        modeling.eager_attention_forward = original
+        handle.remove()
+    return seen
+
+
+def _ranks(scores):
+    """Rank of each score in its row, 1 (lowest) to seq, ties by position, over seq."""
+    order = scores.argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(1, scores.shape[-1] + 1).expand_as(order))
+    return ranks.float() / scores.shape[-1]
+
+
+def policy_scores(model, input_ids, layer, policy, question, seed=0):
+    """Each policy's scores (batch, seq) at gate ``layer`` for unpadded rows, written out from
+    HF's own eager forward with every token (``attention_at``): ``question`` is the number of
+    last queries whose attention the query-aware policies read; ``random`` scores token t by
+    the t-th draw of ``torch.rand`` from a generator seeded with ``seed``."""
+    batch, seq_len = input_ids.shape
+    if policy == "random":
+        draws = torch.rand(seq_len, generator=torch.Generator().manual_seed(seed), device="cpu")
+        return draws.to(input_ids.device).expand(batch, -1)
+    seen = attention_at(model, input_ids, layer)
+    norms = seen["update"].float().norm(dim=-1)
+    received = seen["weights"][:, :, -question:].mean(dim=2)  # (batch, heads, seq)
+    if policy == "dash":
+        return norms
+    if policy == "attention":
+        return received.mean(dim=1)
+    if policy == "contribution":
+        values = seen["values"].norm(dim=-1)  # (batch, kv_heads, seq)
+        return (received * values.repeat_interleave(received.shape[1] // values.shape[1], dim=1)).sum(dim=1)
+    if policy == "dash-question":
+        return _ranks(norms) * _ranks(received.mean(dim=1))
+    raise ValueError(f"no reference for policy {policy!r}")

@@ -8,7 +8,8 @@ from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.cost import ideal_speedup
 from dash_prefill.policy import POLICIES
-from reference import reference_forward, start_layer_scores, top_tokens, update_norms
+from reference import attention_at, reference_forward, start_layer_scores, top_tokens, update_norms
+from reference import policy_scores as reference_policy_scores
 
 SEQ = 40
 
@@ -186,28 +187,37 @@ def test_every_family_is_covered_by_the_tiny_models():
     assert types == set(ADAPTERS)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
-def test_attention_policy_scores_equal_the_models_own_attention_weights(family):
+@pytest.mark.parametrize("policy", ["attention", "contribution"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "phi3", "gemma3"])
+def test_attention_policies_score_the_attention_the_model_computes_at_the_gate_layer(family, policy):
+    # Gate layer 1 slides over 12 (Mistral) or 8 (Gemma-3) of the 40 tokens: keys further back
+    # than the window get no attention from the model, and none in the scores.
     model = build_model(family, "eager")
-    model.config.sliding_window = SEQ  # the baseline scores full causal attention, like a full layer
     ids = random_ids(1, SEQ)
-    weights = model(ids, output_attentions=True).attentions[2]  # (batch, heads, seq, seq)
-    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="attention"))
-    assert_close(result.scores[0], weights[0, :, -5:].mean(dim=(0, 1)), atol=1e-5, rtol=1e-4)
+    seen = attention_at(model, ids, 1)
+    received = seen["weights"][0, :, -5:].mean(dim=1)  # (heads, seq), HF's own probabilities
+    keep = _window_keep(model, 1)  # window - 1 on a sliding layer
+    if keep is not None:  # the window bites: the first question query sees back to SEQ - 5 - keep
+        assert (received[:, :SEQ - 5 - keep] == 0).all() and (received[:, SEQ - 5 - keep] > 0).all()
+    values = seen["values"][0].norm(dim=-1).repeat_interleave(received.shape[0] // seen["values"].shape[1], dim=0)
+    expected = received.mean(0) if policy == "attention" else (received * values).sum(0)
+    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=1, protect_last=5, policy=policy))
+    assert_close(result.scores[0], expected, atol=1e-5, rtol=1e-4)
     assert result.stats.kept_tokens == [SEQ // 2]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
-def test_contribution_policy_weights_the_models_attention_by_value_norms(family):
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_each_policy_keeps_the_tokens_its_scores_from_the_models_own_forward_select(family, policy):
+    """The kept set against an independent computation: each policy's scores written out from
+    HF's eager forward with every token (``reference.policy_scores``, which raises for a
+    policy it does not know), the top tokens chosen by hand (``reference.top_tokens``)."""
     model = build_model(family, "eager")
-    model.config.sliding_window = SEQ + 1  # no window bites and HF's cache keeps every key
-    ids = random_ids(1, SEQ)
-    out = model(ids, output_attentions=True, use_cache=True)
-    weights = out.attentions[2][0, :, -5:].mean(dim=1)  # (heads, seq)
-    values = out.past_key_values.layers[2].values[0].norm(dim=-1)  # (kv_heads, seq)
-    values = values.repeat_interleave(weights.shape[0] // values.shape[0], dim=0)
-    result = prefill(model, ids, DashConfig(halt_ratio=0.5, start_layer=2, protect_last=5, policy="contribution"))
-    assert_close(result.scores[0], (weights * values).sum(0), atol=1e-5, rtol=1e-4)
+    ids = random_ids(2, SEQ)
+    scores = reference_policy_scores(model, ids, 1, policy, question=5, seed=3)
+    config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=2, protect_last=5, policy=policy, seed=3)
+    result = prefill(model, ids, config)
+    assert_close(result.scores, scores, atol=1e-5, rtol=1e-4)
+    assert torch.equal(result.active_mask, top_tokens(scores, 0.5, 2, 5))
 
 
 def test_pooled_scores_are_the_sliding_maximum_of_the_unpooled_ones(family):

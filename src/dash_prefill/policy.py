@@ -37,11 +37,12 @@ def _float_norm(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
                      key_positions: torch.Tensor, key_valid: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, sliding_window: int | None = None) -> torch.Tensor:
     """Attention probabilities of the question window's queries over every key.
 
     Only the last queries are scored, so the full (seq, seq) attention matrix is never built;
-    causal order follows original positions.
+    causal order follows original positions. On a sliding-window layer a query does not see a
+    key ``sliding_window`` or more positions back, as the model's own mask.
 
     queries : (batch, heads, n, head_dim); keys : (batch, kv_heads, seq, head_dim);
     query_positions : (batch, n); key_positions, key_valid : (batch, seq).
@@ -50,7 +51,10 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, query_positions:
     batch, heads, n, dim = queries.shape
     grouped = queries.float().view(batch, keys.shape[1], heads // keys.shape[1], n, dim)  # GQA groups
     logits = torch.einsum("bkgqd,bksd->bkgqs", grouped, keys.float()).reshape(batch, heads, n, -1) * scaling
-    allowed = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
+    behind = query_positions[:, None, :, None] - key_positions[:, None, None, :]  # (batch, 1, n, seq)
+    allowed = behind >= 0
+    if sliding_window is not None:
+        allowed &= behind < sliding_window
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
     return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
@@ -108,14 +112,16 @@ class ScoreContext:
         Original positions of the tokens.
     scaling : float
         The attention's softmax scale.
+    sliding_window : int or None
+        The layer's sliding window (None on a full-attention layer).
     """
 
     def __init__(self, *, output, hidden, config, padding, window_queries, keys, values,
-                 positions, scaling):
+                 positions, scaling, sliding_window=None):
         self.output, self.hidden, self.config, self.padding = output, hidden, config, padding
         self.window = min(max(config.protect_last, 1), hidden.shape[1])
         self._window_queries, self.keys, self.values = window_queries, keys, values
-        self.positions, self.scaling = positions, scaling
+        self.positions, self.scaling, self.sliding_window = positions, scaling, sliding_window
         self._attention = None
 
     @property
@@ -132,7 +138,7 @@ class ScoreContext:
             valid = None if self.padding is None else ~self.padding
             self._attention = window_attention(
                 self._window_queries(), self.keys, self.positions[:, -self.window:],
-                self.positions, valid, self.scaling)
+                self.positions, valid, self.scaling, self.sliding_window)
         return self._attention
 
 

@@ -247,7 +247,7 @@ class PrefillState:
             window_queries=lambda: self.adapter.queries(layer, hidden[:, -window:],
                                                         tuple(t[:, -window:] for t in rotary)),
             keys=cached.keys, values=cached.values, positions=self.layout.positions.to(hidden.device),
-            scaling=layer.self_attn.scaling)
+            scaling=layer.self_attn.scaling, sliding_window=self.adapter.windows[layer_idx])
 
     def compact(self, hidden: torch.Tensor, selection: Selection, layer_idx: int) -> torch.Tensor:
         """Keep only the active tokens, all at once: their hidden states, original positions,
