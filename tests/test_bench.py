@@ -37,8 +37,8 @@ def test_lengths_parse_k_suffix_as_1024():
         cli.parse_lengths("4kb")
 
 
-def test_start_layer_floats_are_fractions_and_ints_are_indices():
-    args = _parse(["--arch", "smollm2-135m", "--start-layer", "0.4,12", "--settings", "0.25:0.75,3:0.5"])
+def test_start_layers_written_with_d_are_fractions_and_bare_ints_are_indices():
+    args = _parse(["--arch", "smollm2-135m", "--start-layer", "d0.4,12", "--settings", "d0.25:0.75,3:0.5"])
     assert args.start_layer == [0.4, 12]
     assert args.settings == [(0.25, 0.75), (3, 0.5)]
     from dash_prefill.config import start_layer_index
@@ -116,7 +116,7 @@ def tiny_arch(monkeypatch):
 
 def test_cli_run_writes_json_with_required_fields_and_a_png(tiny_arch, tmp_path, capsys):
     args = _parse(["--arch", tiny_arch, "--lengths", "96,160", "--device", "cpu", "--warmup", "0",
-                   "--repeats", "1", "--settings", "0.4:0.5", "--out", str(tmp_path)])
+                   "--repeats", "1", "--settings", "d0.4:0.5", "--out", str(tmp_path)])
     assert cli.main(args) == 0
     records = json.loads((tmp_path / "bench.json").read_text())
     head, rows = records[0], records[1:]
@@ -206,7 +206,7 @@ def test_a_long_run_saves_each_finished_length_before_the_next_starts(tiny_arch,
         return real(plan, fn, model, ids, name)
     monkeypatch.setattr(runner, "_measure_or_skip", measure_and_look)
     args = _parse(["--arch", tiny_arch, "--lengths", "96,160", "--device", "cpu", "--warmup", "0", "--repeats", "1",
-                   "--settings", "0.4:0.5", "--no-hooks", "--out", str(tmp_path)])
+                   "--settings", "d0.4:0.5", "--no-hooks", "--out", str(tmp_path)])
     assert cli.main(args) == 0
     assert seen[0][1] is None  # nothing saved before the first length is done
     at_160 = [saved for length, saved in seen if length == 160]
@@ -215,7 +215,7 @@ def test_a_long_run_saves_each_finished_length_before_the_next_starts(tiny_arch,
 
 
 def test_settings_with_later_gates_parse_and_time_the_gated_prefill(tiny_arch, tmp_path):
-    assert cli.parse_settings("0.4:0.5,1:0.3+3:0.75") == [(0.4, 0.5), (1, 0.3, ((3, 0.75),))]
+    assert cli.parse_settings("d0.4:0.5,1:0.3+3:0.75") == [(0.4, 0.5), (1, 0.3, ((3, 0.75),))]
     args = _parse(["--arch", tiny_arch, "--lengths", "400", "--device", "cpu", "--warmup", "0", "--repeats", "1",
                    "--settings", "1:0.3+3:0.75", "--policies", "attention/p15", "--out", str(tmp_path)])
     assert cli.main(args) == 0
@@ -247,11 +247,12 @@ def test_bad_later_gates_are_one_clear_line(tiny_arch, capsys, extra, message):
 
 def test_a_bench_policy_with_a_shifted_span_times_the_engine_with_that_offset(tiny_arch):
     from dash_prefill.bench.timing import dash_method
-    from dash_prefill.policy import parse_pooled
+    from dash_prefill.config import policy_config
 
     model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 400))
-    assert parse_pooled("attention/p15o6") == ("attention", 15, 6)
-    shifted = dash_method(0.5, 1, *parse_pooled("attention/p15o6"))(model, ids)[0]
+    shifted_config = policy_config("attention/p15o6", 0.5, 1)
+    assert (shifted_config.policy, shifted_config.pool, shifted_config.pool_offset) == ("attention", 15, 6)
+    shifted = dash_method(0.5, 1, "attention", 15, 6)(model, ids)[0]
     config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=4, protect_last=64, policy="attention", pool=15)
     assert torch.equal(shifted, prefill(model, ids, dataclasses.replace(config, pool_offset=6)).logits)
     assert not torch.equal(shifted, prefill(model, ids, config).logits)

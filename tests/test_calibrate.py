@@ -8,7 +8,7 @@ from conftest import build_model, random_ids
 from dash_prefill import DashConfig
 from dash_prefill.calibrate import (Budget, BudgetNotMetError, CalibrationPrompt, choose, front,
                                     measure, read_prompts, settings_grid, write_profile)
-from dash_prefill.profiles import recommended_config, recommended_setting, user_profile_path
+from dash_prefill.profiles import recommendation, recommended_config, user_profile_path
 
 
 def _row(label, speedup, kl, agreement=1.0):
@@ -38,7 +38,7 @@ def test_grid_is_every_policy_start_and_ratio_and_rejects_unknown_policies():
     grid = settings_grid(["dash", "attention/p15"], (0.2, 0.4), (0.5, 0.75))
     assert len(grid) == 8
     label, config = grid[-1]
-    assert label == "attention@0.75/s0.4/p15"
+    assert label == "attention@0.75/d0.4/p15"
     assert (config.policy, config.pool, config.start_layer, config.halt_ratio) == ("attention", 15, 0.4, 0.75)
     with pytest.raises(ValueError, match="unknown policy 'fastv'"):
         settings_grid(["fastv"], (0.4,), (0.5,))
@@ -47,7 +47,7 @@ def test_grid_is_every_policy_start_and_ratio_and_rejects_unknown_policies():
 def test_calibrate_starts_take_layer_indices_as_the_labels_write_them():
     from dash_prefill.calibrate_cli import _starts
 
-    starts = _starts("0.6,11")
+    starts = _starts("d0.6,11")
     assert starts == (0.6, 11) and isinstance(starts[1], int)
     label, config = settings_grid(["attention/p63"], starts[1:], (0.75,))[0]
     assert label == "attention@0.75/s11/p63" and config.start_layer == 11
@@ -67,19 +67,19 @@ def test_zero_ratio_is_perfectly_faithful_and_heavy_halting_is_not():
 def test_user_profile_overrides_the_default_and_says_where_it_came_from(tmp_path, monkeypatch):
     monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path))
     model = build_model("qwen3")
-    config, source = recommended_setting(model)
+    config, source = recommendation(model).config, recommendation(model).source
     assert config == DashConfig() and "paper" in source
-    chosen = {"label": "attention@0.75/s0.3/p15", "kl": 0.01, "top1_agreement": 0.97,
+    chosen = {"label": "attention@0.75/d0.3/p15", "kl": 0.01, "top1_agreement": 0.97,
               "nll_change": 0.0, "ideal_speedup": 1.9,
               "config": {"policy": "attention", "halt_ratio": 0.75, "start_layer": 0.3, "pool": 15,
                          "score": "absolute", "protect_first": 4}}
     path = write_profile(user_profile_path(model), "tiny", chosen, [chosen], Budget(), {})
     assert path.parent == tmp_path / "profiles"
-    config, source = recommended_setting(model)
+    config, source = recommendation(model).config, recommendation(model).source
     assert config == DashConfig(halt_ratio=0.75, start_layer=0.3, policy="attention", pool=15)
     assert str(path) in source
     assert recommended_config(model) == config
-    assert json.loads(path.read_text())["label"] == "attention@0.75/s0.3/p15"
+    assert json.loads(path.read_text())["label"] == "attention@0.75/d0.3/p15"
 
 
 def test_user_prompts_file_needs_a_context_on_every_line(tmp_path):
@@ -108,10 +108,10 @@ def test_without_a_held_out_continuation_the_reference_is_plains_greedy_continua
 
 
 def _rows_file(tmp_path):
-    rows = [{"label": "dash@0.5/s0.4", "config": {"policy": "dash", "halt_ratio": 0.5, "start_layer": 0.4,
+    rows = [{"label": "dash@0.5/d0.4", "config": {"policy": "dash", "halt_ratio": 0.5, "start_layer": 0.4,
                                                  "pool": 1, "score": "absolute", "protect_first": 4},
              "kl": 0.03, "top1_agreement": 0.97, "nll_change": 0.01, "ideal_speedup": 1.46},
-            {"label": "dash@0.75/s0.4", "config": {"policy": "dash", "halt_ratio": 0.75, "start_layer": 0.4,
+            {"label": "dash@0.75/d0.4", "config": {"policy": "dash", "halt_ratio": 0.75, "start_layer": 0.4,
                                                   "pool": 1, "score": "absolute", "protect_first": 4},
              "kl": 0.2, "top1_agreement": 0.8, "nll_change": 0.1, "ideal_speedup": 1.86}]
     path = tmp_path / "m.rows.json"
@@ -126,10 +126,10 @@ def test_calibrate_rows_chooses_again_under_a_new_budget_without_the_model(tmp_p
     assert main(["calibrate", "--model", "not-a-model", "--rows", str(rows), "--budget", "0.05",
                  "--min-agreement", "0.9", "--out", str(out)]) == 0
     profile = json.loads(out.read_text())
-    assert profile["label"] == "dash@0.5/s0.4" and profile["budget"] == {"max_kl": 0.05, "min_agreement": 0.9}
+    assert profile["label"] == "dash@0.5/d0.4" and profile["budget"] == {"max_kl": 0.05, "min_agreement": 0.9}
     assert main(["calibrate", "--model", "not-a-model", "--rows", str(rows), "--budget", "0.5",
                  "--min-agreement", "0.5", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["label"] == "dash@0.75/s0.4"
+    assert json.loads(out.read_text())["label"] == "dash@0.75/d0.4"
 
 
 def test_calibrate_rows_under_an_unmet_budget_names_the_closest_and_exits_2(tmp_path, capsys):
@@ -137,7 +137,7 @@ def test_calibrate_rows_under_an_unmet_budget_names_the_closest_and_exits_2(tmp_
 
     assert main(["calibrate", "--model", "m", "--rows", str(_rows_file(tmp_path)), "--budget", "0.01",
                  "--out", str(tmp_path / "p.json")]) == 2
-    assert "closest: dash@0.5/s0.4" in capsys.readouterr().err
+    assert "closest: dash@0.5/d0.4" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
 
 
@@ -188,12 +188,12 @@ def test_calibrate_settings_with_an_unreadable_label_is_one_line_and_exit_2(caps
 
     assert main(["calibrate", "--model", "m", "--settings", "attention@0.3+0.75", "--policies", ""]) == 2
     err = capsys.readouterr().err
-    assert "cannot read policy label" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "cannot read label 'attention@0.3+0.75'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_grid_policy_takes_a_shifted_span_and_refuses_a_malformed_one():
     (label, config), = settings_grid(["attention/p47o16"], (0.5,), (0.9,))
-    assert label == "attention@0.9/s0.5/p47o16" and (config.pool, config.pool_offset) == (47, 16)
+    assert label == "attention@0.9/d0.5/p47o16" and (config.pool, config.pool_offset) == (47, 16)
     for bad in ("attention/p47o", "attention/o16", "attention/p47x16"):
-        with pytest.raises(ValueError, match="unknown policy"):
+        with pytest.raises(ValueError, match=f"policy '{bad}' \\(write NAME\\[-rel\\]\\[/pPOOL\\[oOFFSET\\]\\]"):
             settings_grid([bad], (0.5,), (0.9,))

@@ -148,7 +148,8 @@ def test_a_start_layer_beyond_the_model_is_refused_before_any_prefill(prompt_fil
     (["calibrate", "--model", "x", "--budget", "0"], "the KL budget must be > 0 nats; got 0.0"),
     (["calibrate", "--model", "x", "--min-agreement", "2"], "agreement budget must be in [0, 1]; got 2.0"),
     (["calibrate", "--model", "x", "--count", "0"], "--count must be >= 1; got 0"),
-    (["calibrate", "--model", "x", "--starts", "a,b"], "give comma-separated fractions of depth"),
+    (["calibrate", "--model", "x", "--starts", "a,b"], "write s8 for layer index 8 or d0.4 for 0.4 of depth"),
+        (["calibrate", "--model", "x", "--starts", "0.4"], "write d0.4 for 0.4 of depth"),
 ])
 def test_bad_options_are_one_short_error_with_exit_code_2(argv, message, capsys, no_weights_loaded):
     assert message in fails_cleanly(capsys, argv)

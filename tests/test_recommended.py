@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import build_model, random_ids
-from dash_prefill import DashConfig, cli, demo, generate, prefill, profiles, recommended_setting
+import dash_prefill
+from dash_prefill import DashConfig, cli, demo, generate, prefill, profiles, recommended_config
+from dash_prefill.profiles import Recommendation, recommendation
 from dash_prefill.loading import REGISTRY
 from test_errors import _Tokenizer as CharTokenizer
 
@@ -44,20 +46,32 @@ def registry_model():
 def test_the_recommendation_is_the_user_profile_else_the_shipped_one_else_the_registry_start(dirs):
     user, shipped = dirs
     model = registry_model()
-    config, source = recommended_setting(model)
-    assert config == DashConfig(start_layer=0.8) and "registry start layer of smollm2-135m" in source
+    found = recommendation(model)
+    assert found.config == DashConfig(start_layer=0.8) and "registry start layer of smollm2-135m" in found.source
     shipped_path = write_profile(shipped, "smollm2-135m", policy="attention", halt_ratio=0.75, start_layer=0.6, pool=15)
-    assert recommended_setting(model) == (DashConfig(policy="attention", halt_ratio=0.75, start_layer=0.6, pool=15),
-                                          f"calibration profile {shipped_path}")
+    assert recommendation(model) == Recommendation(DashConfig(policy="attention", halt_ratio=0.75, start_layer=0.6,
+                                                              pool=15), f"calibration profile {shipped_path}")
     user_path = write_profile(user, "smollm2-135m", halt_ratio=0.25, start_layer=2)
-    assert recommended_setting(model) == (DashConfig(halt_ratio=0.25, start_layer=2), f"calibration profile {user_path}")
-    assert recommended_setting(build_model("llama")) == (
+    assert recommendation(model) == Recommendation(DashConfig(halt_ratio=0.25, start_layer=2),
+                                                   f"calibration profile {user_path}")
+    assert recommendation(build_model("llama")) == Recommendation(
         DashConfig(), "the paper's setting, no calibration profile: run dash-prefill calibrate")
+
+
+def test_recommended_config_is_the_one_public_way_and_logs_its_label_and_source(dirs, caplog):
+    assert not hasattr(dash_prefill, "recommended_setting") and "recommended_setting" not in dash_prefill.__all__
+    with caplog.at_level(logging.INFO, logger="dash_prefill"):
+        config = recommended_config(registry_model())
+    assert config == DashConfig(start_layer=0.8)
+    assert ("recommended setting of smollm2-135m: dash@0.5/d0.8 (registry start layer of smollm2-135m, "
+            "no calibration profile)") in caplog.text
+    assert str(recommendation(registry_model())) == "dash@0.5/d0.8 (registry start layer of smollm2-135m, no calibration profile)"
 
 
 def test_a_profile_of_another_policy_leaves_that_policy_the_registry_start_layer(dirs):
     path = write_profile(dirs[1], "smollm2-135m", policy="contribution", halt_ratio=0.5, start_layer=0.25, pool=63)
-    config, source = recommended_setting(registry_model(), "dash")
+    found = recommendation(registry_model(), "dash")
+    config, source = found.config, found.source
     assert config == DashConfig(policy="dash", start_layer=0.8)
     assert source == f"registry start layer of smollm2-135m, the calibration profile {path} is for policy contribution"
 
@@ -65,7 +79,7 @@ def test_a_profile_of_another_policy_leaves_that_policy_the_registry_start_layer
 def test_a_broken_profile_is_one_error_naming_the_file(dirs):
     path = write_profile(dirs[0], "smollm2-135m", halt_ratio=2.0)
     with pytest.raises(ValueError, match=rf"{path} is not a valid calibration profile \(halt_ratio must be"):
-        recommended_setting(registry_model())
+        recommended_config(registry_model())
 
 
 def test_prefill_and_generate_without_a_config_run_the_recommended_setting_and_log_it(dirs, caplog):
@@ -75,7 +89,7 @@ def test_prefill_and_generate_without_a_config_run_the_recommended_setting_and_l
     path = write_profile(dirs[0], "smollm2-135m", **dataclasses.asdict(PROFILED))
     with caplog.at_level(logging.INFO, logger="dash_prefill"):
         result = prefill(model, ids)
-    assert f"from calibration profile {path}" in caplog.text
+    assert f"dash@0.75/s1 (calibration profile {path})" in caplog.text
     assert torch.equal(result.logits, prefill(model, ids, PROFILED).logits)
     assert not torch.equal(result.logits, registry.logits) and result.stats.start_layer == 1
     out = generate(model, CharTokenizer(), "x" * 120, max_new_tokens=2)
@@ -111,7 +125,7 @@ def test_commands_run_the_recommended_setting_and_print_it_with_its_source(comma
                                                                             tmp_path):
     assert cli.main(_argv(command, tmp_path)) == 2
     assert captured["config"] == DashConfig(start_layer=0.8)
-    assert "DASH setting: dash@0.5/s0.8 (registry start layer of smollm2-135m" in capsys.readouterr().out
+    assert "DASH setting: dash@0.5/d0.8 (registry start layer of smollm2-135m" in capsys.readouterr().out
     path = write_profile(dirs[0], "smollm2-135m", **dataclasses.asdict(PROFILED))
     assert cli.main(_argv(command, tmp_path)) == 2
     assert captured["config"] == PROFILED
@@ -163,9 +177,10 @@ def _eval_labels(argv, monkeypatch, tmp_path) -> list[tuple[str, DashConfig]]:
 def test_eval_labels_without_a_start_layer_run_at_the_recommended_one_and_name_it(dirs, monkeypatch, tmp_path,
                                                                                    capsys):
     policies = _eval_labels(["--policies", "plain,dash@0.5,random@0.5,dash@0.5/s2"], monkeypatch, tmp_path)
-    assert [label for label, _ in policies] == ["plain", "dash@0.5/s0.8", "random@0.5/s0.8", "dash@0.5/s2"]
+    assert [label for label, _ in policies] == ["plain", "dash@0.5/d0.8", "random@0.5/d0.8", "dash@0.5/s2"]
     assert [config.start_layer for _, config in policies[1:]] == [0.8, 0.8, 2]
-    assert "smollm2-135m: labels without /s start at 0.8 (registry start layer of smollm2-135m" in capsys.readouterr().out
+    assert ("smollm2-135m: labels without a start layer run at d0.8 (registry start layer of smollm2-135m"
+            in capsys.readouterr().out)
     path = write_profile(dirs[0], "smollm2-135m", **dataclasses.asdict(PROFILED))
     policies = _eval_labels(["--policies", "dash@0.5,calibrated"], monkeypatch, tmp_path)
     assert [label for label, _ in policies] == ["dash@0.5/s1", "dash@0.75/s1"]
@@ -173,5 +188,5 @@ def test_eval_labels_without_a_start_layer_run_at_the_recommended_one_and_name_i
 
 
 def test_eval_labels_keep_the_start_layer_the_user_gives(dirs, monkeypatch, tmp_path):
-    policies = _eval_labels(["--policies", "plain,dash@0.5", "--start-layer", "0.4"], monkeypatch, tmp_path)
-    assert [label for label, _ in policies] == ["plain", "dash@0.5"] and policies[1][1].start_layer == 0.4
+    policies = _eval_labels(["--policies", "plain,dash@0.5", "--start-layer", "d0.4"], monkeypatch, tmp_path)
+    assert [label for label, _ in policies] == ["plain", "dash@0.5/d0.4"] and policies[1][1].start_layer == 0.4

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import DashConfig
+from .config import DashConfig, policy_config
 from .decode import decode_step, extend
 from .prefill import prefill_branches
-from .policy import parse_pooled
 from .profiles import PROFILE_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -157,30 +156,22 @@ def read_prompts(path, tokenizer, continuation_tokens: int = 24) -> list[Calibra
 
 def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAULT_RATIOS,
                   labels=()) -> list[tuple[str, DashConfig]]:
-    """(label, config) for every policy x start x ratio; a policy is ``NAME`` or ``NAME/pPOOL``.
-    ``labels`` adds settings written as the evaluation writes them, for what the grid cannot
-    span: later gates and shifted spans (``attention@0.3/s8/p47o16+0.75/s14``). Labels are the
-    evaluation's (``attention@0.75/s0.3/p15``), so a choice can be evaluated."""
-    from .eval.runner import parse_policy, policy_label
-
-    grid = []
-    for item in policies:
-        name, pool, offset = parse_pooled(item)
-        for start in starts:
-            for ratio in ratios:
-                config = DashConfig(halt_ratio=ratio, start_layer=start, policy=name, pool=pool,
-                                    pool_offset=offset)
-                grid.append((policy_label(config), config))
+    """(label, config) for every policy x start x ratio; a policy is a label's policy and
+    pooling, ``NAME[-rel][/pPOOL[oOFFSET]]`` (``attention/p15``). ``labels`` adds whole settings
+    (:meth:`DashConfig.from_label`) for what the grid cannot span: later gates
+    (``attention@0.3/s8/p47o16+0.75/s14``). Every label is :attr:`DashConfig.label`, so a
+    choice can be evaluated under the same name."""
+    grid = [policy_config(item, ratio, start) for item in policies for start in starts for ratio in ratios]
     for label in labels:
-        config = parse_policy(label)
+        config = DashConfig.from_label(label)
         if config.halt_ratio == 0.0:
             raise ValueError(f"--settings {label!r} halts nothing; calibration compares halting settings "
                              f"with plain prefill itself")
-        grid.append((policy_label(config), dataclasses.replace(config, protect_last=DashConfig().protect_last)))
+        grid.append(config)
     if not grid:
         raise ValueError("the calibration grid is empty: give at least one policy, start and ratio, "
                          "or --settings")
-    return grid
+    return [(config.label, config) for config in grid]
 
 
 def _log_probs(model, state, continuation: list[int], count: int) -> torch.Tensor:
@@ -284,8 +275,8 @@ def front(rows: list[dict]) -> list[dict]:
 
 
 def _group(label: str) -> str:
-    """The policy part of a grid label: ``attention@0.5/s0.4/p15`` -> ``attention/p15``."""
-    return re.sub(r"@[0-9.]+/s[0-9.]+", "", label)
+    """The policy part of a grid label: ``attention@0.5/d0.4/p15`` -> ``attention/p15``."""
+    return re.sub(r"@[^/]+/[sd][^/+]+", "", label)
 
 
 def plot(rows: list[dict], chosen: dict | None, path) -> Path:

@@ -17,7 +17,8 @@ import torch
 from .calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
                         builtin_prompts, choose, measure, plot, read_prompts, settings_grid, table,
                         write_profile)
-from .config import parse_start_layer
+from .cli import start_layer_arg
+from .config import start_text
 from .profiles import profile_path, user_profile_path
 
 
@@ -29,11 +30,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _starts(text: str) -> tuple[int | float, ...]:
-    try:
-        return tuple(parse_start_layer(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give comma-separated fractions of depth (0.4) or layer indices "
-                                         f"(11); got {text!r}") from None
+    return tuple(start_layer_arg(x) for x in text.split(",") if x.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-agreement", type=float, default=Budget.min_agreement,
                         help=f"smallest top-1 agreement with plain prefill (default {Budget.min_agreement})")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                        help=f"NAME or NAME/pPOOL, comma-separated (default {','.join(DEFAULT_POLICIES)})")
+                        help="NAME[-rel][/pPOOL[oOFFSET]] (dash-rel: the relative score; /p15: scores "
+                        "pooled over 15 tokens; /p47o16: that span shifted 16 tokens after the peak), "
+                        f"comma-separated (default {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--settings", default="",
                         help="more settings, as evaluation labels, measured besides the grid: later gates "
-                        "and shifted spans (attention@0.3/s8/p47o16+0.75/s14); --policies '' measures only these")
+                        "(attention@0.3/s8/p47o16+0.75/s14); --policies '' measures only these")
     parser.add_argument("--starts", type=_starts, default=DEFAULT_STARTS,
-                        help="start layers: fractions of depth (0.4) or layer indices (11)")
+                        help="start layers: layer indices (11) or fractions of depth (d0.4), comma-separated "
+                        f"(default {','.join(map(start_text, DEFAULT_STARTS))})")
     parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
     parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
                         "where recommended_config finds it)")

@@ -92,7 +92,7 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
     from the model's recommended setting, see :func:`setting`), ``--dtype`` and ``--threads``."""
     parser.add_argument("--halt-ratio", type=ratio_arg, help=f"fraction of tokens halted, ρ ({RECOMMENDED})")
     parser.add_argument("--start-layer", type=start_layer_arg,
-                        help=f"layer index, or fraction of depth such as 0.4 ({RECOMMENDED})")
+                        help=f"layer index (7) or fraction of depth (d0.4) ({RECOMMENDED})")
     parser.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
     parser.add_argument("--score", choices=["absolute", "relative"],
                         help=f"||U|| (absolute) or ||U||/||h|| (relative) ({RECOMMENDED})")
@@ -108,12 +108,13 @@ def _add_dash_options(parser: argparse.ArgumentParser) -> None:
 
 def setting(args, model) -> tuple[DashConfig, str]:
     """The halting setting of a command: the options given, the rest from the model's
-    recommended setting (:func:`dash_prefill.recommended_setting`), and where it came from."""
+    recommended setting (:func:`dash_prefill.profiles.recommendation`), and where it came from."""
     from dataclasses import replace
 
-    from .profiles import recommended_setting
+    from .profiles import recommendation
 
-    recommended, source = recommended_setting(model, getattr(args, "policy", None))
+    found = recommendation(model, getattr(args, "policy", None))
+    recommended, source = found.config, found.source
     given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score")
              if getattr(args, name, None) is not None}
     config = replace(recommended, **given, protect_last=args.protect_last)
@@ -124,19 +125,15 @@ def setting(args, model) -> tuple[DashConfig, str]:
 
 
 def _print_setting(config: DashConfig, source: str) -> None:
-    from .eval.runner import policy_label
-
-    print(f"DASH setting: {policy_label(config)} ({source})", flush=True)
+    print(f"DASH setting: {config.label} ({source})", flush=True)
 
 
 def _print_comparison(result, answer: str | None = None) -> None:
-    from .eval.runner import policy_label
-
     stats = result.dash.stats
     saved = stats.kv_saved_fraction
     rows = [
         ("prompt tokens", f"{result.prompt_tokens}"),
-        ("DASH setting", f"{policy_label(result.config)} (layer {stats.start_layer} of {stats.num_layers})"),
+        ("DASH setting", f"{result.config.label} (layer {stats.start_layer} of {stats.num_layers})"),
         ("time to first token, plain", _seconds(result.plain_ttft, result.plain_times)),
         ("time to first token, DASH", _seconds(result.dash_ttft, result.dash_times)),
         ("speedup (measured)", f"{result.speedup:.2f}x"),

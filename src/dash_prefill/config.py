@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from .policy import POLICIES as _REGISTERED
@@ -10,6 +11,15 @@ from .policy import POLICIES as _REGISTERED
 POLICIES = (*_REGISTERED, "none")
 SCORES = ("absolute", "relative")
 ELIGIBLE = ("all", "image")
+
+
+_NUMBER = r"[0-9][0-9.e-]*"  # read by _number and parse_start_layer, which say what is wrong
+_START = rf"[sd]{_NUMBER}"
+_LABEL = re.compile(rf"(?P<policy>[a-z][a-z-]*?)(?P<relative>-rel)?@(?P<ratio>{_NUMBER})(?:/(?P<start>{_START}))?"
+                    rf"(?:/p(?P<pool>[0-9]+)(?:o(?P<offset>-?[0-9]+))?)?(?P<gates>(?:\+{_NUMBER}/{_START})*)")
+LABEL_GRAMMAR = ("plain, or POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...] with START sLAYER "
+                 "(a layer index, s8) or dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, "
+                 "attention@0.75/s14/p63")
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,8 @@ class DashConfig:
         ρ in [0, 1): fraction of each row's prompt tokens halted at the start layer.
     start_layer : int or float
         Layer whose attention update ||U_t|| decides the halting. An int is a layer index;
-        a float in (0, 1) is a fraction of depth (``int(start_layer * num_layers)``).
+        a float in (0, 1) is a fraction of depth (``int(start_layer * num_layers)``). The type
+        tells them apart: 1.0 is refused (layer 1 is the int 1).
     protect_first : int
         The first prompt tokens (attention sinks) are always kept active.
     protect_last : int
@@ -122,6 +133,47 @@ class DashConfig:
         return fields
 
     @property
+    def label(self) -> str:
+        """The setting as one short name, which :meth:`from_label` reads back: ``plain``, or
+        ``POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...]`` where START is ``sLAYER``
+        (a layer index) or ``dFRACTION`` (a fraction of depth): ``dash@0.5/d0.4``,
+        ``attention@0.3/s8/p47o16+0.75/s14``. protect_first, protect_last, seed and eligible are
+        not part of it."""
+        if not self.scores_tokens:
+            return "plain"
+        name = self.policy + ("-rel" if self.score == "relative" else "")
+        pool = f"/p{self.pool}" + (f"o{self.pool_offset}" if self.pool_offset else "") if self.pool > 1 else ""
+        return (f"{name}@{float(self.halt_ratio)}/{start_text(self.start_layer)}{pool}"
+                + gates_label(self.later_gates))
+
+    @classmethod
+    def from_label(cls, label: str, start_layer: int | float | None = None) -> DashConfig:
+        """The config a label names (the grammar of :attr:`label`); the fields a label does not
+        name keep their defaults. ``start_layer`` is the start of a label that names none; when
+        it is None such a label is an error. ValueError saying what to change otherwise."""
+        text = label.strip()
+        if text == "plain":
+            return cls(halt_ratio=0.0, policy="none")
+        match = _LABEL.fullmatch(text)
+        if match is None:
+            raise ValueError(f"cannot read label {text!r}; write {LABEL_GRAMMAR}")
+        if match["policy"] not in _REGISTERED:
+            raise ValueError(f"label {text!r}: unknown policy {match['policy']!r}; use one of "
+                             f"{', '.join(_REGISTERED)}, or plain for plain prefill")
+        try:
+            if match["start"] is None and start_layer is None:
+                raise ValueError("no start layer: add /sLAYER (a layer index, /s8) or /dFRACTION "
+                                 "(a fraction of depth, /d0.4) after the ratio")
+            gates = tuple((parse_start_layer(start), _number(ratio))
+                          for ratio, start in (gate.split("/") for gate in match["gates"].split("+")[1:]))
+            return cls(halt_ratio=_number(match["ratio"]), policy=match["policy"],
+                       start_layer=start_layer if match["start"] is None else parse_start_layer(match["start"]),
+                       score="relative" if match["relative"] else "absolute", pool=int(match["pool"] or 1),
+                       pool_offset=int(match["offset"] or 0), later_gates=gates)
+        except ValueError as error:
+            raise ValueError(f"label {text!r}: {error}") from None
+
+    @property
     def scores_tokens(self) -> bool:
         """Whether a policy scores the tokens at a start layer (any policy but "none"); at
         ρ=0 it scores them and halts none."""
@@ -147,7 +199,20 @@ class DashConfig:
 def gates_label(gates) -> str:
     """"+0.75/s14" per later (start_layer, halt_ratio) gate, as labels write them
     (``attention@0.3/s8/p63+0.75/s14``)."""
-    return "".join(f"+{ratio}/s{start}" for start, ratio in gates)
+    return "".join(f"+{float(ratio)}/{start_text(start)}" for start, ratio in gates)
+
+
+def policy_config(policy: str, halt_ratio: float, start_layer: int | float, later_gates=()) -> DashConfig:
+    """One setting of a grid (bench and calibrate ``--policies``): ``policy`` is a label's policy
+    and pooling, ``NAME[-rel][/pPOOL[oOFFSET]]`` (``attention/p15o6``), read as the label it
+    makes with the ratio, start and later gates."""
+    name, slash, pooling = policy.strip().partition("/")
+    label = f"{name}@{float(halt_ratio)}/{start_text(start_layer)}{slash}{pooling}{gates_label(later_gates)}"
+    try:
+        return DashConfig.from_label(label)
+    except ValueError as error:
+        raise ValueError(f"policy {policy!r} (write NAME[-rel][/pPOOL[oOFFSET]], e.g. attention/p15): "
+                         f"{error}") from None
 
 
 def _check_start(start) -> None:
@@ -155,14 +220,42 @@ def _check_start(start) -> None:
         raise ValueError(f"start_layer must be an int layer index or a float in (0, 1); got {start!r}")
     if isinstance(start, int) and start < 0:
         raise ValueError(f"start_layer must be >= 0; got {start}")
+    if isinstance(start, float) and start.is_integer():
+        raise ValueError(f"start_layer={start!r} is a float, which means a fraction of depth in (0, 1); "
+                         f"for layer {int(start)} pass the int {int(start)}")
     if isinstance(start, float) and not 0.0 < start < 1.0:
         raise ValueError(f"start_layer as a float is a fraction of depth and must be in (0, 1); got {start}")
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def start_text(start: int | float) -> str:
+    """A start layer as labels write it: ``s8`` (layer index 8) or ``d0.4`` (0.4 of depth)."""
+    return f"s{start}" if isinstance(start, int) else f"d{start!r}"
+
+
 def parse_start_layer(text: str) -> int | float:
-    """A start layer as written on a command line or in a label: "12" is a layer index, "0.4" a
-    fraction of depth (ValueError for anything else)."""
-    return float(text) if "." in text else int(text)
+    """A start layer as labels write it, ``s8`` (layer index 8) or ``d0.4`` (0.4 of depth); a bare
+    ``8`` is ``s8`` (command lines). ValueError saying what to write for anything else (``s0.8``,
+    ``0.8``, ``d8``)."""
+    text = text.strip()
+    letter, number = (text[0], text[1:]) if text[:1] in ("s", "d") else ("s", text)
+    value = float(number) if re.fullmatch(r"[0-9]*\.?[0-9]+(e-?[0-9]+)?", number) else None
+    if letter == "s" and re.fullmatch(r"[0-9]+", number):
+        return int(number)
+    if letter == "d" and value is not None and 0.0 < value < 1.0:
+        return value
+    if letter == "s" and value is not None and 0.0 < value < 1.0:
+        raise ValueError(f"start layer {text!r} is not a layer index: write d{number} for {number} of depth")
+    if value is not None and value.is_integer():
+        raise ValueError(f"start layer {text!r}: write s{int(value)} for layer index {int(value)} "
+                         f"(a fraction of depth is in (0, 1), e.g. d0.4)")
+    raise ValueError(f"cannot read start layer {text!r}: write s8 for layer index 8 or d0.4 for 0.4 of depth")
 
 
 def start_layer_index(start_layer: int | float, num_layers: int) -> int:

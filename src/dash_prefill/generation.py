@@ -171,7 +171,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     prompts : str, list[str], list[int], list[list[int]] or (batch, seq) tensor
         Batches are left-padded here; token ids are used as given (no special tokens added).
         Strings are tokenized as given unless ``chat`` is set.
-    config : DashConfig, default: the model's recommended setting (:func:`dash_prefill.recommended_setting`,
+    config : DashConfig, default: the model's recommended setting (:func:`dash_prefill.recommended_config`,
         logged at INFO; ``result.config`` holds the one used).
     chat : wrap string prompts in the tokenizer's chat template as a user turn, as
         ``dash-prefill run`` does (:func:`chat_prompt`); instruction-tuned models answer

@@ -9,7 +9,6 @@ engine never knows which policy produced the scores.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -220,17 +219,6 @@ def _rank(scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         return ranks.float() / scores.shape[-1]
     pads = padding.sum(-1, keepdim=True)
     return (ranks - pads).clamp_min(0).float() / (scores.shape[-1] - pads)
-
-
-def parse_pooled(item: str) -> tuple[str, int, int]:
-    """A policy named with its pooling, ``NAME``, ``NAME/pPOOL`` (``attention/p15``) or
-    ``NAME/pPOOLoOFFSET`` (``attention/p47o16``: the span shifted 16 tokens after the peak) ->
-    (name, pool, pool_offset); ValueError naming the registered policies otherwise."""
-    match = re.fullmatch(r"([a-z-]+)(?:/p(\d+)(?:o(\d+))?)?", item.strip())
-    if match is None or match[1] not in POLICIES:
-        raise ValueError(f"unknown policy {item!r}; use NAME, NAME/pPOOL or NAME/pPOOLoOFFSET with NAME one of "
-                         f"{', '.join(POLICIES)} (e.g. attention/p15, attention/p47o16)")
-    return match[1], int(match[2] or 1), int(match[3] or 0)
 
 
 def policy_scores(context: ScoreContext) -> torch.Tensor:

@@ -421,7 +421,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
         ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
     input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
     config : DashConfig, default: the model's recommended setting
-        (:func:`dash_prefill.recommended_setting`, logged at INFO); halting in the decoder.
+        (:func:`dash_prefill.recommended_config`, logged at INFO); halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
     vision_config : DashConfig, optional
         VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).

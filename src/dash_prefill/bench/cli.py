@@ -51,7 +51,7 @@ def _numbers(kind):
 
 
 def parse_settings(text: str) -> list[tuple]:
-    """"0.4:0.5,12:0.75" -> [(0.4, 0.5), (12, 0.75)]: explicit (start_layer, halt_ratio) pairs;
+    """"d0.4:0.5,12:0.75" -> [(0.4, 0.5), (12, 0.75)]: explicit (start_layer, halt_ratio) pairs;
     "8:0.3+14:0.75" -> [(8, 0.3, ((14, 0.75),))]: a first gate and later gates (``later_gates``)."""
     settings = []
     for item in text.split(","):
@@ -59,7 +59,7 @@ def parse_settings(text: str) -> list[tuple]:
         for gate in item.split("+"):
             start, sep, ratio = gate.partition(":")
             if not sep:
-                raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as 0.4:0.5, later "
+                raise argparse.ArgumentTypeError(f"settings are start:ratio pairs such as d0.4:0.5, later "
                                                  f"gates joined by + (8:0.3+14:0.75); got {item!r}")
             gates.append((start_layer_arg(start.strip()), float(ratio)))
         settings.append(gates[0] if len(gates) == 1 else (*gates[0], tuple(gates[1:])))
@@ -103,9 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75],
                         help="fractions of tokens halted (ρ), comma-separated")
     parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
-                        help="floats are fractions of depth, ints are layer indices")
+                        help="layer indices (7) or fractions of depth (d0.4), comma-separated (default d0.4,d0.25)")
     parser.add_argument("--settings", type=parse_settings,
-                        help="explicit start:ratio pairs (instead of the start-layer x halt-ratio grid); "
+                        help="explicit start:ratio pairs such as d0.4:0.5,12:0.75 (instead of the start-layer "
+                        "x halt-ratio grid); "
                         "later gates joined by +, e.g. 8:0.3+14:0.75 (prefill of text models only)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa",
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=count_arg(1), default=5, help="timed calls per method (median, min, max)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt ids")
     parser.add_argument("--policies", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
-                        default=("dash",), help="halting policies timed per setting, NAME or NAME/pPOOL "
+                        default=("dash",), help="halting policies timed per setting, NAME[-rel][/pPOOL[oOFFSET]] "
                         "(default dash; e.g. dash,attention/p15,contribution/p15)")
     parser.add_argument("--no-hooks", action="store_true", help="skip the kvpress-style hooks comparison")
     parser.add_argument("--sync-check", action="store_true",
@@ -144,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--vision-halt-ratio", type=float, default=0.5,
                      help="halt ratio inside the vision encoder for the dash+vit rows (default 0.5)")
     vlm.add_argument("--vision-start-layer", type=start_layer_arg, default=0.5,
-                     help="start layer inside the vision encoder (default 0.5 of its depth)")
+                     help="start layer inside the vision encoder, a layer index or a fraction of depth (default d0.5)")
 
 
 def _check_context(name: str, context: int, lengths: list[int]) -> None:

@@ -11,9 +11,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig, gates_label, start_layer_index
+from ..config import DashConfig, gates_label, policy_config, start_layer_index
 from ..cost import ideal_speedup
-from ..policy import parse_pooled
 from .timing import Timing, dash_method, hooks_method, kept_fraction, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ class BenchPlan:
     hooks: bool = True
     sync_check: bool = False
     seed: int = 0
-    policies: tuple[str, ...] = ("dash",)  # NAME or NAME/pPOOL; rows are labelled with it
+    policies: tuple[str, ...] = ("dash",)  # NAME[-rel][/pPOOL[oOFFSET]]; rows are labelled with it
 
 
 def later_gates(setting: tuple) -> tuple[tuple[int | float, float], ...]:
@@ -61,8 +60,10 @@ def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, tu
         (index, _), *layers = DashConfig(halt_ratio=ratio, start_layer=start,
                                          later_gates=gates).resolve_gates(num_layers)
         for policy in plan.policies:
+            config = policy_config(policy, ratio, index, layers)
             methods.append((policy + gates_label(layers), ratio, index, tuple(layers),
-                            dash_method(ratio, index, *parse_pooled(policy), later_gates=tuple(layers))))
+                            dash_method(ratio, index, config.policy, config.pool, config.pool_offset,
+                                        later_gates=tuple(layers), score=config.score)))
         if plan.hooks and not gates:
             methods.append(("hooks", ratio, index, (), hooks_method(ratio, index)))
     return methods

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .report import text_table, write_report
-from .runner import evaluate, parse_policies, policy_label, read_records
+from .runner import evaluate, parse_policies, read_records
 from .tasks import OFFLINE_TASKS, TASKS
 from ..bench.cli import parse_lengths
 from ..cli import add_threads_option, count_arg, start_layer_arg
@@ -36,7 +36,7 @@ class Run:
     tasks: tuple[str, ...]
     samples: int
     policies: str
-    start_layer: int | float | None = None  # of labels without /s; None: the model's recommended
+    start_layer: int | float | None = None  # of labels that name none; None: the model's recommended
 
 
 # Measured durations, shown in --help and before a preset starts (EVAL.md).
@@ -48,7 +48,7 @@ PRESETS: dict[str, tuple[Run, ...]] = {
     "full-smollm2": (
         Run("smollm2-135m", 4096, TASKS, 10, MAIN_GRID, 0.4),
         # Start-layer sweep at rho=0.5 (0.4 is dash@0.5 of the main grid, reused from the file).
-        Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5/s0.25,dash@0.5,dash@0.5/s0.6", 0.4),
+        Run("smollm2-135m", 4096, QUICK_TASKS, 10, "plain,dash@0.5/d0.25,dash@0.5,dash@0.5/d0.6", 0.4),
     ),
     "full-gemma": (
         Run("gemma3-270m", 8192, TASKS, 10, GEMMA_GRID, 0.4),
@@ -86,12 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_tasks, help="comma-separated task names, 'all' or 'offline'")
     parser.add_argument("--length", type=_length, help="prompt + answer tokens per sample (4k = 4096)")
     parser.add_argument("--samples", type=count_arg(1), help="samples per task")
-    parser.add_argument("--policies", help="labels, e.g. 'plain,dash@0.5,random@0.5,dash-rel@0.5,"
-                        "attention@0.5,attention@0.5/p15,dash@0.5/s0.25'; 'calibrated' is the model's "
-                        "recommended setting (its calibration profile)")
+    parser.add_argument("--policies", help="labels POLICY[-rel]@RATIO[/sLAYER|/dFRACTION][/pPOOL[oOFFSET]]"
+                        "[+RATIO/sLAYER...], e.g. 'plain,dash@0.5/d0.4,random@0.5/s7,dash-rel@0.5,"
+                        "attention@0.75/s14/p63o16+0.9/s17'; 'calibrated' is the model's recommended "
+                        "setting (its calibration profile)")
     parser.add_argument("--start-layer", type=start_layer_arg,
-                        help="start layer of labels without /s (default: the model's recommended start "
-                             "layer, which the labels then name, e.g. dash@0.5/s0.8; presets full-*: 0.4)")
+                        help="start of labels that name none: a layer index (7) or a fraction of depth "
+                             "(d0.4) (default: the model's recommended start; the results' labels name "
+                             "it, e.g. dash@0.5/d0.8; presets full-*: d0.4)")
     parser.add_argument("--seed", type=int, default=42, help="sample generator seed (default 42)")
     parser.add_argument("--out", type=Path, default=Path("eval_results"),
                         help="output directory: results.jsonl, report.md, PNGs")
@@ -120,7 +122,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
     from ..loading import load_model, max_context
-    from ..profiles import recommended_setting
+    from ..config import start_text
+    from ..profiles import recommendation
     from .fidelity import evaluate_fidelity
 
     loaded = {}
@@ -132,17 +135,16 @@ def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
         model, tokenizer = loaded[run.model]
         if run.length > max_context(model):
             raise ValueError(f"--length {run.length} exceeds {run.model}'s context of {max_context(model)}")
-        calibrated, source = recommended_setting(model)
+        calibrated = recommendation(model)
         if "calibrated" in run.policies:
-            print(f"calibrated = {policy_label(calibrated)} ({source})", flush=True)
+            print(f"calibrated = {calibrated}", flush=True)
         start = run.start_layer
         if start is None:  # the start layer recommended for DASH, for every label alike
-            recommended, source = recommended_setting(model, "dash")
-            start = recommended.start_layer
-            print(f"{run.model}: labels without /s start at {start} ({source})", flush=True)
-        policies = parse_policies(run.policies, start, calibrated)
-        if run.start_layer is None:  # the labels name the start layer they ran at
-            policies = [(policy_label(config), config) for _, config in policies]
+            recommended = recommendation(model, "dash")
+            start = recommended.config.start_layer
+            print(f"{run.model}: labels without a start layer run at {start_text(start)} "
+                  f"({recommended.source})", flush=True)
+        policies = parse_policies(run.policies, start, calibrated.config)
         layers = model.config.get_text_config().num_hidden_layers
         for _, config in policies:  # every gate inside the model and in order, before any sample
             if config.scores_tokens:

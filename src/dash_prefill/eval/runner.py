@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,66 +25,31 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig, gates_label, parse_start_layer
+from ..config import DashConfig
 from ..prefill import PrefillResult, prefill_branches
-from ..policy import POLICIES
 from ..generation import continue_decoding, stop_token_ids
 from .tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
 
 PLAIN = DashConfig(halt_ratio=0.0, policy="none", protect_last=0)
-_NAMES = "|".join(sorted(map(re.escape, POLICIES), key=len, reverse=True))
-_LABEL = re.compile(rf"^({_NAMES})(-rel)?@([0-9.]+)(?:/s([0-9.]+))?(?:/p([0-9]+)(?:o(-?[0-9]+))?)?((?:\+[0-9.]+/s[0-9.]+)*)$")
 
 
-def parse_policy(label: str, start_layer: int | float = 0.4) -> DashConfig:
-    """The config of a label: ``plain``, or ``POLICY[-rel]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...]``:
-    ``dash@0.5``, ``dash-rel@0.5`` (relative score), ``attention@0.5/p15`` (scores pooled
-    over 15 tokens; ``/p63o24``: the span shifted 24 tokens after the peak, ``pool_offset``), ``dash@0.5/s0.25`` (start layer 0.25 of depth; ``/s12`` is layer 12),
-    ``attention@0.75/s14/p63+0.95/s17`` (a later gate at layer 17 halting 95% of the prompt,
-    ``later_gates``). POLICY is a name in ``policy.POLICIES``.
+def parse_policies(text: str, start_layer: int | float | None = None,
+                   calibrated: DashConfig | None = None) -> list[tuple[str, DashConfig]]:
+    """``"plain,dash@0.5/d0.4"`` -> [(label, config), ...], each label as
+    :attr:`DashConfig.label` writes it (the key of its results). ``start_layer`` is the start of
+    labels that name none (None: they are an error); ``calibrated`` stands for the given config
+    (the model's recommended setting), so its cells are shared with the grid.
 
     ``protect_last`` is 0 here: the evaluation sets it per sample to the question's length.
     """
-    label = label.strip()
-    if label == "plain":
-        return PLAIN
-    match = _LABEL.match(label)
-    if match is None:
-        raise ValueError(f"cannot read policy label {label!r}; use plain or "
-                         f"POLICY[-rel]@RATIO[/sSTART][/pPOOL[oOFFSET]][+RATIO/sSTART...] with POLICY one of "
-                         f"{', '.join(POLICIES)} (e.g. dash@0.5, attention@0.5/p15, dash@0.5/s0.25)")
-    policy, relative, ratio, start, pool, offset, later = match.groups()
-    if start is not None:
-        start_layer = parse_start_layer(start)
-    gates = tuple((parse_start_layer(at), float(r)) for r, at in (g.split("/s") for g in later.split("+")[1:]))
-    return DashConfig(halt_ratio=float(ratio), start_layer=start_layer, protect_last=0,
-                      policy=policy, score="relative" if relative else "absolute",
-                      pool=int(pool or 1), pool_offset=int(offset or 0),
-                      later_gates=gates)
-
-
-def policy_label(config: DashConfig) -> str:
-    """The label :func:`parse_policy` reads back into ``config`` (with ``protect_last=0``)."""
-    if not config.scores_tokens:
-        return "plain"
-    label = config.policy + ("-rel" if config.score == "relative" else "")
-    label = f"{label}@{config.halt_ratio}/s{config.start_layer}" + (f"/p{config.pool}" if config.pool > 1 else "")
-    label += f"o{config.pool_offset}" if config.pool_offset else ""
-    return label + gates_label(config.later_gates)
-
-
-def parse_policies(text: str, start_layer: int | float = 0.4,
-                   calibrated: DashConfig | None = None) -> list[tuple[str, DashConfig]]:
-    """``"plain,dash@0.5"`` -> [(label, config), ...]; ``calibrated`` stands for the label of
-    the given config (the model's recommended setting), so its cells are shared with the grid."""
     labels = [item.strip() for item in text.split(",") if item.strip()]
-    if "calibrated" in labels:
-        if calibrated is None:
-            raise ValueError("the label 'calibrated' needs the model's recommended setting")
-        labels = [policy_label(calibrated) if label == "calibrated" else label for label in labels]
-    return [(label, parse_policy(label, start_layer)) for label in labels]
+    if "calibrated" in labels and calibrated is None:
+        raise ValueError("the label 'calibrated' needs the model's recommended setting")
+    configs = [dataclasses.replace(DashConfig.from_label(calibrated.label if label == "calibrated" else label,
+                                                         start_layer), protect_last=0) for label in labels]
+    return [(config.label, config) for config in configs]
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -184,11 +148,12 @@ def cell_key(kind: str, model_name: str, length: int, task: str, index: int, lab
              config: DashConfig | dict, seed: int, **extra) -> str:
     """The identity of one result cell, as a canonical JSON string.
 
-    Config fields missing from older records take their defaults, so adding a field with a
-    default to DashConfig does not invalidate finished cells.
+    Config fields missing from older records take their defaults and fields DashConfig no longer
+    has are left out, so adding a field with a default to DashConfig, or removing one, does not
+    invalidate finished cells.
     """
-    fields = config.as_dict() if isinstance(config, DashConfig) else config
-    fields = {**{f.name: f.default for f in dataclasses.fields(DashConfig)}, **fields}
+    given = config.as_dict() if isinstance(config, DashConfig) else config
+    fields = {f.name: given.get(f.name, f.default) for f in dataclasses.fields(DashConfig)}
     return json.dumps([kind, model_name, length, task, index, label, fields, seed, extra],
                       sort_keys=True)
 

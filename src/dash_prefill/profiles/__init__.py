@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import DashConfig
@@ -49,10 +49,21 @@ def _read_setting(path: Path) -> DashConfig:
                          f"write it again with dash-prefill calibrate, or delete it") from None
 
 
-def recommended_setting(model, policy: str | None = None) -> tuple[DashConfig, str]:
-    """The model's recommended DashConfig and where it comes from: the user's calibration
-    profile, else the profile shipped for a registry model, else the paper's setting (with
-    a registry model's measured start layer).
+@dataclass(frozen=True)
+class Recommendation:
+    """A recommended setting and where it comes from (a profile's path, the registry, the paper)."""
+
+    config: DashConfig
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.config.label} ({self.source})"
+
+
+def recommendation(model, policy: str | None = None) -> Recommendation:
+    """The model's recommended setting and its source: the user's calibration profile, else the
+    profile shipped for a registry model, else the paper's setting (with a registry model's
+    measured start layer).
 
     ``policy``: the recommendation for that policy: a profile's setting only if it is of
     that policy (its start layer was chosen with it), else the fallback with that policy.
@@ -62,26 +73,26 @@ def recommended_setting(model, policy: str | None = None) -> tuple[DashConfig, s
         if path.is_file():
             config = _read_setting(path)
             if policy is None or config.policy == policy:
-                return config, f"calibration profile {path}"
+                return Recommendation(config, f"calibration profile {path}")
             skipped = f", the calibration profile {path} is for policy {config.policy}"
             break
     base = DashConfig(policy=policy or "dash")
     spec = getattr(model, "dash_prefill_spec", None)
     if spec is not None:
-        return (replace(base, start_layer=spec.recommended_start_layer),
-                f"registry start layer of {spec.name}" + (skipped or ", no calibration profile"))
-    return base, "the paper's setting" + (skipped or ", no calibration profile: run dash-prefill calibrate")
+        return Recommendation(replace(base, start_layer=spec.recommended_start_layer),
+                              f"registry start layer of {spec.name}" + (skipped or ", no calibration profile"))
+    return Recommendation(base, "the paper's setting"
+                          + (skipped or ", no calibration profile: run dash-prefill calibrate"))
 
 
-def recommended_config(model) -> DashConfig:
-    """The DashConfig to use on ``model`` when none is given (see :func:`recommended_setting`)."""
-    return recommended_setting(model)[0]
+def recommended_config(model, policy: str | None = None) -> DashConfig:
+    """The DashConfig to use on ``model`` when none is given; its label and source (see
+    :func:`recommendation`) are logged at INFO."""
+    found = recommendation(model, policy)
+    logger.info("recommended setting of %s: %s", profile_name(model), found)
+    return found.config
 
 
 def config_or_recommended(model, config: DashConfig | None) -> DashConfig:
-    """``config``, or when it is None the model's recommended setting, logged with its source."""
-    if config is not None:
-        return config
-    config, source = recommended_setting(model)
-    logger.info("no config given: using %s, from %s", config, source)
-    return config
+    """``config``, or when it is None the model's recommended setting (logged with its source)."""
+    return config if config is not None else recommended_config(model)
