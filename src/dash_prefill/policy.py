@@ -333,16 +333,19 @@ class Eligibility:
     def select(self, scores: torch.Tensor) -> Selection:
         """Keep the ``kept`` highest-scoring tokens of every row (protected ones first, padding
         never); rows keeping fewer than the widest row get filler slots, so the batch stays
-        rectangular. scores : (batch, seq), higher = more worth computing further."""
+        rectangular. scores : (batch, seq), higher = more worth computing further, on the gate
+        layer's device, which may not be the one this record was built on (the embeddings').
+        The selection is on the scores' device."""
         batch, seq_len = scores.shape
+        device = scores.device
         width = max(self.kept)
         if width == seq_len and self.padding is None:
             # Nothing halts: the identity selection needs no ranking.
-            index = torch.arange(seq_len, device=scores.device).expand(batch, seq_len)
+            index = torch.arange(seq_len, device=device).expand(batch, seq_len)
             return Selection(index=index, filled=None, kept_per_row=self.kept)
-        ranked = scores.float().masked_fill(self.protected, float("inf"))
+        ranked = scores.float().masked_fill(self.protected.to(device), float("inf"))
         if self.padding is not None:
-            ranked = ranked.masked_fill(self.padding, float("-inf"))
+            ranked = ranked.masked_fill(self.padding.to(device), float("-inf"))
         # A stable sort breaks ties (pooled scores tie by construction) by position, so a row
         # keeps the same tokens in a left-padded batch as alone.
         best = ranked.sort(dim=-1, descending=True, stable=True).indices[:, :width]
@@ -350,8 +353,8 @@ class Eligibility:
         if min(self.kept) == width:
             return Selection(index=index, filled=None, kept_per_row=self.kept)
         # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.
-        kept = host_to_device(self.kept, scores.device)
-        filled = torch.arange(width, device=scores.device)[None, :] < kept[:, None]
+        kept = host_to_device(self.kept, device)
+        filled = torch.arange(width, device=device)[None, :] < kept[:, None]
         return Selection(index=index, filled=filled.gather(1, order), kept_per_row=self.kept)
 
 

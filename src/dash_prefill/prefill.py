@@ -224,8 +224,9 @@ class PrefillState:
         original neighbours; halted tokens and filler slots never lend a score nor return) and
         keep the gate's count. Returns the selection in original indices and the same in
         indices of the current, compacted sequence."""
-        survivors, filled = self.selection.index, self.selection.filled  # (batch, kept)
-        raw = POLICIES[gate.config.policy](context).float()  # (batch, kept)
+        raw = POLICIES[gate.config.policy](context).float()  # (batch, kept), on this gate's device
+        survivors = self.selection.index.to(raw.device)  # (batch, kept), chosen at an earlier gate
+        filled = None if self.selection.filled is None else self.selection.filled.to(raw.device)
         if context.padding is not None:  # filler slots of rows that keep fewer tokens
             raw = raw.masked_fill(context.padding, float("-inf"))
         batch = raw.shape[0]
