@@ -1,5 +1,6 @@
 """generate(): ordinary decoding from the DASH cache."""
 
+import torch
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig
@@ -45,6 +46,16 @@ def test_sampling_is_reproducible_with_a_seed():
     assert runs[0] == runs[1]
     greedy = generate(model, _Tokenizer(), ids, DashConfig(halt_ratio=0.25), max_new_tokens=8, eos_token_id=[])
     assert runs[0] != greedy.token_ids
+
+
+def test_sampling_without_a_seed_leaves_torchs_global_rng_alone():
+    model = build_model("qwen3")
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    runs = [generate(model, _Tokenizer(), random_ids(1, 20), DashConfig(halt_ratio=0.25), max_new_tokens=8,
+                     do_sample=True, temperature=5.0, eos_token_id=[]).token_ids for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert runs[0] != runs[1]  # still unseeded: two calls draw differently
 
 
 class _ChatTokenizer(_Tokenizer):

@@ -199,6 +199,25 @@ def _storages(decoder):
     return {t.untyped_storage().data_ptr() for t in decoder.buffers()}
 
 
+def test_a_kept_decoder_leaves_its_buffers_to_the_next_one_of_the_same_shapes(one_thread):
+    model = build_model("llama")
+    release_buffers(model)
+    state = lambda length, seed: prefill(model, random_ids(1, length, seed=seed), _config(0.5))  # noqa: E731
+    first = _storages(StaticDecoder(model, state(30, 1), 6, keep=True))  # the decoder is gone at once
+    assert _storages(StaticDecoder(model, state(30, 2), 6, keep=True)) == first
+    assert _storages(StaticDecoder(model, state(70, 3), 6, keep=True)) != first  # more slots: new buffers
+    release_buffers(model)
+
+
+def test_compiled_decoding_keeps_no_buffers_where_it_runs_eagerly(one_thread):
+    model = build_model("llama")
+    release_buffers(model)
+    ids = random_ids(1, 30)
+    generate(model, _Tokenizer(), ids, _config(0.5), max_new_tokens=4, static_decode="compiled", eos_token_id=[])
+    assert model not in _KEPT
+
+
+@needs_cuda
 def test_a_compiled_decoder_reuses_the_buffers_the_last_one_left_and_keeps_its_tokens(one_thread):
     # Same addresses call after call: torch.compile's CUDA graphs replay instead of recording anew.
     # Prompts of two lengths in turn: buffers whose shapes no longer fit are replaced.

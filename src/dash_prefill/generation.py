@@ -222,8 +222,11 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     stop = stop_token_ids(model, tokenizer, eos_token_id)
     device = input_device(model)
     if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        generator = torch.Generator(device=device)  # private: torch's global RNG is left alone
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
 
     def choose(logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         if not do_sample:

@@ -16,7 +16,7 @@ costs time once per model, process and layout structure (dynamic shapes); see BE
 Its graphs are recorded for the buffers' addresses, and a call whose buffers lie elsewhere
 records them anew (about 25 ms at 8K in the Llama-3.1-8B shape on an H200), so a compiled
 decoder keeps its buffers on the model for the next call whose buffers have the same shapes
-(as HF's static cache does); :func:`release_buffers` frees them.
+(as HF's static cache does; not where the step runs eagerly); :func:`release_buffers` frees them.
 """
 
 from __future__ import annotations
@@ -161,12 +161,12 @@ class StaticDecoder:
         return allowed
 
 
-def graphable(decoder: StaticDecoder) -> bool:
+def graphable(adapter) -> bool:
     """Whether the step can be captured: on CUDA, with rotary tables that never read positions
     on the host (dynamic and long RoPE pick their frequencies from the largest position)."""
-    rope_type = getattr(decoder.adapter.base.rotary_emb, "rope_type", "default")
+    rope_type = getattr(adapter.base.rotary_emb, "rope_type", "default")
     types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
-    return decoder.count.device.type == "cuda" and not any("dynamic" in t or t == "longrope" for t in types)
+    return adapter.device.type == "cuda" and not any("dynamic" in t or t == "longrope" for t in types)
 
 
 _COMPILED = None
@@ -253,8 +253,10 @@ def static_step(model, state: PrefillResult, new_tokens: int, mode: bool | str =
     """The step function of a static decoder for ``new_tokens`` tokens: graphed where it can be,
     compiled first with ``mode="compiled"``."""
     check_static_mode(mode)
-    decoder = StaticDecoder(model, state, new_tokens, keep=mode == "compiled")
-    if graphable(decoder):
+    graphed = graphable(adapter_for(model))
+    # Buffers are kept for the compiled graphs' next replay; run eagerly, nothing is kept.
+    decoder = StaticDecoder(model, state, new_tokens, keep=mode == "compiled" and graphed)
+    if graphed:
         return compiled_step(decoder) if mode == "compiled" else GraphedStep(decoder)
     logger.info("static decoding runs eagerly on %s (no CUDA graph, not compiled)", decoder.count.device)
     return decoder.step
