@@ -5,7 +5,7 @@ token of each occurrence of a reference and for the REST of its tokens.
 
 Usage: python scripts/answer_ranks.py MODEL LENGTH SAMPLES TASKS POLICY [POLICY ...]
        [--dtype bfloat16] [--device cuda] [--out FILE.jsonl]
-e.g.   python scripts/answer_ranks.py qwen2.5-coder-1.5b 4k 5 all dash@0.5 attention@0.5/p15
+e.g.   python scripts/answer_ranks.py qwen2.5-coder-1.5b 4k 5 all dash@0.5/d0.4 attention@0.5/d0.4/p15
 
 Same samples, prompts (chat template included) and configs as `dash-prefill eval`. Prints a
 markdown table; --out appends one JSON record per (task, policy).

@@ -15,9 +15,9 @@ A=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah
 B=niah_multiquery,vt,cwe,fwe,passkey,qa_1,qa_2
 QUICK=niah_single_1,vt,fwe
 MAIN="plain,dash@0.25,dash@0.5,dash@0.75,random@0.25,random@0.5,random@0.75,dash-rel@0.5,attention@0.5"
-LATE="dash@0.25/s0.8,dash@0.5/s0.8,dash@0.75/s0.8,random@0.5/s0.8"
-SWEEP="dash@0.5/s0.25,dash@0.5/s0.6,random@0.5/s0.25,random@0.5/s0.6"
-FIDELITY="plain,dash@0.5,dash@0.75,random@0.5,dash-rel@0.5,attention@0.5,dash@0.5/s0.8,random@0.5/s0.8"
+LATE="dash@0.25/d0.8,dash@0.5/d0.8,dash@0.75/d0.8,random@0.5/d0.8"
+SWEEP="dash@0.5/d0.25,dash@0.5/d0.6,random@0.5/d0.25,random@0.5/d0.6"
+FIDELITY="plain,dash@0.5,dash@0.75,random@0.5,dash-rel@0.5,attention@0.5,dash@0.5/d0.8,random@0.5/d0.8"
 
 run() {  # run NAME ARGS... in the background
   local name=$1; shift

@@ -24,8 +24,8 @@ TASKS="niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2
 niah_multivalue niah_multiquery vt cwe fwe passkey qa_1 qa_2"
 QUICK="niah_single_1 vt fwe"
 MAIN="plain,dash@0.5,dash@0.75,random@0.5,random@0.75"
-LATE="dash@0.5/s0.8,random@0.5/s0.8"
-SWEEP="dash@0.5/s0.6"
+LATE="dash@0.5/d0.8,random@0.5/d0.8"
+SWEEP="dash@0.5/d0.6"
 run() {  # run NICENESS NAME ARGS... in the background, stopped after $limit seconds
   local niceness=$1 name=$2; shift 2
   mkdir -p "$out/parts/$name"
@@ -43,6 +43,6 @@ for task in $TASKS; do
   run 10 "8k-late-$task" --length 8k --samples 10 --tasks "$task" --policies "$LATE"
 done
 run 10 sweep --length 8k --samples 10 --tasks "${QUICK// /,}" --policies "$SWEEP"
-run 10 fidelity --length 4k --samples 0 --tasks all --policies "plain,dash@0.5,dash@0.5/s0.8,random@0.5/s0.8" --fidelity 56
+run 10 fidelity --length 4k --samples 0 --tasks all --policies "plain,dash@0.5,dash@0.5/d0.8,random@0.5/d0.8" --fidelity 56
 wait
 python3 scripts/merge_results.py "$out/results.jsonl" ${done_cells:+"$done_cells"} "$out"/parts/*/results.jsonl

@@ -26,7 +26,7 @@ calibrate() {  # calibrate MODEL DTYPE LENGTH
   local profile="$work/calibration/$1.json"
   [ -f "${profile%.json}.rows.json" ] || timeout "${CAL_SECONDS:-240}" python3 -m dash_prefill.cli calibrate --model "$1" \
     --device cuda --dtype "$2" --length "$3" --count 8 --policies "$CAL_POLICIES" \
-    --starts 0.25,0.4,0.6 --ratios 0.5,0.75,0.9 --out "$profile" >"$work/calibration/$1.log" 2>&1
+    --starts d0.25,d0.4,d0.6 --ratios 0.5,0.75,0.9 --out "$profile" >"$work/calibration/$1.log" 2>&1
 }
 calibrate qwen2.5-coder-1.5b bfloat16 4096 &
 calibrate smollm2-135m float32 4096 &
@@ -52,7 +52,7 @@ eval_job() {  # eval_job NAME MODEL DTYPE DONE ARGS...
   local name=$1 model=$2 dtype=$3 done_cells=$4; shift 4
   mkdir -p "$work/parts/$name"
   [ -n "$done_cells" ] && [ ! -f "$work/parts/$name/results.jsonl" ] && cp "$done_cells" "$work/parts/$name/results.jsonl"
-  timeout "$limit" python3 -m dash_prefill.cli eval --device cuda --dtype "$dtype" --model "$model" --start-layer 0.4 \
+  timeout "$limit" python3 -m dash_prefill.cli eval --device cuda --dtype "$dtype" --model "$model" --start-layer d0.4 \
     --out "$work/parts/$name" "$@" >"$work/parts/$name.log" 2>&1
 }
 GROUPS_="niah_single_1,niah_single_2,niah_multikey_1 niah_single_3,niah_multikey_2 niah_multikey_3,niah_multivalue

@@ -11,5 +11,5 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 DASH_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
   tests/test_generation.py tests/test_cuda_syncs.py tests/test_kv_accounting.py 2>&1 | tail -15 | tee "$out/tests.log"
 timeout 330 python3 -m dash_prefill.cli bench --device cuda --arch llama-3.1-8b --lengths 8k,32k,128k \
-  --settings 0.4:0.5,0.25:0.75 --policies dash,attention/p15,attention/p63,contribution/p15 \
+  --settings d0.4:0.5,d0.25:0.75 --policies dash,attention/p15,attention/p63,contribution/p15 \
   --warmup 1 --repeats 3 --sync-check --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -40

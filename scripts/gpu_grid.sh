@@ -4,7 +4,7 @@
 #
 # Usage: scripts/gpu_grid.sh WORK SECONDS DONE.jsonl EVAL_ARGS...
 #   EVAL_ARGS  the eval options other than --tasks, --out and --device (e.g. --model gemma3-270m
-#              --dtype float32 --length 8k --samples 10 --start-layer 0.4 --policies ...)
+#              --dtype float32 --length 8k --samples 10 --start-layer d0.4 --policies ...)
 #   TASKS      (environment) the tasks, one process each (default: all 14)
 # Models must be set up first (scripts/gpu_setup.sh). Then join the parts:
 #   python scripts/merge_results.py DONE.jsonl WORK/*/results.jsonl

@@ -29,7 +29,7 @@ step=${1:?usage: scripts/gpu_session.sh STEP OUT}; out=${2:?}
 mkdir -p "$out"
 export PYTHONPATH="/tmp/site:src" PYTHONUNBUFFERED=1
 bench="python3 -m dash_prefill.cli bench --device cuda"
-e2e="$bench --settings 0.4:0.5 --warmup 0 --repeats 1"
+e2e="$bench --settings d0.4:0.5 --warmup 0 --repeats 1"
 case "$step" in
   suite)
     DASH_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -n 16 -p no:cacheprovider tests -rfE \
@@ -53,7 +53,7 @@ case "$step" in
     timeout 200 python3 scripts/probe_eager_decode.py llama-3.1-8b 32768 >"$out/eager.log" 2>&1
     grep -v Warn "$out/eager.log" | tail -80 ;;
   prefill)
-    timeout 500 $bench --arch llama-3.1-8b --lengths 8k,32k,128k --settings 0.4:0.5,0.25:0.75 \
+    timeout 500 $bench --arch llama-3.1-8b --lengths 8k,32k,128k --settings d0.4:0.5,d0.25:0.75 \
       --policies dash,attention/p63,contribution/p63 --no-hooks --warmup 1 --repeats 2 --sync-check \
       --out "$out/prefill" >"$out/prefill.log" 2>&1
     grep -vE "warn|bench:" "$out/prefill.log" | tail -20 ;;
@@ -85,7 +85,7 @@ case "$step" in
     tail -2 "$out/static.log"; grep -E "^(FAILED|ERROR)" "$out/static.log" | cut -c1-200 | head -20 ;;
   gates)
     timeout ${GATES_LIMIT:-300} $bench --arch llama-3.1-8b --lengths 32k,128k \
-      --settings ${GATES_SETTINGS:-0.5:0.9,0.25:0.3+0.5:0.75,0.25:0.5+0.5:0.8} \
+      --settings ${GATES_SETTINGS:-d0.5:0.9,d0.25:0.3+d0.5:0.75,d0.25:0.5+d0.5:0.8} \
       --policies ${GATES_POLICIES:-attention/p63} \
       --no-hooks --warmup 1 --repeats 2 --sync-check --out "$out/gates" >"$out/gates.log" 2>&1
     grep -vE "warn|bench:" "$out/gates.log" | tail -20 ;;

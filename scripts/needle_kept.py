@@ -2,7 +2,7 @@
 in the context that stay active at the start layer, and their score percentile.
 
 Usage: python scripts/needle_kept.py MODEL TASK LENGTH SAMPLES POLICY [POLICY ...]
-e.g.   python scripts/needle_kept.py gemma3-270m niah_single_2 8k 10 dash@0.5 dash@0.5/s0.8
+e.g.   python scripts/needle_kept.py gemma3-270m niah_single_2 8k 10 dash@0.5/d0.4 dash@0.5/d0.8
 
 Prints one line per policy: answer tokens kept (all samples pooled), samples whose every
 answer token was kept, and the median percentile of the answer tokens' scores among the

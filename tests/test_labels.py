@@ -160,3 +160,47 @@ def test_calibration_profiles_and_rows_are_labelled_by_their_settings():
         rows = data if isinstance(data, list) else data["front"] + [{"label": data["label"], "config": data["setting"]}]
         for row in rows:
             assert DashConfig(**row["config"]).label == row["label"], path
+
+
+def test_the_readme_writes_labels_and_start_options_the_tools_accept_and_names_the_shipped_profiles():
+    from dash_prefill.bench.cli import parse_settings
+    from dash_prefill.calibrate_cli import _starts
+    from dash_prefill.cli import start_layer_arg
+
+    readme = (ROOT / "README.md").read_text()
+    labels = set(re.findall(r"`([a-z-]+@[^`\s]+)`", readme)) - {"dash@0.5"}  # the README's example of an error
+    assert len(labels) >= 5
+    for label in labels:
+        assert DashConfig.from_label(label).label == label
+    for path in ROOT.glob("src/dash_prefill/profiles/*.json"):
+        assert f"`{json.loads(path.read_text())['label']}`" in readme, path.name
+    for start in re.findall(r"--start-layer (\S+?)[\]`\s]", readme):
+        if start != "7|d0.4":
+            start_layer_arg(start)
+    for starts in re.findall(r"--starts (\S+?)[\]`\s]", readme):
+        _starts(starts)
+    for settings in re.findall(r"--settings ([0-9sd.:,+]+)", readme):
+        parse_settings(settings)
+
+
+def test_calibrate_help_names_every_form_its_options_accept():
+    from dash_prefill.calibrate_cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    for form in ("NAME[-rel][/pPOOL[oOFFSET]]", "/p47o16", "fractions of depth (d0.4)", "layer indices (11)",
+                 "later gates"):
+        assert form in text, form
+
+
+def test_eval_refuses_a_bad_label_before_any_model_loads():
+    from dash_prefill.eval import cli as eval_cli
+
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--tasks", "vt", "--length", "1k", "--samples", "1",
+                              "--policies", "plain,dash@0.5/s0.8"])
+    with pytest.raises(ValueError, match="write d0.8 for 0.8 of depth"):
+        eval_cli.plan(args)
+    assert len(eval_cli.plan(parser.parse_args(["--preset", "full-smollm2"]))) == 2

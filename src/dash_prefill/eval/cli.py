@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..config import DashConfig
 from .report import text_table, write_report
 from .runner import evaluate, parse_policies, read_records
 from .tasks import OFFLINE_TASKS, TASKS
@@ -113,11 +114,15 @@ def plan(args: argparse.Namespace) -> list[Run]:
                  ("model", "tasks", "length", "samples", "policies", "start_layer")
                  if getattr(args, name, None) is not None}
     if args.preset:
-        return [replace(run, **overrides) for run in PRESETS[args.preset]]
-    missing = [f"--{n}" for n in ("model", "tasks", "length", "samples", "policies") if n not in overrides]
-    if missing:
-        raise ValueError(f"without --preset, give {', '.join(missing)} (or use --preset quick)")
-    return [Run(**overrides)]
+        runs = [replace(run, **overrides) for run in PRESETS[args.preset]]
+    else:
+        missing = [f"--{n}" for n in ("model", "tasks", "length", "samples", "policies") if n not in overrides]
+        if missing:
+            raise ValueError(f"without --preset, give {', '.join(missing)} (or use --preset quick)")
+        runs = [Run(**overrides)]
+    for run in runs:  # a bad label is an error before any model loads (0.5: a stand-in start)
+        parse_policies(run.policies, 0.5 if run.start_layer is None else run.start_layer, DashConfig())
+    return runs
 
 
 def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
