@@ -220,6 +220,21 @@ def test_each_policy_keeps_the_tokens_its_scores_from_the_models_own_forward_sel
     assert torch.equal(result.active_mask, top_tokens(scores, 0.5, 2, 5))
 
 
+def test_each_sliding_layer_records_its_own_keys_even_where_object_ids_repeat(monkeypatch):
+    # A freed layout's id() can be given to a new one. Every id() made equal stands for that:
+    # the layers after each of three gates must still record the keys their caches hold.
+    import dash_prefill.prefill as engine
+    model = build_model("gemma3")  # layers 0, 1 and 3 slide over 8 tokens
+    ids = random_ids(1, SEQ)
+    config = DashConfig(halt_ratio=0.25, start_layer=1, protect_first=1, protect_last=2,
+                        later_gates=((2, 0.5), (3, 0.75)))
+    expected = [layout.positions for layout in prefill(model, ids, config).key_layouts]
+    monkeypatch.setattr(engine, "id", lambda obj: 0, raising=False)
+    result = prefill(model, ids, config)
+    assert [layout.positions.tolist() for layout in result.key_layouts] == [p.tolist() for p in expected]
+    assert torch.equal(expected[3][0], _kept_index(result)[0, -7:])  # the last gate's survivors
+
+
 def test_pooled_scores_are_the_sliding_maximum_of_the_unpooled_ones(family):
     model = build_model(family)
     ids = random_ids(1, SEQ)
