@@ -303,6 +303,55 @@ def test_other_processes_loading_the_cpu_are_reported(monkeypatch):
     assert len(lines) == 1 and "other processes kept 1.5 of" in lines[0]
 
 
+class _Load:
+    """OtherLoad reporting ``cores`` kept busy by other processes."""
+
+    def __init__(self, cores):
+        self.busy = cores
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.cores = self.busy
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("busy, expected", [(0.0, 2), (0.3, 2), (1.0, 1), (1.9, 1), (None, 2)])
+def test_default_threads_leave_out_the_cores_other_processes_keep_busy(busy, expected, monkeypatch):
+    from dash_prefill.bench import timing
+
+    monkeypatch.setattr(timing, "OtherLoad", _Load(busy))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    assert cli.default_threads() == expected
+
+
+def test_a_command_without_threads_runs_on_the_idle_cores_and_restores_torchs_count(monkeypatch):
+    from dash_prefill.bench import timing
+
+    seen = []
+    monkeypatch.setattr(timing, "OtherLoad", _Load(1.2))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: seen.append(torch.get_num_threads()) or 0)
+    torch.set_num_threads(2)
+    assert cli.main(["demo"]) == 0
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+def test_load_warnings_advise_one_thread_only_where_more_ran_and_count_threads_right():
+    noisy = {"plain prefill": [1.0, 2.0, 1.0]}
+    one = trust_warnings(noisy, other_cores=1.5, threads=1)
+    assert len(one) == 2 and not any("--threads 1" in line for line in one)
+    assert "(1 thread here)" in one[1] and "rerun when the machine is idle" in one[1]
+    two = trust_warnings(noisy, other_cores=1.5, threads=2)
+    assert "rerun with --threads 1 and more --repeats" in two[0]
+    assert "(2 threads here)" in two[1] and "pass --threads 1 or rerun" in two[1]
+
+
 def test_setup_script_says_what_it_is_doing_before_each_install():
     script = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text().splitlines()
     installs = [i for i, line in enumerate(script) if "install" in line and line.startswith("$PIP")]

@@ -80,11 +80,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """``--threads``, applied by :func:`main` before the command runs."""
     parser.add_argument("--threads", type=count_arg(1),
-                        help="torch CPU threads (default: torch's choice); 1 gives steadier times "
-                             "on a busy CPU")
+                        help="torch CPU threads (default: the cores no other process keeps busy "
+                             "now, at most torch's choice); 1 gives steadier times on a busy CPU")
 
 
 RECOMMENDED = "default: the model's recommended setting"
+
+
+def default_threads() -> int:
+    """torch's thread count less the cores other processes keep busy now (sampled for 0.1 s), at
+    least 1: a thread that shares its core with another process stalls every parallel op
+    (docs/decisions.md, "CPU threads")."""
+    import os
+    import time
+
+    import torch
+
+    from .bench.timing import OtherLoad
+
+    with OtherLoad() as load:
+        time.sleep(0.1)
+    if load.cores is None:
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), round(os.cpu_count() - load.cores)))
 
 
 def add_setting_options(parser: argparse.ArgumentParser) -> None:
@@ -296,10 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if getattr(args, "threads", None):
+        if hasattr(args, "threads"):
             import torch
 
-            torch.set_num_threads(args.threads)
+            previous, threads = torch.get_num_threads(), args.threads or default_threads()
+            logging.getLogger(__name__).info("%d CPU thread%s", threads, "s" if threads > 1 else "")
+            torch.set_num_threads(threads)
+            try:
+                return args.handler(args)
+            finally:
+                torch.set_num_threads(previous)
         return args.handler(args)
     except (ValueError, OSError, ImportError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -196,17 +196,20 @@ class OtherLoad:
 def trust_warnings(timings: dict[str, list[float]], other_cores: float | None = None,
                    threads: int | None = None) -> list[str]:
     """One line per reason not to trust the timings: repeats spread wider than SPREAD_LIMIT,
-    or other processes competing for the cores this process's threads use."""
+    or other processes competing for the cores this process's threads use. ``--threads 1`` is
+    advised only where more threads ran."""
+    threads = threads or torch.get_num_threads()
+    fewer = "--threads 1 and " if threads > 1 else ""
     lines = []
     for name, seconds in timings.items():
         if len(seconds) > 1 and spread(seconds) > SPREAD_LIMIT:
             lines.append(f"{name}: the repeats spread over {spread(seconds):.0%} of their median "
                          f"({min(seconds):.3g}-{max(seconds):.3g} s); do not trust this number: rerun "
-                         "with --threads 1 and more --repeats on a quiet machine")
-    threads = threads or torch.get_num_threads()
+                         f"with {fewer}more --repeats on a quiet machine")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if other_cores is not None and other_cores >= 0.5 and other_cores + threads > cores:
+        advice = "pass --threads 1 or rerun" if threads > 1 else "rerun"
         lines.append(f"other processes kept {other_cores:.1f} of {cores} CPU cores busy while timing "
-                     f"({threads} threads here); times are slower and noisier than on a quiet "
-                     "machine: pass --threads 1 or rerun when the machine is idle")
+                     f"({threads} thread{'s' if threads > 1 else ''} here); times are slower and noisier "
+                     f"than on a quiet machine: {advice} when the machine is idle")
     return lines
