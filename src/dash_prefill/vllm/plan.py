@@ -1,0 +1,120 @@
+"""What each gate does to one engine step, decided on the host before the forward runs.
+
+vLLM schedules a batch of requests per step: some prefill their whole prompt (chunked prefill
+and prefix caching are off, so a prompt arrives whole), others decode. A gate keeps
+``kept_tokens(T, ρ)`` of a prefilling request's T prompt tokens: the count depends on T and the
+setting only, so the layers after a gate get their own attention metadata here, in the
+metadata builder, before the model picks WHICH tokens survive. Later layers cache a request's
+survivors at logical slots 0..k-1 of its blocks and its generated tokens from slot k on; a
+device table keyed by the request's first block remembers T - k for its decoding steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DashConfig
+from ..policy import kept_count
+
+
+def kept_tokens(num_tokens: int, halt_ratio: float, config: DashConfig) -> int:
+    """Tokens a prompt of ``num_tokens`` keeps past a gate halting ``halt_ratio`` of it (the HF
+    path's ``Eligibility.of_prompt`` for one unpadded row)."""
+    protected = min(num_tokens, config.protect_first + max(config.protect_last, 1))
+    return kept_count(num_tokens, halt_ratio, protected)
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """One gate on one step's batch; host lists with one entry per request, in batch order.
+
+    entering : tokens of each request entering the gate (the prompt, or the previous gate's survivors)
+    leaving : tokens of each request computed after the gate
+    prompt : T of a request prefilling its prompt this step, 0 for one that decodes
+    """
+
+    entering: list[int]
+    leaving: list[int]
+    prompt: list[int]
+
+    @property
+    def halts(self) -> bool:
+        return self.entering != self.leaving
+
+
+def step_plans(query_lens: list[int], prompt: list[int], config: DashConfig,
+               ratios: list[float]) -> list[GatePlan]:
+    """The plan of every gate (``ratios``: each gate's halt ratio, the start layer's first) for a
+    step whose requests run ``query_lens`` tokens; ``prompt[r]`` is T for a request prefilling
+    its whole prompt, 0 otherwise."""
+    plans, entering = [], list(query_lens)
+    for ratio in ratios:
+        leaving = [kept_tokens(t, ratio, config) if t else n for n, t in zip(entering, prompt)]
+        plans.append(GatePlan(entering, leaving, list(prompt)))
+        entering = leaving
+    return plans
+
+
+def prompt_rows(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(query lengths, prompt lengths) of a step's requests: a request whose query is its whole
+    sequence prefills its prompt (T = its query length); any other decodes (0)."""
+    query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    seq_lens = seq_lens_cpu.tolist()
+    return query_lens, [n if n == s else 0 for n, s in zip(query_lens, seq_lens)]
+
+
+class HaltedOffsets:
+    """T - k for every request past one gate, in a device table indexed by the request's first
+    KV block (owned by the request for its whole life while prefix caching is off; a request
+    always starts with a whole-prompt prefill, which writes its entry)."""
+
+    def __init__(self):
+        self.table: torch.Tensor | None = None
+
+    def update(self, first_blocks: torch.Tensor, plan: GatePlan, num_blocks: int) -> torch.Tensor:
+        """Record this step's prefilling requests; -> (num_reqs,) offsets of every request."""
+        device = first_blocks.device
+        if self.table is None or self.table.device != device or self.table.numel() < num_blocks:
+            self.table = torch.zeros(num_blocks, dtype=torch.long, device=device)
+        rows = [r for r, t in enumerate(plan.prompt) if t]
+        if rows:
+            halted = [plan.prompt[r] - k for r, k in zip(rows, (plan.leaving[r] for r in rows))]
+            index = first_blocks[torch.tensor(rows, device=device)]
+            self.table[index] = torch.tensor(halted, dtype=torch.long, device=device)
+        return self.table[first_blocks]
+
+
+def compacted_metadata(common, plan: GatePlan, offsets: torch.Tensor, block_size: int):
+    """The CommonAttentionMetadata of the layers after a gate: each request's query holds the
+    tokens it computes there (``plan.leaving``), its keys are ``seq_len - offset`` and new keys
+    go to logical slots ``seq_len - offset - query_len ...`` of its blocks.
+
+    common : vLLM's CommonAttentionMetadata of the step; offsets : (num_reqs,) T - k per request.
+    Returns (metadata, slot_mapping) with slot_mapping (tokens after the gate,) int64.
+    """
+    device = common.seq_lens.device
+    leaving = torch.tensor(plan.leaving, dtype=torch.int32)
+    starts_cpu = torch.zeros(len(plan.leaving) + 1, dtype=torch.int32)
+    starts_cpu[1:] = leaving.cumsum(0)
+    num_tokens = int(starts_cpu[-1])
+    starts = starts_cpu.to(device, non_blocking=True)
+    seq_lens = common.seq_lens - offsets.to(common.seq_lens.dtype)
+    row = torch.repeat_interleave(torch.arange(len(plan.leaving), device=device),
+                                  leaving.to(device, non_blocking=True), output_size=num_tokens)
+    logical = (seq_lens[row] - (starts[row + 1] - starts[row]) +
+               torch.arange(num_tokens, device=device) - starts[row]).long()
+    blocks = common.block_table_tensor[row, logical // block_size].long()
+    slots = blocks * block_size + logical % block_size
+    upper = getattr(common, "seq_lens_cpu_upper_bound", None)
+    changes = dict(query_start_loc=starts, query_start_loc_cpu=starts_cpu, seq_lens=seq_lens,
+                   num_actual_tokens=num_tokens, max_query_len=max(plan.leaving, default=0),
+                   slot_mapping=slots)
+    if upper is not None:
+        changes["seq_lens_cpu_upper_bound"] = torch.tensor(
+            [k if t else int(u) for k, t, u in zip(plan.leaving, plan.prompt, upper.tolist())], dtype=upper.dtype)
+    for name in ("_seq_lens_cpu", "_num_computed_tokens_cpu", "positions"):
+        if getattr(common, name, None) is not None:  # derived host copies: let vLLM recompute them
+            changes[name] = None
+    return common.replace(**changes), slots
