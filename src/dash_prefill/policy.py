@@ -9,7 +9,7 @@ engine never knows which policy produced the scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -356,6 +356,28 @@ class Eligibility:
         kept = host_to_device(self.kept, device)
         filled = torch.arange(width, device=device)[None, :] < kept[:, None]
         return Selection(index=index, filled=filled.gather(1, order), kept_per_row=self.kept)
+
+
+def select_among_survivors(context: ScoreContext, eligibility: Eligibility, survivors: Selection,
+                           prompt_len: int) -> tuple[Selection, Selection]:
+    """A later gate: rank the tokens still computed (``survivors``, chosen at an earlier gate,
+    scored by ``context``) in the prompt's index space (pooled over original neighbours; halted
+    tokens and filler slots never lend a score nor return) and keep ``eligibility``'s count.
+    Returns the selection in prompt indices and the same in indices of the tokens entering the
+    gate. The HF and vLLM engines both decide a later gate here."""
+    raw = POLICIES[context.config.policy](context).float()  # (batch, kept), on this gate's device
+    index = survivors.index.to(raw.device)  # (batch, kept)
+    filled = None if survivors.filled is None else survivors.filled.to(raw.device)
+    if context.padding is not None:  # filler slots of rows that keep fewer tokens
+        raw = raw.masked_fill(context.padding, float("-inf"))
+    batch = raw.shape[0]
+    scores = raw.new_full((batch, prompt_len), float("-inf")).scatter(1, index, raw)
+    alive = torch.zeros(batch, prompt_len, dtype=torch.bool, device=raw.device)
+    alive = alive.scatter(1, index, True if filled is None else filled)
+    scores = span_max(scores, context.config.pool, ~alive, context.config.pool_offset)
+    chosen = replace(eligibility, padding=~alive).select(scores)  # prompt indices
+    local = torch.searchsorted(index, chosen.index).clamp_max(index.shape[1] - 1)
+    return chosen, Selection(local, chosen.filled, chosen.kept_per_row)
 
 
 def select_active(scores: torch.Tensor, lengths: list[int], halt_ratio: float,

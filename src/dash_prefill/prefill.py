@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -21,7 +21,7 @@ from .cache import KeyLayout, attention_mask, cached_tokens, crop_to_window, kee
 from .config import DashConfig
 from .cost import ideal_speedup
 from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
-from .policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, span_max
+from .policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
 from .profiles import config_or_recommended
 
 logger = logging.getLogger(__name__)
@@ -214,29 +214,10 @@ class PrefillState:
             self.scores = policy_scores(context)
             self.selection = local = gate.eligibility.select(self.scores)
         else:
-            self.selection, local = self._select_among_survivors(gate, context)
+            self.selection, local = select_among_survivors(context, gate.eligibility, self.selection, self.seq_len)
         if local.index.shape[1] == after.shape[1] and local.filled is None:
             return after  # nothing halts
         return self.compact(after, local, layer_idx)
-
-    def _select_among_survivors(self, gate: Gate, context: ScoreContext) -> tuple[Selection, Selection]:
-        """A later gate: rank the tokens still computed in the prompt's index space (pooled over
-        original neighbours; halted tokens and filler slots never lend a score nor return) and
-        keep the gate's count. Returns the selection in original indices and the same in
-        indices of the current, compacted sequence."""
-        raw = POLICIES[gate.config.policy](context).float()  # (batch, kept), on this gate's device
-        survivors = self.selection.index.to(raw.device)  # (batch, kept), chosen at an earlier gate
-        filled = None if self.selection.filled is None else self.selection.filled.to(raw.device)
-        if context.padding is not None:  # filler slots of rows that keep fewer tokens
-            raw = raw.masked_fill(context.padding, float("-inf"))
-        batch = raw.shape[0]
-        scores = raw.new_full((batch, self.seq_len), float("-inf")).scatter(1, survivors, raw)
-        alive = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=raw.device)
-        alive = alive.scatter(1, survivors, True if filled is None else filled)
-        scores = span_max(scores, gate.config.pool, ~alive, gate.config.pool_offset)
-        chosen = replace(gate.eligibility, padding=~alive).select(scores)  # original indices
-        local = torch.searchsorted(survivors, chosen.index).clamp_max(survivors.shape[1] - 1)
-        return chosen, Selection(local, chosen.filled, chosen.kept_per_row)
 
     def _score_context(self, config: DashConfig, layer, layer_idx: int, hidden: torch.Tensor,
                        output: torch.Tensor, rotary) -> ScoreContext:

@@ -13,7 +13,6 @@ last token (always kept) for its logits.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import torch
 from vllm.distributed import get_tp_group
@@ -23,7 +22,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend
 
 from ..config import DashConfig
-from ..policy import POLICIES, Eligibility, ScoreContext, policy_scores, span_max
+from ..policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
 from .plan import HaltedOffsets, compacted_metadata, prompt_rows, step_plans
 
 
@@ -193,23 +192,19 @@ class Halting:
 
     def choose(self, context: ScoreContext, prompt: int, ratio: float, alive: torch.Tensor | None) -> torch.Tensor:
         """Indices (ascending) among the tokens entering the gate of the ones one request keeps:
-        at the first gate its whole prompt is ranked, at a later gate its survivors in the
-        prompt's index space (``alive``: their prompt indices), as the HF path does."""
+        at the first gate its whole prompt is ranked, at a later gate its survivors (``alive``:
+        their prompt indices) in the prompt's index space, by the HF path's own functions."""
         config = self.config
         eligibility = Eligibility.of_prompt([prompt], prompt, ratio, config.protect_first, config.protect_last,
                                             device=context.output.device)
         if alive is None:
             return eligibility.select(policy_scores(context)).index[0]
-        raw = POLICIES[config.policy](context).float()  # (1, survivors)
-        scores = raw.new_full((1, prompt), float("-inf")).scatter(1, alive[None], raw)
-        dead = torch.ones(1, prompt, dtype=torch.bool, device=raw.device).scatter(1, alive[None], False)
-        scores = span_max(scores, config.pool, dead, config.pool_offset)
-        chosen = replace(eligibility, padding=dead).select(scores).index[0]
-        return torch.searchsorted(alive, chosen)
+        survivors = Selection(alive[None], None, [alive.numel()])
+        return select_among_survivors(context, eligibility, survivors, prompt)[1].index[0]
 
 
-class DashLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama (SmolLM2, Llama 3.x, Mistral-style) with DASH gates."""
+class _Gated:
+    """A vLLM causal LM whose forward runs the DASH loop (``Halting``) over its own layers."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -219,12 +214,9 @@ class DashLlamaForCausalLM(LlamaForCausalLM):
         return self.halting.forward(input_ids, positions, inputs_embeds)
 
 
-class DashQwen2ForCausalLM(Qwen2ForCausalLM):
+class DashLlamaForCausalLM(_Gated, LlamaForCausalLM):
+    """vLLM's Llama (SmolLM2, Llama 3.x) with DASH gates."""
+
+
+class DashQwen2ForCausalLM(_Gated, Qwen2ForCausalLM):
     """vLLM's Qwen2 (Qwen2.5, Qwen2.5-Coder) with DASH gates."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.halting = Halting(self.model, vllm_config)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        return self.halting.forward(input_ids, positions, inputs_embeds)
