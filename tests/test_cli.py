@@ -352,6 +352,83 @@ def test_load_warnings_advise_one_thread_only_where_more_ran_and_count_threads_r
     assert "(2 threads here)" in two[1] and "pass --threads 1 or rerun" in two[1]
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--policies", "nosuch"], "unknown policy 'nosuch'"),
+    (["--start-layer", "99"], "start_layer=99 is beyond the model, which has 30 layers"),
+    (["--start-layer", "-1"], "cannot read start layer '-1'"),
+    (["--halt-ratio", "1.2"], "halt_ratio must be in [0, 1)"),
+    (["--batch", "0"], "batch sizes must be positive"),
+], ids=["policy", "start-beyond", "start-negative", "ratio", "batch"])
+def test_bench_refuses_every_bad_argument_before_the_model_is_built(extra, message, monkeypatch, capsys):
+    from dash_prefill.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "build_random_model", lambda *a, **k: pytest.fail("the model was built"))
+    err = fails_cleanly(capsys, ["bench", "--arch", "smollm2-135m", "--device", "cpu", "--lengths", "1k", *extra])
+    assert message in err and "bench:" not in err and "\r" not in err  # no progress bar drawn
+
+
+def test_bench_of_a_model_checks_its_gates_on_loading_before_any_timing(monkeypatch, capsys):
+    from dash_prefill import loading
+    from dash_prefill.bench import cli as bench_cli
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (build_model("llama"), None))
+    monkeypatch.setattr(bench_cli, "run_bench", lambda *a, **k: pytest.fail("timing started"))
+    err = fails_cleanly(capsys, ["bench", "--model", "x", "--device", "cpu", "--lengths", "100", "--start-layer", "9"])
+    assert "start_layer=9 is beyond the model, which has 4 layers" in err
+
+
+def test_bench_help_states_the_device_default_once():
+    from dash_prefill.bench import cli as bench_cli
+
+    parser = cli.build_parser(["bench"])
+    text = " ".join(parser._subparsers._group_actions[0].choices["bench"].format_help().split())
+    assert "(default: cuda when a GPU is visible, else cpu)" in text and "(default: cpu)" not in text
+    assert bench_cli.main  # the device is chosen when the command runs
+
+
+def test_the_bench_plot_of_one_length_explains_its_marks(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dash_prefill.bench import report
+
+    rows = [{"arch": "a", "batch": 1, "method": method, "start_layer": 2, "halt_ratio": ratio, "length": 1024,
+             "speedup": speedup, "ideal_speedup": ideal}
+            for method, ratio, speedup, ideal in (("plain", 0.0, 1.0, 1.0), ("dash", 0.5, 1.4, 1.6))]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.write_plot(tmp_path / "bench.png", rows)
+    axes = figures[0].axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert "measured (o)" in labels and "ideal FLOP ratio (x)" in labels
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["1024"]
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_a_missing_prompt_file_is_one_plain_line(command, tiny, capsys, tmp_path):
+    err = fails_cleanly(capsys, [command, "--model", "x", "--prompt-file", str(tmp_path / "nope.txt")])
+    assert "cannot read the prompt file" in err and "No such file or directory" in err and "Errno" not in err
+
+
+def test_inspect_of_a_prompt_inside_the_protected_window_says_nothing_can_halt(tiny, capsys, tmp_path, prompt_file):
+    err = fails_cleanly(capsys, ["inspect", "--model", "x", "--prompt-file", prompt_file, "--raw",
+                                 "--start-layer", "2", "--halt-ratio", "0.5", "--out", str(tmp_path)])
+    assert "all protected (the first 4 and the last 64 are always kept), so none can halt" in err
+
+
+@pytest.mark.parametrize("policy, warned", [("dash", False), ("attention", True)])
+def test_the_inspect_plot_names_the_setting_and_says_when_the_policy_ranks_by_something_else(
+        policy, warned, tiny, capsys, tmp_path, prompt_file, monkeypatch):
+    from dash_prefill import inspect as dash_inspect
+
+    titles = []
+    monkeypatch.setattr(dash_inspect, "plot_norms", lambda *args: titles.append(args[-1]))
+    assert cli.main(["inspect", "--model", "x", "--prompt-file", prompt_file, "--raw", "--policy", policy,
+                     "--start-layer", "2", "--halt-ratio", "0.5", "--protect-last", "4", "--out", str(tmp_path)]) == 0
+    assert titles[0].startswith(f"{policy}@0.5/s2") and "of 44 prompt tokens halted after layer 2" in titles[0]
+    assert ("does not rank tokens by ||U||" in titles[0]) == warned
+
+
 def test_setup_script_says_what_it_is_doing_before_each_install():
     script = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text().splitlines()
     installs = [i for i, line in enumerate(script) if "install" in line and line.startswith("$PIP")]

@@ -188,7 +188,12 @@ def _load(name: str, dtype: str | None):
 
 
 def _read_prompt(path: str) -> str:
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"cannot read the prompt file {path!r} ({reason}): give a text file, "
+                         "or - to read stdin") from None
     if not text.strip():
         raise ValueError("the prompt file is empty: give a file with the prompt text")
     return text

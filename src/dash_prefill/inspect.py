@@ -143,6 +143,11 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir, cha
     """
     ids = encode_prompts(tokenizer, text, 0, chat)[0][0]  # (seq,)
     check_fits(model, config, len(ids), 0)
+    protected = config.protect_first + config.protect_last
+    if config.scores_tokens and config.halt_ratio > 0 and len(ids) <= protected:
+        raise ValueError(f"the prompt has {len(ids)} tokens, all protected (the first {config.protect_first} "
+                         f"and the last {config.protect_last} are always kept), so none can halt: give a "
+                         f"prompt longer than {protected} tokens or a smaller --protect-last")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     absolute, relative = delta_norms(model, ids)
@@ -150,7 +155,10 @@ def inspect_prompt(model, tokenizer, text: str, config: DashConfig, out_dir, cha
     halted = (~result.active_mask[0]).nonzero()[:, 0].tolist()
     start = result.stats.start_layer if config.scores_tokens else config.resolve_start_layer(len(absolute))
     plot_path = out_dir / "delta_norms.png"
-    plot_norms(absolute, relative, start, plot_path, f"{len(ids)} prompt tokens")
+    title = f"{config.label}: {len(halted)} of {len(ids)} prompt tokens halted after layer {start}"
+    if config.scores_tokens and config.policy != "dash":  # the norms shown are DASH's score, not this policy's
+        title += f"\npolicy {config.policy} does not rank tokens by ||U||: these norms are not what it halted by"
+    plot_norms(absolute, relative, start, plot_path, title)
     pieces = [tokenizer.decode([i]) for i in ids.tolist()]
     html_path = out_dir / "tokens.html"
     html_path.write_text(token_html(pieces, set(halted), config, result.stats), encoding="utf-8")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..cli import add_threads_option, count_arg, start_layer_arg
+from ..cli import add_threads_option, count_arg, ratio_arg, start_layer_arg
 from .e2e import METHODS
 from .report import _cell, columns, header, table_lines, write_json, write_plot
-from ..config import DashConfig
+from ..config import DashConfig, policy_config
 from .runner import BenchPlan, Target, later_gates, run_bench
 from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
 from .timing import OtherLoad, trust_warnings
@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{', '.join(list(ARCHITECTURES) + list(VLM_ARCHITECTURES))}")
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,32k,128k"),
                         help="prompt lengths, k = 1024 (default 4k,8k,32k,128k)")
-    parser.add_argument("--batch", type=_numbers(int), default=[1], help="batch sizes (default 1)")
+    parser.add_argument("--batch", type=lambda t: _positive_ints(t, "batch sizes", "1,4"), default=[1],
+                        help="batch sizes (default 1)")
     parser.add_argument("--halt-ratio", type=_numbers(float), default=[0.5, 0.75],
                         help="fractions of tokens halted (ρ), comma-separated")
     parser.add_argument("--start-layer", type=_numbers(start_layer_arg), default=[0.4, 0.25],
@@ -112,8 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], default="sdpa",
                         help="attention implementation")
     parser.add_argument("--device", choices=["cuda", "cpu"],
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to run (cuda when a GPU is visible)")
+                        help="where to run (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--gpus", type=count_arg(1), default=1,
                         help="shard the layers over this many GPUs (accelerate, like device_map='auto')")
     parser.add_argument("--warmup", type=count_arg(0), default=2, help="untimed calls per method first")
@@ -138,11 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "H200 4.8e12 by GPU name; none on CPU)")
     add_threads_option(parser)
     vlm = parser.add_argument_group("vision-language archs (llava-1.5-7b, qwen2-vl-7b)")
-    vlm.add_argument("--image-tokens", type=_numbers(int),
+    vlm.add_argument("--image-tokens", type=lambda t: _positive_ints(t, "image tokens", "576,2304"),
                      help="decoder tokens of the synthetic images (default 576,2304 for llava, "
                      "1024,4096,16384 for qwen2-vl)")
-    vlm.add_argument("--text-tokens", type=int, default=256, help="text tokens around the images (default 256)")
-    vlm.add_argument("--vision-halt-ratio", type=float, default=0.5,
+    vlm.add_argument("--text-tokens", type=count_arg(1), default=256, help="text tokens around the images (default 256)")
+    vlm.add_argument("--vision-halt-ratio", type=ratio_arg, default=0.5,
                      help="halt ratio inside the vision encoder for the dash+vit rows (default 0.5)")
     vlm.add_argument("--vision-start-layer", type=start_layer_arg, default=0.5,
                      help="start layer inside the vision encoder, a layer index or a fraction of depth (default d0.5)")
@@ -184,17 +184,31 @@ def _check_memory(arch: str, dtype: torch.dtype, args) -> None:
             "smaller --arch such as smollm2-135m")
 
 
-def _targets(args, dtype: torch.dtype) -> list[Target]:
+def _check_settings(settings: list[tuple], policies, layers: int | None = None) -> None:
+    """ValueError for a setting or policy the bench would refuse later; with ``layers``, also for
+    a gate outside a model of that depth (checked before the model loads, not under a progress bar)."""
+    for setting in settings:
+        start, ratio = setting[:2]
+        config = DashConfig(halt_ratio=ratio, start_layer=start, later_gates=later_gates(setting))
+        if layers is not None:
+            config.resolve_gates(layers)
+        for policy in policies:
+            policy_config(policy, ratio, start, later_gates(setting))
+
+
+def _targets(args, dtype: torch.dtype, settings: list[tuple]) -> list[Target]:
     if args.model:
-        def load():
-            from ..loading import load_model, max_context  # written alongside; imported when used
-            model, _ = load_model(args.model, dtype=dtype, device=args.device, attn_implementation=args.attn)
-            _check_context(args.model, max_context(model), args.lengths)
-            return model
-        return [Target(args.model, load)]
+        from ..loading import load_model, max_context  # written alongside; imported when used
+
+        # Loaded here, before the progress bar: the context and the gates are checked on it.
+        model, _ = load_model(args.model, dtype=dtype, device=args.device, attn_implementation=args.attn)
+        _check_context(args.model, max_context(model), args.lengths)
+        _check_settings(settings, args.policies, model.config.get_text_config().num_hidden_layers)
+        return [Target(args.model, lambda: model)]
     targets = []
     for arch in [a for a in args.arch if a not in VLM_ARCHITECTURES]:
         _check_context(arch, arch_config(arch).max_position_embeddings, args.lengths)
+        _check_settings(settings, args.policies, arch_config(arch).num_hidden_layers)
         _check_memory(arch, dtype, args)
         def build(arch=arch):
             model = build_random_model(arch, dtype, args.device, args.attn, args.seed)
@@ -266,7 +280,7 @@ def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
 
     rows = []
     with OtherLoad():
-        for target in _targets(args, dtype):
+        for target in _targets(args, dtype, settings):
             model = target.load()
             done = list(rows)
             rows += run_e2e(target.name, model, args.lengths, args.new_tokens, settings, device, args.warmup,
@@ -285,6 +299,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; print the table; 0 on success, 2 on bad input."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no GPU is visible; pass --device cpu", file=sys.stderr)
@@ -296,19 +311,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings = args.settings or [(s, r) for s in args.start_layer for r in args.halt_ratio]
     try:
-        for setting in settings:
-            start, ratio = setting[:2]
-            if not 0.0 <= ratio < 1.0 or (isinstance(start, float) and not 0.0 < start < 1.0):
-                raise ValueError(f"setting start={start}, ratio={ratio}: ratio must be in [0, 1) and a "
-                                 "fractional start in (0, 1)")
-            DashConfig(halt_ratio=ratio, start_layer=start, later_gates=later_gates(setting))
+        _check_settings(settings, args.policies)
         vlm = any(a in VLM_ARCHITECTURES for a in args.arch or [])
         if any(later_gates(s) for s in settings) and (args.new_tokens or vlm):
             raise ValueError("settings with later gates (8:0.3+14:0.75) are timed by the prefill bench of "
                              "text models only: drop --new-tokens and the vision-language archs")
         if args.new_tokens:
             return _e2e_main(args, settings, device, dtype)
-        plan = BenchPlan(targets=_targets(args, dtype), lengths=args.lengths, batches=args.batch,
+        plan = BenchPlan(targets=_targets(args, dtype, settings), lengths=args.lengths, batches=args.batch,
                          settings=settings, device=device, warmup=args.warmup, repeats=args.repeats,
                          hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed,
                          policies=args.policies)

@@ -103,11 +103,16 @@ def write_plot(path: Path, rows: list[dict]) -> bool:
         if method != "hooks" and ratio > 0:
             axes.plot(lengths, [r["ideal_speedup"] for r in points], linestyle="--", marker="x",
                       color=line.get_color())
-    axes.axhline(1.0, color="grey", linewidth=0.8)
+    # The marks explained in the legend: with one length there are no lines, only marks.
+    axes.plot([], [], "ko-", label="measured (o)")
+    axes.plot([], [], "kx--", label="ideal FLOP ratio (x)")
+    axes.axhline(1.0, color="grey", linewidth=0.8, label="plain HF forward (1x)")
     axes.set_xscale("log", base=2)
+    measured = sorted({row["length"] for points in series.values() for row in points})
+    axes.set_xticks(measured, [str(n) for n in measured])
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel("speedup over plain HF forward (time to first token)")
-    axes.set_title("DASH prefill: measured (solid) vs ideal FLOP ratio (dashed)")
+    axes.set_title("DASH prefill: measured (o, solid) vs ideal FLOP ratio (x, dashed)")
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
