@@ -118,7 +118,8 @@ def extend(model, state: PrefillResult, token_ids: torch.Tensor) -> torch.Tensor
     rope = None if state.rope_offset is None else positions + state.rope_offset[..., None].to(hidden.device)
     grown: dict[int, tuple[KeyLayout, LayerInputs]] = {}  # layers sharing a layout share its masks
     layouts = []
-    # On a GPU one token's attention is two GEMMs (grouped_sdpa), not cuDNN's host-bound kernel;
+    # On a GPU one token's attention is grouped_sdpa (the flash-decoding kernel; torch's two
+    # products without Triton), not cuDNN's host-bound kernel;
     # on a CPU HF's sdpa stays (the evaluation's committed cells were decoded with it).
     with grouped_attention(adapter.config, enabled=hidden.device.type == "cuda"):
         for idx, layer in enumerate(adapter.layers):
