@@ -23,7 +23,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_bac
 
 from ..config import DashConfig
 from ..policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
-from .plan import HaltedOffsets, compacted_metadata, prompt_rows, step_plans
+from .plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans
 
 
 def setting_of(hf_config) -> DashConfig:
@@ -36,9 +36,10 @@ def setting_of(hf_config) -> DashConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int):
-    """``base`` (vLLM's attention backend) whose metadata builder serves the layers after gate
-    number ``gate``: the compacted batch's query starts, sequence lengths and KV slots."""
+def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int, at_gate: bool):
+    """``base`` (vLLM's attention backend) whose metadata builder serves the gate layer number
+    ``gate`` (``at_gate``: its prefilling requests still attend over every token entering it)
+    or the layers after it (the compacted batch): query starts, sequence lengths, KV slots."""
     base_builder = base.get_builder_cls()
 
     class Builder(base_builder):
@@ -55,18 +56,21 @@ def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int)
             plan = step_plans(query_lens, prompt, config, list(ratios))[gate]
             if not hasattr(self, "halted_offsets"):
                 self.halted_offsets = HaltedOffsets()
-            first_blocks = common.block_table_tensor[:common.num_reqs, 0]
-            offsets = self.halted_offsets.update(first_blocks, plan, self._num_blocks())
-            compact, slots = compacted_metadata(common, plan, offsets, self.kv_cache_spec.block_size)
-            metadata = super().build(0, compact, fast_build)
+            blocks = common.block_table_tensor[:common.num_reqs]
+            offsets = self.halted_offsets.update(blocks[:, 0], plan, self._num_blocks(), at_gate)
+            counts = plan.entering if at_gate else plan.leaving
+            layer, slots = layer_metadata(common, counts, prompt, offsets, self.kv_cache_spec.block_size)
+            metadata = super().build(0, layer, fast_build)
             metadata.dash_plan, metadata.dash_slots = plan, slots
+            metadata.dash_blocks = (blocks, self.kv_cache_spec.block_size)
             return metadata
 
         def _num_blocks(self) -> int:
             layer = self.vllm_config.compilation_config.static_forward_context[self.layer_names[0]]
             return layer.kv_cache.shape[0]
 
-    return subclass_attention_backend(f"DashGate{gate}", base, Builder)
+    name = f"DashGate{gate}{'At' if at_gate else 'After'}"
+    return subclass_attention_backend(name, base, Builder)
 
 
 def gate_attention(attention, positions: torch.Tensor, x: torch.Tensor):
@@ -108,13 +112,15 @@ class Halting:
                              "policy 'dash' (query-aware policies need their heads' scores summed across ranks)")
         self.gate_of = {layer: j for j, (layer, _) in enumerate(gates)}
         ratios = tuple(ratio for _, ratio in gates)
-        self.groups: list[list[str]] = []  # attention layer names after each gate, up to the next
+        # Attention layer names from each gate up to the next: the gate layer's own metadata first
+        # (its query is every token entering it), then the compacted batch's for the layers after.
+        self.groups: list[list[str]] = []
         for j, (layer, _) in enumerate(gates):
-            end = gates[j + 1][0] if j + 1 < len(gates) else num_layers - 1
+            end = gates[j + 1][0] if j + 1 < len(gates) else num_layers
             names = []
-            for index in range(layer + 1, end + 1):
+            for index in range(layer, end):
                 attention = model.layers[index].self_attn.attn
-                attention.attn_backend = gate_backend(attention.attn_backend, config, ratios, j)
+                attention.attn_backend = gate_backend(attention.attn_backend, config, ratios, j, index == layer)
                 names.append(attention.layer_name)
             self.groups.append(names)
 
@@ -123,14 +129,14 @@ class Halting:
         slots; None when the step has no attention metadata (vLLM's memory profiling)."""
         context = get_forward_context()
         metadata = context.attn_metadata
-        if not self.groups or not isinstance(metadata, dict) or self.groups[0][0] not in metadata:
+        if not self.groups or not isinstance(metadata, dict) or self.groups[0][0] not in metadata \
+                or context.slot_mapping is None:
             return None
         plans = []
         for names in self.groups:
-            built = metadata[names[0]]
-            plans.append(built.dash_plan)
+            plans.append((metadata[names[0]].dash_plan, metadata[names[0]].dash_blocks))
             for name in names:
-                context.slot_mapping[name] = built.dash_slots
+                context.slot_mapping[name] = metadata[name].dash_slots
         return plans
 
     def forward(self, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
@@ -149,26 +155,28 @@ class Halting:
             else:
                 x, residual = layer.input_layernorm(hidden, residual)
             update, q, k, v = gate_attention(layer.self_attn, positions, x)
-            plan = plans[gate]
+            plan, blocks = plans[gate]
             if plan.halts or update.shape[0] != sum(plan.entering):
-                keep = self.keep(plan, gate, layer.self_attn, update, residual, q, k, v, positions, survivors)
+                keep = self.keep(plan, blocks, gate, layer.self_attn, update, residual, q, k, v, positions, survivors)
                 update, residual, positions = update[keep], residual[keep], positions[keep]
                 origin = keep if origin is None else origin[keep]
             x, residual = layer.post_attention_layernorm(update, residual)
             hidden = layer.mlp(x)
         hidden, _ = model.norm(hidden, residual)
         if self.record is not None and survivors:
-            self.record.extend({"prompt_tokens": plans[0].prompt[r], "kept": [a.tolist() for a in alive]}
+            self.record.extend({"prompt_tokens": plans[0][0].prompt[r], "kept": [a.tolist() for a in alive]}
                                for r, alive in sorted(survivors.items()))
         if origin is None:
             return hidden
         return hidden.new_zeros(num_tokens, hidden.shape[-1]).index_copy_(0, origin, hidden)
 
-    def keep(self, plan, gate: int, attention, update, hidden, q, k, v, positions, survivors) -> torch.Tensor:
+    def keep(self, plan, blocks, gate: int, attention, update, hidden, q, k, v, positions, survivors) -> torch.Tensor:
         """Rows of the current batch computed after the gate: every token of a decoding request,
-        the chosen tokens of a prefilling one (same count on every tensor-parallel rank)."""
-        pieces, start = [], 0
+        the chosen tokens of a prefilling one (same count on every tensor-parallel rank). The
+        gate layer's cache keeps only the chosen tokens too, moved to its first logical slots."""
+        pieces, moved, slots, start = [], [], [], 0
         ratio = self.config.later_gates[gate - 1][1] if gate else self.config.halt_ratio
+        block_table, block_size = blocks
         for r, (entering, leaving, prompt) in enumerate(zip(plan.entering, plan.leaving, plan.prompt)):
             rows = torch.arange(start, start + entering, device=update.device)
             if leaving < entering:
@@ -181,14 +189,21 @@ class Halting:
                     positions=positions[part][None], scaling=attention.scaling)
                 alive = survivors.setdefault(r, [])  # the request's prompt indices kept at each gate so far
                 chosen = self.choose(context, prompt, ratio, alive[-1] if alive else None)
+                if self.tp_size > 1:  # every rank computes the same tokens: rank 0's choice is everyone's
+                    chosen = get_tp_group().broadcast(chosen, src=0)
                 alive.append(alive[-1][chosen] if alive else chosen)
                 rows = rows[chosen]
+                moved.append(rows)
+                slots.append(logical_slots(block_table[r].expand(leaving, -1),
+                                           torch.arange(leaving, device=rows.device), block_size))
             pieces.append(rows)
             start += entering
-        keep = torch.cat(pieces)
-        if self.tp_size > 1:  # every rank computes the same tokens: rank 0's choice is everyone's
-            keep = get_tp_group().broadcast(keep, src=0)
-        return keep
+        if moved:  # the gate layer caches the chosen tokens at logical slots 0..k-1, as later layers do
+            layer, moved = attention.attn, torch.cat(moved)
+            layer.impl.do_kv_cache_update(layer, k[moved].view(-1, layer.num_kv_heads, layer.head_size),
+                                          v[moved].view(-1, layer.num_kv_heads, layer.head_size),
+                                          layer.kv_cache, torch.cat(slots))
+        return torch.cat(pieces)
 
     def choose(self, context: ScoreContext, prompt: int, ratio: float, alive: torch.Tensor | None) -> torch.Tensor:
         """Indices (ascending) among the tokens entering the gate of the ones one request keeps:

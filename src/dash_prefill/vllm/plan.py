@@ -73,48 +73,62 @@ class HaltedOffsets:
     def __init__(self):
         self.table: torch.Tensor | None = None
 
-    def update(self, first_blocks: torch.Tensor, plan: GatePlan, num_blocks: int) -> torch.Tensor:
-        """Record this step's prefilling requests; -> (num_reqs,) offsets of every request."""
+    def update(self, first_blocks: torch.Tensor, plan: GatePlan, num_blocks: int, at_gate: bool) -> torch.Tensor:
+        """Record this step's prefilling requests; -> (num_reqs,) each request's offset between
+        its tokens and the logical slots of this layer's cache. At the gate layer itself
+        (``at_gate``) a prefilling request still caches every token entering the gate (its
+        attention scores them all); the model moves the survivors down after choosing them."""
         device = first_blocks.device
         if self.table is None or self.table.device != device or self.table.numel() < num_blocks:
             self.table = torch.zeros(num_blocks, dtype=torch.long, device=device)
         rows = [r for r, t in enumerate(plan.prompt) if t]
-        if rows:
-            halted = [plan.prompt[r] - k for r, k in zip(rows, (plan.leaving[r] for r in rows))]
-            index = first_blocks[torch.tensor(rows, device=device)]
-            self.table[index] = torch.tensor(halted, dtype=torch.long, device=device)
-        return self.table[first_blocks]
+        if not rows:
+            return self.table[first_blocks]
+        rows_tensor = torch.tensor(rows, device=device)
+        self.table[first_blocks[rows_tensor]] = torch.tensor([plan.prompt[r] - plan.leaving[r] for r in rows],
+                                                             dtype=torch.long, device=device)
+        offsets = self.table[first_blocks]
+        if at_gate:
+            offsets[rows_tensor] = torch.tensor([plan.prompt[r] - plan.entering[r] for r in rows],
+                                                dtype=torch.long, device=device)
+        return offsets
 
 
-def compacted_metadata(common, plan: GatePlan, offsets: torch.Tensor, block_size: int):
-    """The CommonAttentionMetadata of the layers after a gate: each request's query holds the
-    tokens it computes there (``plan.leaving``), its keys are ``seq_len - offset`` and new keys
-    go to logical slots ``seq_len - offset - query_len ...`` of its blocks.
+def layer_metadata(common, counts: list[int], prompt: list[int], offsets: torch.Tensor, block_size: int):
+    """The CommonAttentionMetadata of a layer at or after a gate: each request's query holds the
+    ``counts`` tokens it computes there, its keys are ``seq_len - offset`` and new keys go to
+    logical slots ``seq_len - offset - count ...`` of its blocks.
 
-    common : vLLM's CommonAttentionMetadata of the step; offsets : (num_reqs,) T - k per request.
-    Returns (metadata, slot_mapping) with slot_mapping (tokens after the gate,) int64.
+    common : vLLM's CommonAttentionMetadata of the step; prompt : T of each prefilling request, 0
+    for a decoding one; offsets : (num_reqs,) from ``HaltedOffsets.update``.
+    Returns (metadata, slot_mapping) with slot_mapping (tokens in this layer,) int64.
     """
     device = common.seq_lens.device
-    leaving = torch.tensor(plan.leaving, dtype=torch.int32)
-    starts_cpu = torch.zeros(len(plan.leaving) + 1, dtype=torch.int32)
-    starts_cpu[1:] = leaving.cumsum(0)
+    counts_cpu = torch.tensor(counts, dtype=torch.int32)
+    starts_cpu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    starts_cpu[1:] = counts_cpu.cumsum(0)
     num_tokens = int(starts_cpu[-1])
     starts = starts_cpu.to(device, non_blocking=True)
     seq_lens = common.seq_lens - offsets.to(common.seq_lens.dtype)
-    row = torch.repeat_interleave(torch.arange(len(plan.leaving), device=device),
-                                  leaving.to(device, non_blocking=True), output_size=num_tokens)
+    row = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                  counts_cpu.to(device, non_blocking=True), output_size=num_tokens)
     logical = (seq_lens[row] - (starts[row + 1] - starts[row]) +
                torch.arange(num_tokens, device=device) - starts[row]).long()
-    blocks = common.block_table_tensor[row, logical // block_size].long()
-    slots = blocks * block_size + logical % block_size
-    upper = getattr(common, "seq_lens_cpu_upper_bound", None)
+    slots = logical_slots(common.block_table_tensor[row], logical, block_size)
     changes = dict(query_start_loc=starts, query_start_loc_cpu=starts_cpu, seq_lens=seq_lens,
-                   num_actual_tokens=num_tokens, max_query_len=max(plan.leaving, default=0),
-                   slot_mapping=slots)
-    if upper is not None:
+                   num_actual_tokens=num_tokens, max_query_len=max(counts, default=0), slot_mapping=slots)
+    upper = getattr(common, "seq_lens_cpu_upper_bound", None)
+    if upper is not None:  # exact for prefilling requests, an upper bound for the others
         changes["seq_lens_cpu_upper_bound"] = torch.tensor(
-            [k if t else int(u) for k, t, u in zip(plan.leaving, plan.prompt, upper.tolist())], dtype=upper.dtype)
+            [n if t else int(u) for n, t, u in zip(counts, prompt, upper.tolist())], dtype=upper.dtype)
     for name in ("_seq_lens_cpu", "_num_computed_tokens_cpu", "positions"):
         if getattr(common, name, None) is not None:  # derived host copies: let vLLM recompute them
             changes[name] = None
     return common.replace(**changes), slots
+
+
+def logical_slots(block_rows: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
+    """KV-cache slots of ``logical`` indices (tokens,) in the requests whose block-table rows are
+    ``block_rows`` (tokens, max_blocks)."""
+    blocks = block_rows.gather(1, (logical // block_size)[:, None])[:, 0].long()
+    return blocks * block_size + logical % block_size
