@@ -209,6 +209,7 @@ def test_a_kept_decoder_leaves_its_buffers_to_the_next_one_of_the_same_shapes(on
     release_buffers(model)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU the compiled step is graphed and keeps its buffers, by design")
 def test_compiled_decoding_keeps_no_buffers_where_it_runs_eagerly(one_thread):
     model = build_model("llama")
     release_buffers(model)
