@@ -28,8 +28,11 @@ def test_demo_needle_is_answered_with_and_without_halting(smollm2, halt_ratio):
     assert result.stats.halted_tokens[0] == int(halt_ratio * result.stats.prompt_tokens[0])
 
 
-def test_demo_command_prints_the_comparison_table(capsys):
-    assert main(["demo", "--tokens", "1500", "--repeats", "1", "--max-new-tokens", "12"]) == 0
+def test_demo_command_prints_the_comparison_table(smollm2, capsys, monkeypatch):
+    from dash_prefill import cli
+
+    monkeypatch.setattr(cli, "_load", lambda name, dtype: smollm2)  # loaded once for the module
+    assert main(["demo", "--tokens", "600", "--repeats", "1", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     for row in ("prompt tokens", "time to first token, plain", "time to first token, DASH",
                 "speedup (measured)", "speedup (ideal, cost model)", "tokens halted",

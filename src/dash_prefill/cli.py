@@ -98,6 +98,8 @@ def default_threads() -> int:
 
     from .bench.timing import OtherLoad
 
+    if torch.get_num_threads() == 1:  # nothing to leave out (OMP_NUM_THREADS=1, a 1-core machine)
+        return 1
     with OtherLoad() as load:
         time.sleep(0.1)
     if load.cores is None:
