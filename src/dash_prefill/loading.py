@@ -373,6 +373,11 @@ def _check_model_dir(path: Path) -> None:
         raise ModelNotFoundError(f"{path} has no tokenizer files (tokenizer.json, ...); {fix}")
 
 
+def registry_folder(spec: RegistryModel) -> Path:
+    """The converted HF folder of a registry model (converted on first use)."""
+    return Path(_registry_checkpoint(spec))
+
+
 def _registry_checkpoint(spec: RegistryModel) -> str:
     """Return the converted checkpoint dir for ``spec``, converting it on first use."""
     target = cache_dir() / spec.cache_name

@@ -100,28 +100,56 @@ def check_engine(vllm_config) -> None:
         raise ValueError("DASH runs with pipeline_parallel_size=1; use tensor parallelism to split a model")
     if vllm_config.speculative_config is not None:
         raise ValueError("DASH does not run with speculative decoding: remove speculative_config")
-    setting_of(model_config.hf_config)  # a bad setting fails here, with DashConfig's own message
+    setting_of(model_config.hf_config, parallel.tensor_parallel_size)  # a bad setting fails here
 
 
-def engine_args(model: str | Path, setting: DashConfig | None = None) -> dict:
-    """The keyword arguments of ``vllm.LLM`` (or ``EngineArgs``) that run ``model`` (a local HF
-    folder) with DASH: ``hf_overrides`` naming the DASH architecture and carrying ``setting``,
-    and the engine options DASH needs (``ENGINE_OPTIONS``). ValueError for an unsupported
-    architecture or a missing folder."""
-    if not isinstance(setting, DashConfig):
-        raise ValueError(f"setting must be a DashConfig, e.g. DashConfig(halt_ratio=0.5, start_layer=8); "
-                         f"got {type(setting).__name__}")
-    config_file = Path(model) / "config.json"
+def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> dict:
+    """The keyword arguments of ``vllm.LLM`` (or ``EngineArgs``) that run ``model`` with DASH.
+
+    model : a registry name (``"smollm2-135m"``: its converted folder) or a local HF model folder.
+    setting : a DashConfig, a label (``"dash@0.5/d0.4"``), or None for the model's recommended
+        setting (:func:`dash_prefill.recommended_config`).
+    Returns ``model``, ``hf_overrides`` naming the DASH architecture and carrying the setting, and
+    the engine options DASH needs (``ENGINE_OPTIONS``). ValueError for an unsupported architecture,
+    a folder without a config.json or a bad setting.
+    """
+    from ..loading import REGISTRY, cache_dir, registry_folder
+    from ..profiles import recommended_config
+
+    spec = REGISTRY.get(str(model))
+    folder = registry_folder(spec) if spec is not None else Path(model)
+    config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{model} is not a model folder with a config.json: give vLLM's model path")
+        raise ValueError(f"{model} is neither a registry model ({', '.join(REGISTRY)}) nor a model folder with a "
+                         "config.json: give vLLM's model path")
+    if spec is None:  # a registry model's own cache folder keeps its profile
+        spec = next((s for s in REGISTRY.values() if (cache_dir() / s.cache_name).resolve() == folder.resolve()), None)
+    if setting is None:
+        setting = recommended_config(_ModelRef(folder, spec))
+    elif isinstance(setting, str):
+        setting = DashConfig.from_label(setting)
+    elif not isinstance(setting, DashConfig):
+        raise ValueError(f"setting must be a DashConfig, a label such as 'dash@0.5/d0.4', or None; "
+                         f"got {type(setting).__name__}")
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     dash = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
     if not dash:
-        raise ValueError(f"DASH in vLLM supports {', '.join(ARCHITECTURES)}; {model} is {', '.join(architectures) or 'unknown'}")
-    return {"hf_overrides": {"architectures": dash[:1], "dash": setting.as_dict()}, **ENGINE_OPTIONS}
+        raise ValueError(f"DASH in vLLM supports {', '.join(ARCHITECTURES)}; {model} is "
+                         f"{', '.join(architectures) or 'of no declared architecture'}")
+    return {"model": str(folder), "hf_overrides": {"architectures": dash[:1], "dash": {"label": setting.label}},
+            **ENGINE_OPTIONS}
 
 
-def serve_flags(model: str | Path, setting: DashConfig) -> list[str]:
-    """The same as ``vllm serve`` command-line flags."""
+class _ModelRef:
+    """What :func:`dash_prefill.recommended_config` reads of a model, for one vLLM will load."""
+
+    def __init__(self, folder: Path, spec):
+        self.config = type("Config", (), {"_name_or_path": str(folder)})()
+        if spec is not None:
+            self.dash_prefill_spec = spec
+
+
+def serve_flags(model: str | Path, setting: DashConfig | str | None = None) -> list[str]:
+    """The same as ``vllm serve`` command-line flags (after the model path)."""
     overrides = engine_args(model, setting)["hf_overrides"]
     return ["--hf-overrides", json.dumps(overrides), *CLI_FLAGS]

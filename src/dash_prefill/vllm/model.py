@@ -26,13 +26,23 @@ from ..policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scor
 from .plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans
 
 
-def setting_of(hf_config) -> DashConfig:
-    """The DashConfig given to vLLM as ``hf_overrides={"dash": {...}}`` (DashConfig fields)."""
+def setting_of(hf_config, tensor_parallel_size: int = 1) -> tuple[DashConfig, list[tuple[int, float]]]:
+    """The DashConfig given to vLLM as ``hf_overrides={"dash": {"label": ...}}`` (or its fields) and
+    its gates on this model; ValueError saying what to change for one DASH cannot run."""
     fields = getattr(hf_config, "dash", None)
     if not isinstance(fields, dict):
-        raise ValueError('DASH in vLLM needs its setting: hf_overrides={"dash": {...DashConfig fields...}} '
-                         "(dash_prefill.vllm.engine_args builds it)")
-    return DashConfig(**fields)
+        raise ValueError('DASH in vLLM needs its setting: hf_overrides={"dash": {"label": "dash@0.5/d0.4"}} '
+                         "or DashConfig fields (dash_prefill.vllm.engine_args builds it)")
+    config = DashConfig.from_label(fields["label"]) if set(fields) == {"label"} else DashConfig(**fields)
+    num_layers = hf_config.get_text_config().num_hidden_layers
+    gates = config.resolve_gates(num_layers) if config.scores_tokens else []
+    if gates and gates[-1][0] >= num_layers - 1:
+        raise ValueError(f"a gate at the last layer ({gates[-1][0]}) halts nothing: put every gate before "
+                         f"layer {num_layers - 1}")
+    if tensor_parallel_size > 1 and POLICIES[config.policy].query_aware:
+        raise ValueError(f"policy {config.policy!r} reads every attention head; with tensor parallelism use "
+                         "policy 'dash' (query-aware policies need their heads' scores summed across ranks)")
+    return config, gates
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,18 +108,11 @@ class Halting:
 
     def __init__(self, model, vllm_config):
         self.model = model
-        hf_config = vllm_config.model_config.hf_config
-        self.config = config = setting_of(hf_config)
-        num_layers = len(model.layers)
-        gates = config.resolve_gates(num_layers) if config.scores_tokens else []
-        self.record: list | None = None  # set to [] to record each prefilled prompt's survivors per gate
-        if gates and gates[-1][0] >= num_layers - 1:
-            raise ValueError(f"a gate at the last layer ({gates[-1][0]}) halts nothing: put every gate before "
-                             f"layer {num_layers - 1}")
         self.tp_size = get_tp_group().world_size
-        if self.tp_size > 1 and POLICIES[config.policy].query_aware:
-            raise ValueError(f"policy {config.policy!r} reads every attention head; with tensor parallelism use "
-                             "policy 'dash' (query-aware policies need their heads' scores summed across ranks)")
+        config, gates = setting_of(vllm_config.model_config.hf_config, self.tp_size)
+        self.config = config
+        num_layers = len(model.layers)
+        self.record: list | None = None  # set to [] to record each prefilled prompt's survivors per gate
         self.gate_of = {layer: j for j, (layer, _) in enumerate(gates)}
         ratios = tuple(ratio for _, ratio in gates)
         # Attention layer names from each gate up to the next: the gate layer's own metadata first
