@@ -17,7 +17,7 @@ TWO_GATES="attention@0.3/s9/p47o16+0.75/s16"   # EVAL.md's Qwen two-gate setting
 for step in "$@"; do
   case $step in
     check)
-      timeout 300 python3 scripts/vllm_check.py --device cuda --dtypes bfloat16 --out "$out/check" > "$out/check.log" 2>&1
+      timeout 300 python3 scripts/vllm_check.py --device cuda --dtypes ${CHECK_DTYPES:-bfloat16} --out "$out/check" > "$out/check.log" 2>&1
       grep "^|" "$out/check.log" ;;
     ttft)
       timeout ${TTFT_LIMIT:-330} python3 scripts/bench_vllm.py ttft --arch llama-3.1-8b --lengths ${LENGTHS:-8192,32768,131000} \

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=8192, vocab_size=32000, bos_token_id=1, eos_token_id=2)
-SETTINGS = ["dash@0.5/s3", "attention@0.3/s2/p15o4+0.75/s5"]
+SETTINGS = os.environ.get("CHECK_SETTINGS", "dash@0.5/s3,attention@0.3/s2/p15o4+0.75/s5").split(",")
 
 
 def tiny_model(family: str, folder: Path):
@@ -35,7 +35,7 @@ def tiny_model(family: str, folder: Path):
     model = model_class(config_class(**SHAPE)).eval()
     with torch.no_grad():  # spread the weights so scores and logits differ clearly
         for parameter in model.parameters():
-            parameter.mul_(4.0 if parameter.dim() > 1 else 1.0)
+            parameter.mul_(float(os.environ.get("CHECK_SCALE", "4")) if parameter.dim() > 1 else 1.0)
     model.save_pretrained(folder)
     return model
 
@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", required=True)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--vllm-results", help="compare these runner results (from another machine) instead of running vLLM")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,9 +87,12 @@ def main(argv=None) -> None:
                                     mixed={"short": data["short"], "long": data["long"], "steps_before": 2}))
     spec, results_file = out / "spec.json", out / "vllm_results.json"
     spec.write_text(json.dumps({"engines": engines}))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), str(spec), str(results_file)],
-                   env=env, check=True, timeout=1800)
+    if args.vllm_results:
+        results_file = Path(args.vllm_results)
+    else:
+        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), str(spec), str(results_file)],
+                       env=env, check=True, timeout=1800)
     served = json.loads(results_file.read_text())
     rows = []
     for engine in engines:
@@ -103,7 +107,7 @@ def main(argv=None) -> None:
         row = dict(name=engine["name"], kept_equal=0, kept_total=0, kept_jaccard=[], agree=[], mixed_equal=None)
         for ids, got in zip(data["long"], result["alone"]):
             input_ids = torch.tensor([ids], device=args.device)
-            for gate, kept in zip(gates, got["kept"]):
+            for gate, kept in zip(gates, got["kept"] or []):  # None: nothing halted
                 hf = dp.prefill(model, input_ids, gate).active_mask[0].nonzero()[:, 0].tolist()
                 row["kept_total"] += 1
                 row["kept_equal"] += hf == kept
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
             print(f"| {family} | {dtype} | {label} | error: {row['error'][:120]} | | | |")
             continue
         print(f"| {family} | {dtype} | {label} | {row['kept_equal']}/{row['kept_total']} | "
-              f"{min(row['kept_jaccard']):.4f} | {row['agree']} | {row['mixed_equal']} |")
+              f"{min(row['kept_jaccard'], default=1.0):.4f} | {row['agree']} | {row['mixed_equal']} |")
 
 
 if __name__ == "__main__":
