@@ -10,23 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 
-# Whether every name==version line of the requirements file $1 is installed at that version.
-pinned() {
-  .venv/bin/python - "$1" <<'PY'
-import re, sys
-from importlib.metadata import PackageNotFoundError, version
-for line in open(sys.argv[1]):
-    line = line.split("#")[0].strip()
-    match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line)
-    if line and not match:
-        sys.exit(1)  # not a plain pin: let pip decide
-    try:
-        if match and version(match[1]).split("+")[0] != match[2]:  # 2.13.0+cpu is 2.13.0
-            sys.exit(1)
-    except PackageNotFoundError:
-        sys.exit(1)
-PY
-}
+pinned() { .venv/bin/python scripts/pins_installed.py "$1"; }  # every pin of file $1 installed
 
 # install WHAT FILE [pip options]: pip only when a pin is missing; pip then shows what it fetches.
 install() {
