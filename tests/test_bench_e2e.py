@@ -27,7 +27,7 @@ def tiny_arch(monkeypatch, one_thread):
 def test_new_tokens_times_every_method_and_each_decodes_n_tokens(tiny_arch, tmp_path, capsys):
     # 96 tokens > 4 + 64 protected: ρ=0.5 really halts some tokens.
     argv = ["bench", "--arch", tiny_arch, "--new-tokens", "3", "--lengths", "96", "--device", "cpu",
-            "--repeats", "1", "--warmup", "0", "--settings", "0.4:0.5", "--out", str(tmp_path)]
+            "--repeats", "1", "--warmup", "0", "--settings", "d0.4:0.5", "--out", str(tmp_path)]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     for title in ("TTFT s", "decode ms/tok", "total s", "floor ms/tok", "tokens"):
@@ -123,7 +123,7 @@ def test_the_clock_syncs_only_at_its_marks_and_sees_tokens_as_streamer_or_proces
 
 def test_methods_option_times_only_the_named_methods(tiny_arch, tmp_path):
     argv = ["bench", "--arch", tiny_arch, "--new-tokens", "2", "--lengths", "80", "--device", "cpu", "--repeats",
-            "1", "--warmup", "0", "--settings", "0.4:0.5", "--methods", "dash-static,hf", "--out", str(tmp_path)]
+            "1", "--warmup", "0", "--settings", "d0.4:0.5", "--methods", "dash-static,hf", "--out", str(tmp_path)]
     assert cli_main(argv) == 0
     rows = json.loads((tmp_path / "bench_e2e.json").read_text())[1:]
     assert [(r["method"], r["halt_ratio"]) for r in rows] == [("hf", 0.0), ("dash-static", 0.0), ("dash-static", 0.5)]
