@@ -44,7 +44,7 @@ def model_folder(arch: str, max_len: int) -> str:
 def build(arch: str, setting: str, max_len: int, batched_tokens: int | None = None):
     from vllm import LLM
 
-    from dash_prefill.config import DashConfig
+    from dash_prefill.core.config import DashConfig
     from dash_prefill.vllm import ENGINE_OPTIONS, engine_args
 
     folder = model_folder(arch, max_len)
@@ -64,8 +64,8 @@ def build(arch: str, setting: str, max_len: int, batched_tokens: int | None = No
 def ideal(arch: str, setting: str, length: int) -> float:
     """The FLOP ideal speedup of ``setting`` over plain prefill at ``length`` tokens."""
     from dash_prefill.bench.shapes import arch_config
-    from dash_prefill.config import DashConfig
-    from dash_prefill.cost import ideal_speedup
+    from dash_prefill.core.config import DashConfig
+    from dash_prefill.core.cost import ideal_speedup
     from dash_prefill.vllm.plan import kept_tokens
 
     if setting in ("vllm", "plain"):

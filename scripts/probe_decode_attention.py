@@ -15,8 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dash_prefill.decode import products_attention
-from dash_prefill.flash_decode import flash_decode, parts_for, sm_count
+from dash_prefill.hf.decode import products_attention
+from dash_prefill.hf.flash_decode import flash_decode, parts_for, sm_count
 
 LAYERS, HEADS, KV_HEADS, DIM = 32, 32, 8, 128
 

@@ -14,7 +14,7 @@ import torch
 from dash_prefill import DashConfig, prefill
 from dash_prefill.bench.shapes import build_random_model
 from dash_prefill.bench.timing import random_ids
-from dash_prefill.decode import decode_step
+from dash_prefill.hf.decode import decode_step
 
 
 def main(arch="llama-3.1-8b", length="32768"):

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import dash_prefill.static_decode as sd
+import dash_prefill.hf.static_decode as sd
 from dash_prefill import DashConfig, prefill
 from dash_prefill.bench.shapes import build_random_model
 from dash_prefill.bench.timing import random_ids

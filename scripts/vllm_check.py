@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import dash_prefill as dp
-    from dash_prefill.config import DashConfig
+    from dash_prefill.core.config import DashConfig
 
     data = prompts()
     everything = data["long"] + data["short"]

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, prefill
 from dash_prefill.bench import cli, runner, shapes
-from dash_prefill.adapters import output_cache
+from dash_prefill.hf.adapters import output_cache
 from dash_prefill.bench.hooks import hooks_prefill
 from dash_prefill.bench.timing import cache_bytes, measure, plain_method
 
@@ -41,7 +41,7 @@ def test_start_layers_written_with_d_are_fractions_and_bare_ints_are_indices():
     args = _parse(["--arch", "smollm2-135m", "--start-layer", "d0.4,12", "--settings", "d0.25:0.75,3:0.5"])
     assert args.start_layer == [0.4, 12]
     assert args.settings == [(0.25, 0.75), (3, 0.5)]
-    from dash_prefill.config import start_layer_index
+    from dash_prefill.core.config import start_layer_index
     assert start_layer_index(0.4, 32) == 12 and start_layer_index(12, 32) == 12
     with pytest.raises(ValueError, match="beyond the model"):
         start_layer_index(40, 32)
@@ -247,7 +247,7 @@ def test_bad_later_gates_are_one_clear_line(tiny_arch, capsys, extra, message):
 
 def test_a_bench_policy_with_a_shifted_span_times_the_engine_with_that_offset(tiny_arch):
     from dash_prefill.bench.timing import dash_method
-    from dash_prefill.config import policy_config
+    from dash_prefill.core.config import policy_config
 
     model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 400))
     shifted_config = policy_config("attention/p15o6", 0.5, 1)

@@ -8,7 +8,7 @@ from conftest import build_model, random_ids
 from dash_prefill import DashConfig
 from dash_prefill.calibrate import (Budget, BudgetNotMetError, CalibrationPrompt, choose, front,
                                     measure, read_prompts, settings_grid, write_profile)
-from dash_prefill.profiles import recommendation, recommended_config, user_profile_path
+from dash_prefill.core.profiles import recommendation, recommended_config, user_profile_path
 
 
 def _row(label, speedup, kl, agreement=1.0):

@@ -206,7 +206,7 @@ def test_importing_the_package_leaves_torch_dynamo_out():
 
 def test_the_package_names_resolve_on_first_use_and_prefill_stays_the_function():
     import dash_prefill
-    import dash_prefill.prefill  # noqa: F401 (the submodule of the same name)
+    import dash_prefill.hf.prefill  # noqa: F401 (the submodule of the same name)
 
     assert callable(dash_prefill.prefill) and dash_prefill.prefill.__name__ == "prefill"
     assert all(getattr(dash_prefill, name) for name in dash_prefill.__all__)

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import FAMILIES
-from dash_prefill.cost import attended_pairs, ideal_speedup, prefill_flops
+from dash_prefill.core.cost import attended_pairs, ideal_speedup, prefill_flops
 
 
 def test_plain_prefill_has_unit_speedup():
@@ -40,7 +40,7 @@ def test_a_later_gate_costs_the_tokens_entering_each_layer():
     """Layer by layer by hand: 4 layers, gates at 1 (keep 1/2) and 2 (keep 1/4), 64 tokens."""
     from transformers import LlamaConfig
 
-    from dash_prefill.cost import attended_pairs, prefill_flops
+    from dash_prefill.core.cost import attended_pairs, prefill_flops
 
     config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=10)

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
-from dash_prefill.policy import Eligibility
+from dash_prefill.core.policy import Eligibility
 
 pytestmark = pytest.mark.skipif(os.environ.get("DASH_TEST_DEVICE") != "cuda",
                                 reason="needs DASH_TEST_DEVICE=cuda")

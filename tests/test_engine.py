@@ -6,8 +6,8 @@ from torch.testing import assert_close
 
 from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
-from dash_prefill.cost import ideal_speedup
-from dash_prefill.policy import POLICIES
+from dash_prefill.core.cost import ideal_speedup
+from dash_prefill.core.policy import POLICIES
 from reference import attention_at, reference_forward, start_layer_scores, top_tokens, update_norms
 from reference import policy_scores as reference_policy_scores
 
@@ -182,7 +182,7 @@ def test_bfloat16_prefill_stays_close_to_float32():
 
 
 def test_every_family_is_covered_by_the_tiny_models():
-    from dash_prefill.adapters import ADAPTERS
+    from dash_prefill.hf.adapters import ADAPTERS
     types = {FAMILIES[f][1]().model_type for f in FAMILIES}
     assert types == set(ADAPTERS)
 
@@ -223,7 +223,7 @@ def test_each_policy_keeps_the_tokens_its_scores_from_the_models_own_forward_sel
 def test_each_sliding_layer_records_its_own_keys_even_where_object_ids_repeat(monkeypatch):
     # A freed layout's id() can be given to a new one. Every id() made equal stands for that:
     # the layers after each of three gates must still record the keys their caches hold.
-    import dash_prefill.prefill as engine
+    import dash_prefill.hf.prefill as engine
     model = build_model("gemma3")  # layers 0, 1 and 3 slide over 8 tokens
     ids = random_ids(1, SEQ)
     config = DashConfig(halt_ratio=0.25, start_layer=1, protect_first=1, protect_last=2,
@@ -279,7 +279,7 @@ def test_accelerate_dispatched_model_gives_the_same_prefill_and_decoding():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_teacher_forced_tokens_give_the_logits_of_decoding_them_one_by_one(family, padded):
-    from dash_prefill.decode import extend
+    from dash_prefill.hf.decode import extend
     model = build_model(family)
     ids = random_ids(2, SEQ)
     mask = None

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, prefill
-from dash_prefill.generation import generate
+from dash_prefill.hf.generation import generate
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -120,7 +120,7 @@ def test_generate_rejects_float_token_ids_naming_the_type():
 
 
 def test_generate_checks_the_start_layer_before_the_prefill(monkeypatch):
-    import dash_prefill.generation as generation
+    import dash_prefill.hf.generation as generation
 
     monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefill ran"))
     with pytest.raises(ValueError, match=r"start_layer=9 is beyond the model, which has 4 layers"):

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import COMMON
 from dash_prefill import prefill
-from dash_prefill.config import DashConfig
+from dash_prefill.core.config import DashConfig
 from dash_prefill.eval import cli, runner
 from dash_prefill.eval.fidelity import evaluate_fidelity
 from dash_prefill.eval.report import summarize, write_report

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from dash_prefill.flash_decode import MIN_KEYS_PER_PART, flash_decode, parts_for  # noqa: E402
+from dash_prefill.hf.flash_decode import MIN_KEYS_PER_PART, flash_decode, parts_for  # noqa: E402
 
 CUDA = os.environ.get("DASH_TEST_DEVICE") == "cuda"
 

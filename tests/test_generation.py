@@ -4,7 +4,7 @@ import torch
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig
-from dash_prefill.generation import generate
+from dash_prefill.hf.generation import generate
 from test_errors import _Tokenizer
 from test_hf_generate import _Collect
 
@@ -67,7 +67,7 @@ class _ChatTokenizer(_Tokenizer):
 
 def test_chat_true_prefills_the_prompt_as_a_chat_user_turn():
     import pytest
-    from dash_prefill.generation import chat_prompt
+    from dash_prefill.hf.generation import chat_prompt
 
     model, tokenizer = build_model("llama"), _ChatTokenizer()
     config = DashConfig(halt_ratio=0.0)

@@ -64,7 +64,7 @@ def test_cli_reads_the_prompt_from_stdin(tmp_path, monkeypatch, capsys):
 
 def test_cli_inspects_the_prompt_that_run_would_prefill(tmp_path, monkeypatch, capsys):
     from dash_prefill import cli
-    from dash_prefill.generation import chat_prompt, encode_prompts
+    from dash_prefill.hf.generation import chat_prompt, encode_prompts
 
     class ChatTokenizer(CharTokenizer):
         chat_template = "{{ messages }}"

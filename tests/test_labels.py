@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dash_prefill import DashConfig
-from dash_prefill.policy import POLICIES
+from dash_prefill.core.policy import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def test_committed_results_are_found_under_their_labels():
 
 
 def test_calibration_profiles_and_rows_are_labelled_by_their_settings():
-    paths = [*ROOT.glob("src/dash_prefill/profiles/*.json"), *ROOT.glob("results/calibration/**/*.json")]
+    paths = [*ROOT.glob("src/dash_prefill/core/profiles/*.json"), *ROOT.glob("results/calibration/**/*.json")]
     assert len(paths) >= 10
     for path in paths:
         data = json.loads(path.read_text())
@@ -172,7 +172,7 @@ def test_the_readme_writes_labels_and_start_options_the_tools_accept_and_names_t
     assert len(labels) >= 5
     for label in labels:
         assert DashConfig.from_label(label).label == label
-    for path in ROOT.glob("src/dash_prefill/profiles/*.json"):
+    for path in ROOT.glob("src/dash_prefill/core/profiles/*.json"):
         assert f"`{json.loads(path.read_text())['label']}`" in readme, path.name
     for start in re.findall(r"--start-layer (\S+?)[\]`\s]", readme):
         if start != "7|d0.4":

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import COMMON, random_ids
 from dash_prefill import DashConfig, prefill
-from dash_prefill.generation import plain_prefill
+from dash_prefill.hf.generation import plain_prefill
 
 SEQ, HIDDEN = 512, 256
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dash_prefill import DashConfig
-from dash_prefill.policy import (POLICIES, delta_norm, halted_count, random_scores, select_active, span_max,
+from dash_prefill.core.policy import (POLICIES, delta_norm, halted_count, random_scores, select_active, span_max,
                                  window_attention)
 
 

@@ -11,8 +11,9 @@ import torch
 
 from conftest import build_model, random_ids
 import dash_prefill
-from dash_prefill import DashConfig, cli, demo, generate, prefill, profiles, recommended_config
-from dash_prefill.profiles import Recommendation, recommendation
+from dash_prefill import DashConfig, cli, demo, generate, prefill, recommended_config
+from dash_prefill.core import profiles
+from dash_prefill.core.profiles import Recommendation, recommendation
 from dash_prefill.loading import REGISTRY
 from test_errors import _Tokenizer as CharTokenizer
 

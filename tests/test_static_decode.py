@@ -12,8 +12,8 @@ import torch
 
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
-from dash_prefill.generation import generate
-from dash_prefill.static_decode import _KEPT, GraphedStep, StaticDecoder, release_buffers, static_step
+from dash_prefill.hf.generation import generate
+from dash_prefill.hf.static_decode import _KEPT, GraphedStep, StaticDecoder, release_buffers, static_step
 from test_errors import _Tokenizer
 from test_vlm import GRIDS
 from vlms import BUILDERS, build_vlm, vlm_inputs
@@ -130,7 +130,7 @@ def test_grouped_sdpa_equals_hf_sdpa_which_repeats_the_keys():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from dash_prefill.decode import grouped_sdpa
+    from dash_prefill.hf.decode import grouped_sdpa
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
@@ -277,7 +277,7 @@ def test_an_unknown_static_decode_mode_is_one_clear_error(mode):
 @pytest.fixture
 def grouped_calls(monkeypatch):
     """The key shapes of every call of the registered grouped attention."""
-    import dash_prefill.decode as decode
+    import dash_prefill.hf.decode as decode
 
     calls, real = [], decode.grouped_sdpa
 
@@ -289,7 +289,7 @@ def grouped_calls(monkeypatch):
 
 
 def test_eager_decoding_uses_grouped_sdpa_on_a_gpu_only(grouped_calls):
-    from dash_prefill.decode import decode_step
+    from dash_prefill.hf.decode import decode_step
 
     model = build_model("llama")
     for ratio in (0.0, 0.5):  # unmasked and masked steps
@@ -310,7 +310,7 @@ def test_the_static_step_calls_grouped_sdpa_on_every_layer_and_restores_sdpa(gro
 
 
 def test_every_layers_slots_are_aligned_and_hold_the_cache_plus_the_new_tokens():
-    from dash_prefill.static_decode import SLOT_ALIGN
+    from dash_prefill.hf.static_decode import SLOT_ALIGN
 
     model = build_model("gemma3")  # sliding layers hold fewer keys than full ones
     state = prefill(model, random_ids(1, 27), _config(0.5))

@@ -23,9 +23,9 @@ from transformers import (
 )
 from transformers.vision_utils import get_vision_window_index
 
-from dash_prefill.config import DashConfig
-from dash_prefill.policy import random_scores
-from dash_prefill.vision import find_vision_tower, halted_vision
+from dash_prefill.core.config import DashConfig
+from dash_prefill.core.policy import random_scores
+from dash_prefill.hf.vision import find_vision_tower, halted_vision
 
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)

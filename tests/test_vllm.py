@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dash_prefill as dp
-from dash_prefill.config import DashConfig
+from dash_prefill.core.config import DashConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("DASH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -86,6 +86,8 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
         dict(name="two-gates", model=path, dash=TWO_GATES.as_dict(), alone=prompts["long"]),
         dict(name="qwen2", model=str(tiny_qwen2[1]), dash=DashConfig(halt_ratio=0.5, start_layer=2).as_dict(),
              alone=prompts["long"]),
+        dict(name="preempt", model=path, dash=ONE_GATE.as_dict(), engine={"num_gpu_blocks_override": 15}, max_model_len=1536,
+             preempt={"prompts": prompts["long"], "max_tokens": 80}),
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
         dict(name="bad-ratio", model=path, dash={**ONE_GATE.as_dict(), "halt_ratio": 1.5}),
         dict(name="last-layer", model=path, dash={**ONE_GATE.as_dict(), "start_layer": 29}),
@@ -143,8 +145,30 @@ def test_an_engine_dash_cannot_run_fails_at_start_up_saying_what_to_change(serve
     assert [line for line in served[name]["error"].splitlines() if words in line]
 
 
+def test_a_preempted_request_resumes_and_the_others_generate_what_they_generate_alone(served):
+    # 14 usable blocks of 128 tokens hold both prompts but not their generated tokens: vLLM preempts one
+    # (recompute), which is prefilled and gated again over its prompt and the tokens it had
+    result = served["preempt"]["preempt"]
+    assert result["preempted"], "the KV cache was large enough: nothing was preempted"
+    assert all(len(tokens) == 80 for tokens in result["tokens"])
+    for row, (tokens, alone) in enumerate(zip(result["tokens"], result["alone"])):
+        if row not in result["preempted"]:
+            assert tokens == alone
+
+
 def test_a_prompt_longer_than_the_context_is_refused_by_the_engine(served):
     assert "maximum context length is 2048 tokens" in served["one-gate"]["too_long"]
+
+
+def test_the_plugin_refuses_another_vllm_version_at_import_and_vllm_starts_without_it():
+    code = ("import vllm, logging; vllm.__version__ = '0.25.1'\n"
+            "import dash_prefill.vllm as dv\n"
+            "dv.register()  # the entry point: logs why, registers nothing, does not raise\n"
+            "try:\n    import dash_prefill.vllm.model\nexcept ImportError as error:\n    print('REFUSED', error)\n")
+    done = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert "REFUSED dash_prefill.vllm supports vLLM 0.26.0 and 0.27.0; vLLM 0.25.1 is installed" in done.stdout, done.stderr
+    assert "DASH models are not registered" in done.stderr
 
 
 def test_engine_args_refuses_an_architecture_dash_does_not_run(tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dash_prefill import DashConfig
-from dash_prefill.adapters import adapter_for
+from dash_prefill.hf.adapters import adapter_for
 from dash_prefill import decode_step, prefill
-from dash_prefill.multimodal import prompt_inputs
+from dash_prefill.hf.multimodal import prompt_inputs
 from reference import reference_forward, start_layer_scores, top_tokens
 from vlms import BUILDERS, IMAGE_TOKEN, build_vlm, vlm_inputs
 
@@ -108,7 +108,7 @@ class _Tokenizer:
 
 
 def test_generate_takes_processor_outputs_and_matches_hf_greedy_at_rho_zero(vlm, one_thread):
-    from dash_prefill.generation import generate
+    from dash_prefill.hf.generation import generate
     model = build_vlm(vlm)
     ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_generate_takes_processor_outputs_and_matches_hf_greedy_at_rho_zero(vlm,
 
 
 def test_vision_config_halts_inside_the_encoder_as_the_patched_hf_forward_does(vlm, one_thread):
-    from dash_prefill.vision import halted_vision
+    from dash_prefill.hf.vision import halted_vision
     model = build_vlm(vlm)
     ids, extra = _split(vlm_inputs(model, images=2, grids=GRIDS))
     # Start at the first encoder layer: Llava reads the second-to-last of 3 layers.
@@ -184,7 +184,7 @@ def test_incomplete_processor_output_is_a_clear_error(one_thread):
 
 
 def test_generate_refuses_an_attention_mask_for_string_prompts(one_thread):
-    from dash_prefill.generation import generate
+    from dash_prefill.hf.generation import generate
     model = build_vlm("llava")
     with pytest.raises(ValueError, match="left-padded id tensor"):
         generate(model, _Tokenizer(), ["a prompt"], attention_mask=torch.ones(1, 3))

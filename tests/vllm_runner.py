@@ -18,7 +18,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def run_engine(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    from dash_prefill.config import DashConfig
+    from dash_prefill.core.config import DashConfig
     from dash_prefill.vllm import engine_args
 
     options = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), max_model_len=spec.get("max_model_len", 2048),
@@ -55,6 +55,23 @@ def run_engine(spec: dict) -> dict:
             for out in engine.step():
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         result["mixed"] = {kind: [tokens[f"{kind}{i}"] for i in range(len(mixed[kind]))] for kind in ("short", "long")}
+    preempt = spec.get("preempt")
+    if preempt:  # more tokens than the KV cache holds: vLLM preempts one (recompute) and resumes it
+        engine, params = llm.llm_engine, SamplingParams(max_tokens=preempt["max_tokens"], temperature=0.0, ignore_eos=True)
+        scheduler = engine.engine_core.engine_core.scheduler  # the engine runs in this process
+        names = [f"p{i}" for i in range(len(preempt["prompts"]))]
+        for name, ids in zip(names, preempt["prompts"]):
+            engine.add_request(name, {"prompt_token_ids": ids}, params)
+        tokens, started, preempted = {}, set(), set()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+            started |= {request.request_id.split("-")[0] for request in scheduler.running}  # vLLM suffixes ids
+            preempted |= {request.request_id.split("-")[0] for request in scheduler.waiting} & started
+        alone = [list(llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0].token_ids)
+                 for ids in preempt["prompts"]]
+        result["preempt"] = {"tokens": [tokens[n] for n in names], "alone": alone,
+                             "preempted": [names.index(n) for n in sorted(preempted)]}
     if spec.get("too_long"):
         try:
             llm.generate([{"prompt_token_ids": [5] * (options["max_model_len"] + 10)}], greedy, use_tqdm=False)

@@ -5,17 +5,15 @@ import neither torch nor transformers' modeling modules (which pull in torch._dy
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "DashConfig": "config", "decode_step": "decode", "GenerationResult": "generation",
-    "generate": "generation", "halting": "hf_generate", "load_model": "loading",
-    "PrefillResult": "prefill", "PrefillStats": "prefill", "prefill": "prefill",
-    "prefill_branches": "prefill", "recommended_config": "profiles",
+    "DashConfig": "core.config", "decode_step": "hf.decode", "GenerationResult": "hf.generation",
+    "generate": "hf.generation", "halting": "hf.hf_generate", "load_model": "loading",
+    "PrefillResult": "hf.prefill", "PrefillStats": "hf.prefill", "prefill": "hf.prefill",
+    "prefill_branches": "hf.prefill", "recommended_config": "core.profiles",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -30,14 +28,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``dash_prefill.prefill`` must not replace the function ``prefill``."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

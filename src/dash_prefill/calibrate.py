@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import DashConfig, policy_config
-from .decode import decode_step, extend
-from .prefill import prefill_branches
-from .profiles import PROFILE_FIELDS
+from dash_prefill.core.config import DashConfig, policy_config
+from dash_prefill.hf.decode import decode_step, extend
+from dash_prefill.hf.prefill import prefill_branches
+from dash_prefill.core.profiles import PROFILE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def builtin_prompts(tokenizer, length: int, count: int, seed: int = 0,
                     continuation_tokens: int = 24) -> list[CalibrationPrompt]:
     """``count`` prompts of about ``length`` tokens from the essays: recall and continuation
     alternating, each with a held-out continuation of up to ``continuation_tokens``."""
-    from .data import essay_words
+    from dash_prefill.data import essay_words
 
     words = essay_words()
     rng = random.Random(seed)
@@ -107,7 +107,7 @@ def builtin_prompts(tokenizer, length: int, count: int, seed: int = 0,
 
 
 def _recall_prompt(tokenizer, text: str, rng: random.Random, continuation_tokens: int) -> CalibrationPrompt:
-    from .eval.haystacks import split_sentences
+    from dash_prefill.eval.haystacks import split_sentences
 
     sentences = [s for s in split_sentences(text) if len(s.split()) >= 12]
     if not sentences:

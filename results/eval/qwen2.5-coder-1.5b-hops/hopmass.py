@@ -1,6 +1,6 @@
 import sys, torch, logging
 sys.path.insert(0, '/work/main/scripts')
-import dash_prefill.policy as P
+import dash_prefill.core.policy as P
 from answer_ranks import answer_tokens
 from dash_prefill import prefill_branches
 from dash_prefill.eval.runner import encode_sample, parse_policies, sample_configs, token_counter

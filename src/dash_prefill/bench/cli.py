@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..cli import add_threads_option, count_arg, ratio_arg, start_layer_arg
-from .e2e import METHODS
-from .report import _cell, columns, header, table_lines, write_json, write_plot
-from ..config import DashConfig, policy_config
-from .runner import BenchPlan, Target, later_gates, run_bench
-from .shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
-from .timing import OtherLoad, trust_warnings
-from .vlm import VLM_ARCHITECTURES
+from dash_prefill.cli import add_threads_option, count_arg, ratio_arg, start_layer_arg
+from dash_prefill.bench.e2e import METHODS
+from dash_prefill.bench.report import _cell, columns, header, table_lines, write_json, write_plot
+from dash_prefill.core.config import DashConfig, policy_config
+from dash_prefill.bench.runner import BenchPlan, Target, later_gates, run_bench
+from dash_prefill.bench.shapes import ARCHITECTURES, arch_config, build_random_model, least_memory, split_across
+from dash_prefill.bench.timing import OtherLoad, trust_warnings
+from dash_prefill.bench.vlm import VLM_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -198,7 +198,7 @@ def _check_settings(settings: list[tuple], policies, layers: int | None = None) 
 
 def _targets(args, dtype: torch.dtype, settings: list[tuple]) -> list[Target]:
     if args.model:
-        from ..loading import load_model, max_context  # written alongside; imported when used
+        from dash_prefill.loading import load_model, max_context  # written alongside; imported when used
 
         # Loaded here, before the progress bar: the context and the gates are checked on it.
         model, _ = load_model(args.model, dtype=dtype, device=args.device, attn_implementation=args.attn)
@@ -218,7 +218,7 @@ def _targets(args, dtype: torch.dtype, settings: list[tuple]) -> list[Target]:
 
 
 def _vlm_rows(args, settings, device, dtype) -> list[dict]:
-    from .vlm import run_vlm_bench
+    from dash_prefill.bench.vlm import run_vlm_bench
 
     rows = []
     vision = DashConfig(halt_ratio=args.vision_halt_ratio, start_layer=args.vision_start_layer)
@@ -259,8 +259,8 @@ def _header(args, device: torch.device, dtype: torch.dtype, **extra) -> dict:
 
 def _e2e_main(args, settings, device: torch.device, dtype: torch.dtype) -> int:
     """``--new-tokens``: the end-to-end table (bench/e2e.py); ValueError for bad input."""
-    from .e2e import bandwidth_for, run_e2e
-    from .report import markdown
+    from dash_prefill.bench.e2e import bandwidth_for, run_e2e
+    from dash_prefill.bench.report import markdown
 
     if args.arch and any(a in VLM_ARCHITECTURES for a in args.arch):
         raise ValueError("--new-tokens times text models only; drop the vision-language archs from --arch")
@@ -350,6 +350,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m dash_prefill.bench.cli: the same as dash-prefill bench
-    from ..cli import main as cli_main
+    from dash_prefill.cli import main as cli_main
 
     sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -22,12 +22,12 @@ import torch
 from transformers import StaticCache
 from transformers.generation.logits_process import LogitsProcessorList
 
-from ..adapters import generate_cache_keyword
-from ..config import DashConfig, start_layer_index
-from ..generation import generate
-from ..hf_generate import halting
-from .shapes import kv_bytes
-from .timing import PROTECT_FIRST, PROTECT_LAST
+from dash_prefill.hf.adapters import generate_cache_keyword
+from dash_prefill.core.config import DashConfig, start_layer_index
+from dash_prefill.hf.generation import generate
+from dash_prefill.hf.hf_generate import halting
+from dash_prefill.bench.shapes import kv_bytes
+from dash_prefill.bench.timing import PROTECT_FIRST, PROTECT_LAST
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def run_e2e(name: str, model, lengths: list[int], new_tokens: list[int], setting
     shape: the row's ``shape_call_s``), and each method runs ``warmup`` untimed 2-token calls.
     ``on_length(rows)`` is called with the rows so far after each length (to save partial results).
     """
-    from .timing import random_ids
+    from dash_prefill.bench.timing import random_ids
 
     config = model.config.get_text_config()
     weights = weight_bytes(model)

@@ -17,8 +17,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..adapters import output_cache
-from ..policy import delta_norm, select_active
+from dash_prefill.hf.adapters import output_cache
+from dash_prefill.core.policy import delta_norm, select_active
 
 
 def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

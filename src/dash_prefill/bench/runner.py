@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig, gates_label, policy_config, start_layer_index
-from ..cost import ideal_speedup
-from .timing import Timing, dash_method, hooks_method, kept_fraction, measure, plain_method, random_ids
+from dash_prefill.core.config import DashConfig, gates_label, policy_config, start_layer_index
+from dash_prefill.core.cost import ideal_speedup
+from dash_prefill.bench.timing import Timing, dash_method, hooks_method, kept_fraction, measure, plain_method, random_ids
 
 logger = logging.getLogger(__name__)
 

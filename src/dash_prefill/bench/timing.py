@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from .. import DashConfig, prefill
-from ..generation import plain_prefill
-from ..policy import kept_count
-from .hooks import hooks_prefill
+from dash_prefill import DashConfig, prefill
+from dash_prefill.hf.generation import plain_prefill
+from dash_prefill.core.policy import kept_count
+from dash_prefill.bench.hooks import hooks_prefill
 
 Method = Callable[[torch.nn.Module, torch.Tensor], tuple]
 

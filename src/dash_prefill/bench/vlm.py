@@ -19,10 +19,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from ..config import DashConfig
-from ..prefill import prefill
-from ..adapters import output_cache
-from .shapes import _random_init, _rope, _skip_init
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.prefill import prefill
+from dash_prefill.hf.adapters import output_cache
+from dash_prefill.bench.shapes import _random_init, _rope, _skip_init
 
 
 def _llava_1_5_7b():
@@ -135,8 +135,8 @@ def run_vlm_bench(archs: list[str], image_tokens: list[int], text_tokens: int, s
     """Every method on the same synthetic prompt per (arch, image tokens); rows as ``run_bench``'s."""
     from tqdm.auto import tqdm
 
-    from ..config import start_layer_index
-    from .runner import BenchPlan, _add_speedups, _free, _measure_or_skip, _row
+    from dash_prefill.core.config import start_layer_index
+    from dash_prefill.bench.runner import BenchPlan, _add_speedups, _free, _measure_or_skip, _row
 
     unknown = [a for a in archs if a not in VLM_ARCHITECTURES]
     if unknown:

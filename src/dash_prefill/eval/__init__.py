@@ -1,6 +1,6 @@
 """Evaluation helpers: RULER-style long-context tasks (see :mod:`dash_prefill.eval.tasks`)."""
 
-from .tasks import (
+from dash_prefill.eval.tasks import (
     OFFLINE_TASKS,
     TASKS,
     Sample,

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import haystacks as hs
+from dash_prefill.eval import haystacks as hs
 
 CountTokens = Callable[[str], int]
 Rngs = tuple[random.Random, np.random.Generator]

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import DashConfig
-from .report import text_table, write_report
-from .runner import evaluate, parse_policies, read_records
-from .tasks import OFFLINE_TASKS, TASKS
-from ..bench.cli import parse_lengths
-from ..cli import add_threads_option, count_arg, start_layer_arg
+from dash_prefill.core.config import DashConfig
+from dash_prefill.eval.report import text_table, write_report
+from dash_prefill.eval.runner import evaluate, parse_policies, read_records
+from dash_prefill.eval.tasks import OFFLINE_TASKS, TASKS
+from dash_prefill.bench.cli import parse_lengths
+from dash_prefill.cli import add_threads_option, count_arg, start_layer_arg
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def _run_all(runs: list[Run], args: argparse.Namespace, results: Path) -> None:
-    from ..loading import load_model, max_context
-    from ..config import start_text
-    from ..profiles import recommendation
-    from .fidelity import evaluate_fidelity
+    from dash_prefill.loading import load_model, max_context
+    from dash_prefill.core.config import start_text
+    from dash_prefill.core.profiles import recommendation
+    from dash_prefill.eval.fidelity import evaluate_fidelity
 
     loaded = {}
     fidelity_done = set()
@@ -187,6 +187,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m dash_prefill.eval.cli: the same as dash-prefill eval
-    from ..cli import main as cli_main
+    from dash_prefill.cli import main as cli_main
 
     sys.exit(cli_main(["eval", *sys.argv[1:]]))

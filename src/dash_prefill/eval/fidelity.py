@@ -16,10 +16,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig
-from ..generation import stop_token_ids
-from ..prefill import prefill_branches
-from .runner import (
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.generation import stop_token_ids
+from dash_prefill.hf.prefill import prefill_branches
+from dash_prefill.eval.runner import (
     PLAIN,
     append_records,
     cell_key,
@@ -31,7 +31,7 @@ from .runner import (
     sample_configs,
     token_counter,
 )
-from .tasks import generate_samples
+from dash_prefill.eval.tasks import generate_samples
 
 logger = logging.getLogger(__name__)
 

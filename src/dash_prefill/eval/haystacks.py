@@ -20,8 +20,8 @@ import string
 import uuid
 from pathlib import Path
 
-from ..data import essay_words  # noqa: F401 (used by the builders)
-from ..data import long_context_data_dir as _data_dir
+from dash_prefill.data import essay_words  # noqa: F401 (used by the builders)
+from dash_prefill.data import long_context_data_dir as _data_dir
 
 logger = logging.getLogger(__name__)
 

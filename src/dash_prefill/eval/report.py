@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 
-from .runner import read_records
+from dash_prefill.eval.runner import read_records
 
 logger = logging.getLogger(__name__)
 

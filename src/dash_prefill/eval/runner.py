@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DashConfig
-from ..prefill import PrefillResult, prefill_branches
-from ..generation import continue_decoding, stop_token_ids
-from .tasks import Sample, generate_samples, score
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.prefill import PrefillResult, prefill_branches
+from dash_prefill.hf.generation import continue_decoding, stop_token_ids
+from dash_prefill.eval.tasks import Sample, generate_samples, score
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
-from . import builders as b
-from . import haystacks as hs
+from dash_prefill.eval import builders as b
+from dash_prefill.eval import haystacks as hs
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Switched on per model, in vLLM's habits::
 or ``vllm serve PATH`` with the options ``engine_args`` returns (README, "Serving with vLLM").
 The plugin registers ``DashLlamaForCausalLM`` and ``DashQwen2ForCausalLM`` (entry point
 ``vllm.general_plugins``); ``hf_overrides`` names one of them and carries the DashConfig. The
-halting decision is the HF path's (``dash_prefill.policy``); ``plan.py`` and ``model.py`` apply it.
+halting decision is the HF path's (``dash_prefill.core.policy``); ``plan.py`` and ``model.py`` apply it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import DashConfig
+from dash_prefill.core.config import DashConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _engine_check():
 
 def check_engine(vllm_config) -> None:
     """ValueError naming the option to change when vLLM is configured in a way DASH cannot run."""
-    from .model import setting_of
+    from dash_prefill.vllm.model import setting_of
 
     model_config, scheduler = vllm_config.model_config, vllm_config.scheduler_config
     actual = {"enforce_eager": model_config.enforce_eager,
@@ -113,8 +113,8 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
     the engine options DASH needs (``ENGINE_OPTIONS``). ValueError for an unsupported architecture,
     a folder without a config.json or a bad setting.
     """
-    from ..loading import REGISTRY, cache_dir, registry_folder
-    from ..profiles import recommended_config
+    from dash_prefill.loading import REGISTRY, cache_dir, registry_folder
+    from dash_prefill.core.profiles import recommended_config
 
     spec = REGISTRY.get(str(model))
     folder = registry_folder(spec) if spec is not None else Path(model)

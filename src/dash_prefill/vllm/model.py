@@ -2,7 +2,7 @@
 
 Layers up to a gate run as vLLM runs them. At a gate the layer's attention runs on every token
 entering it; each request prefilling its prompt then scores its tokens with the same policies
-and ``Eligibility`` as the Hugging Face path (``dash_prefill.policy``), keeps
+and ``Eligibility`` as the Hugging Face path (``dash_prefill.core.policy``), keeps
 ``plan.kept_tokens`` of them, and the batch is compacted before the feed-forward sublayer.
 Layers after the gate attend with the metadata their own builder made for the compacted batch
 (``plan.py``), at the survivors' original positions. Requests that decode pass through untouched.
@@ -15,15 +15,20 @@ from __future__ import annotations
 import functools
 
 import torch
-from vllm.distributed import get_tp_group
-from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend
 
-from ..config import DashConfig
-from ..policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
-from .plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans
+from dash_prefill.vllm import check_version
+
+check_version()  # this module uses vLLM internals of the supported releases only
+
+from vllm.distributed import get_tp_group  # noqa: E402
+from vllm.forward_context import get_forward_context  # noqa: E402
+from vllm.model_executor.models.llama import LlamaForCausalLM  # noqa: E402
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend  # noqa: E402
+
+from dash_prefill.core.config import DashConfig  # noqa: E402
+from dash_prefill.core.policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors  # noqa: E402
+from dash_prefill.vllm.plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans  # noqa: E402
 
 
 def setting_of(hf_config, tensor_parallel_size: int = 1) -> tuple[DashConfig, list[tuple[int, float]]]:

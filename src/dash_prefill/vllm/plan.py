@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DashConfig
-from ..policy import kept_count
+from dash_prefill.core.config import DashConfig
+from dash_prefill.core.policy import kept_count
 
 
 def kept_tokens(num_tokens: int, halt_ratio: float, config: DashConfig) -> int:

@@ -13,12 +13,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .adapters import context_limit, input_device, output_cache
-from .config import DashConfig
-from .decode import decode_step
-from .prefill import PrefillStats, prefill
-from .profiles import config_or_recommended
-from .static_decode import check_static_mode, static_step
+from dash_prefill.hf.adapters import context_limit, input_device, output_cache
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.decode import decode_step
+from dash_prefill.hf.prefill import PrefillStats, prefill
+from dash_prefill.core.profiles import config_or_recommended
+from dash_prefill.hf.static_decode import check_static_mode, static_step
 
 # Tokens between host reads of the stop check when decoding statically (more decoded tokens
 # past the last stop, fewer syncs); the output is the same, cut after each row's stop token.
@@ -65,7 +65,7 @@ def chat_prompt(tokenizer, text: str) -> str:
 def check_fits(model, config: DashConfig | None, prompt_tokens: int, max_new_tokens: int) -> None:
     """ValueError, before any model work, unless the prompt and the new tokens fit the model's
     context and every gate (the start layer, any later gates) lies inside the model, in order."""
-    from .loading import max_context
+    from dash_prefill.loading import max_context
 
     limit = max_context(model)
     if prompt_tokens + max_new_tokens > limit:

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.models.llama import modeling_llama
 from transformers.models.phi3 import modeling_phi3
 
-FULL, SLIDING = "full_attention", "sliding_attention"
+from dash_prefill.core.cost import layer_types, layer_windows
+
 
 
 @functools.cache
@@ -36,19 +37,6 @@ def output_cache(output):
 def generate_cache_keyword(model) -> str:
     """The keyword under which ``model``'s forward (and HF ``generate``) takes a cache."""
     return _cache_keyword(type(model))
-
-
-def layer_windows(config) -> list[int | None]:
-    """Sliding window of every decoder layer (None: full attention), from a (text) config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or [SLIDING if window is not None else FULL] * config.num_hidden_layers
-    return [window if layer_type == SLIDING else None for layer_type in types]
-
-
-def layer_types(config) -> list[str]:
-    """Attention type of every decoder layer ("full_attention" or "sliding_attention")."""
-    return [FULL if window is None else SLIDING for window in layer_windows(config)]
 
 
 def context_limit(model: nn.Module) -> int | None:

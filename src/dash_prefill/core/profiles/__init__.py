@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import DashConfig
+from dash_prefill.core.config import DashConfig
 
 PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first", "pool_offset",
                   "later_gates")
@@ -36,7 +36,7 @@ def user_profile_path(model) -> Path:
 
 def profile_path(name: str) -> Path:
     """The user's profile of the model stored under ``name`` (see :func:`profile_name`)."""
-    from ..loading import cache_dir
+    from dash_prefill.loading import cache_dir
 
     return cache_dir() / "profiles" / f"{name}.json"
 

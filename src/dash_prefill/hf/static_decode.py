@@ -26,10 +26,10 @@ import weakref
 
 import torch
 
-from .adapters import adapter_for, device_of
-from .decode import grouped_attention
-from .policy import host_to_device
-from .prefill import PrefillResult, layer_step
+from dash_prefill.hf.adapters import adapter_for, device_of
+from dash_prefill.hf.decode import grouped_attention
+from dash_prefill.core.policy import host_to_device
+from dash_prefill.hf.prefill import PrefillResult, layer_step
 
 logger = logging.getLogger(__name__)
 

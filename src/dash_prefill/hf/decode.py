@@ -12,10 +12,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .adapters import adapter_for, device_of
-from .cache import KeyLayout
-from .flash_decode import available as flash_decode_available, flash_decode
-from .prefill import LayerInputs, PrefillResult, layer_step
+from dash_prefill.hf.adapters import adapter_for, device_of
+from dash_prefill.hf.cache import KeyLayout
+from dash_prefill.hf.flash_decode import available as flash_decode_available, flash_decode
+from dash_prefill.hf.prefill import LayerInputs, PrefillResult, layer_step
 
 GROUPED_SDPA = "dash_prefill_grouped_sdpa"
 
@@ -51,7 +51,7 @@ def _single_query_attention(grouped: torch.Tensor, key: torch.Tensor, value: tor
                             mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for grouped queries (batch, kv_heads, groups, dim)
     against (batch, kv_heads, keys, dim): on a GPU with Triton the flash-decoding kernel
-    (:mod:`dash_prefill.flash_decode`; on an H200 0.59-0.67x the time of the cuBLAS products with
+    (:mod:`dash_prefill.hf.flash_decode`; on an H200 0.59-0.67x the time of the cuBLAS products with
     a split-K second product at 8K-128K keys, BENCHMARKS.md), elsewhere :func:`products_attention`."""
     if key.is_cuda and flash_decode_available:
         return flash_decode(grouped, key, value, mask, scale)

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from .policy import POLICIES as _REGISTERED
+from dash_prefill.core.policy import POLICIES as _REGISTERED
 
 POLICIES = (*_REGISTERED, "none")
 SCORES = ("absolute", "relative")

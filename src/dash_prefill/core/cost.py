@@ -7,7 +7,20 @@ update U is the score) and its MLP on the active tokens only.
 
 from __future__ import annotations
 
-from .adapters import layer_windows
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding window of every decoder layer (None: full attention), from a (text) config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or [SLIDING if window is not None else FULL] * config.num_hidden_layers
+    return [window if layer_type == SLIDING else None for layer_type in types]
+
+
+def layer_types(config) -> list[str]:
+    """Attention type of every decoder layer ("full_attention" or "sliding_attention")."""
+    return [FULL if window is None else SLIDING for window in layer_windows(config)]
 
 
 def _dims(config) -> dict[str, int]:

@@ -27,12 +27,12 @@ from transformers import DynamicCache
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .adapters import adapter_for
-from .config import DashConfig
-from .decode import extend
-from .multimodal import MULTIMODAL_INPUTS
-from .prefill import PrefillResult, prefill
-from .profiles import recommended_config
+from dash_prefill.hf.adapters import adapter_for
+from dash_prefill.core.config import DashConfig
+from dash_prefill.hf.decode import extend
+from dash_prefill.hf.multimodal import MULTIMODAL_INPUTS
+from dash_prefill.hf.prefill import PrefillResult, prefill
+from dash_prefill.core.profiles import recommended_config
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import DashConfig
-from .policy import Eligibility, delta_norm, kept_count, random_scores
+from dash_prefill.core.config import DashConfig
+from dash_prefill.core.policy import Eligibility, delta_norm, kept_count, random_scores
 
 logger = logging.getLogger(__name__)
 

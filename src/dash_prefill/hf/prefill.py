@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .adapters import PreNormAdapter, adapter_for, check_not_offloaded, context_limit, device_of
-from .cache import KeyLayout, attention_mask, cached_tokens, crop_to_window, keep_cached, kv_entries
-from .config import DashConfig
-from .cost import ideal_speedup
-from .multimodal import PromptInputs, eligible_tokens, prompt_inputs
-from .policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
-from .profiles import config_or_recommended
+from dash_prefill.hf.adapters import PreNormAdapter, adapter_for, check_not_offloaded, context_limit, device_of
+from dash_prefill.hf.cache import KeyLayout, attention_mask, cached_tokens, crop_to_window, keep_cached, kv_entries
+from dash_prefill.core.config import DashConfig
+from dash_prefill.core.cost import ideal_speedup
+from dash_prefill.hf.multimodal import PromptInputs, eligible_tokens, prompt_inputs
+from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
+from dash_prefill.core.profiles import config_or_recommended
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
         (:func:`dash_prefill.recommended_config`, logged at INFO); halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
     vision_config : DashConfig, optional
-        VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.vision`).
+        VLMs: halting inside the vision encoder as well (see :mod:`dash_prefill.hf.vision`).
     **multimodal :
         VLMs: the processor's other outputs (``pixel_values``, ``image_grid_thw``,
         ``mm_token_type_ids``, ``token_type_ids``, ...), passed as the model's forward takes them.

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import PreNormAdapter
-from .config import DashConfig
-from .policy import protected_mask
+from dash_prefill.hf.adapters import PreNormAdapter
+from dash_prefill.core.config import DashConfig
+from dash_prefill.core.policy import protected_mask
 
 # Keyword arguments a VLM's forward takes besides input_ids and attention_mask.
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
@@ -59,7 +59,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
         The processor's other outputs (``pixel_values``, ``image_grid_thw``,
         ``mm_token_type_ids``, ``token_type_ids``, ...); must be empty for a text model.
     vision_config : DashConfig, optional
-        Halting inside the vision encoder (see :mod:`dash_prefill.vision`).
+        Halting inside the vision encoder (see :mod:`dash_prefill.hf.vision`).
     """
     unknown = sorted(set(multimodal) - set(MULTIMODAL_INPUTS))
     if unknown:
@@ -82,7 +82,7 @@ def prompt_inputs(adapter: PreNormAdapter, input_ids: torch.Tensor, attention_ma
     handle = adapter.base.register_forward_pre_hook(hook, with_kwargs=True)
     halting = contextlib.nullcontext()
     if vision_config is not None and vision_config.scores_tokens:
-        from .vision import halted_vision
+        from dash_prefill.hf.vision import halted_vision
         halting = halted_vision(model, vision_config)
     try:
         with halting:
