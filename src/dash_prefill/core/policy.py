@@ -113,14 +113,19 @@ class ScoreContext:
         The attention's softmax scale.
     sliding_window : int or None
         The layer's sliding window (None on a full-attention layer).
+    all_reduce : (tensor) -> tensor, optional
+        Tensor parallelism over ``ranks`` ranks: queries, keys and values hold this rank's heads
+        only, and this sums a tensor over the ranks (every rank gets the same sum). None: every
+        head is here.
     """
 
     def __init__(self, *, output, hidden, config, padding, window_queries, keys, values,
-                 positions, scaling, sliding_window=None):
+                 positions, scaling, sliding_window=None, all_reduce=None, ranks=1):
         self.output, self.hidden, self.config, self.padding = output, hidden, config, padding
         self.window = min(max(config.protect_last, 1), hidden.shape[1])
         self._window_queries, self.keys, self.values = window_queries, keys, values
         self.positions, self.scaling, self.sliding_window = positions, scaling, sliding_window
+        self._all_reduce, self._ranks = all_reduce, ranks
         self._attention = None
 
     @property
@@ -139,6 +144,17 @@ class ScoreContext:
                 self._window_queries(), self.keys, self.positions[:, -self.window:],
                 self.positions, valid, self.scaling, self.sliding_window)
         return self._attention
+
+    def heads_sum(self, per_head: torch.Tensor) -> torch.Tensor:
+        """(batch, heads here, seq) -> (batch, seq): the sum over every head of the layer, those
+        of the other tensor-parallel ranks included."""
+        total = per_head.sum(dim=1)
+        return total if self._all_reduce is None else self._all_reduce(total)
+
+    def heads_mean(self, per_head: torch.Tensor) -> torch.Tensor:
+        """(batch, heads here, seq) -> (batch, seq): the mean over every head of the layer (each
+        tensor-parallel rank holds as many)."""
+        return self.heads_sum(per_head) / (per_head.shape[1] * self._ranks)
 
 
 Policy = Callable[[ScoreContext], torch.Tensor]
@@ -180,7 +196,7 @@ def random(context: ScoreContext) -> torch.Tensor:
 def attention(context: ScoreContext) -> torch.Tensor:
     """Attention received from the question window, mean over heads and queries (FastV /
     GemFilter); with ``pool`` > 1 the SnapKV / FastKV pooled window-attention ranking."""
-    return context.attention().mean(dim=(1, 2))
+    return context.heads_mean(context.attention().mean(dim=2))
 
 
 @register("contribution", query_aware=True)
@@ -191,7 +207,7 @@ def contribution(context: ScoreContext) -> torch.Tensor:
     heads = context.attention().mean(dim=2)  # (batch, heads, seq)
     values = context.values.float().norm(dim=-1)  # (batch, kv_heads, seq)
     values = values.repeat_interleave(heads.shape[1] // values.shape[1], dim=1)
-    return (heads * values).sum(dim=1)
+    return context.heads_sum(heads * values)
 
 
 @register("dash-question", query_aware=True)

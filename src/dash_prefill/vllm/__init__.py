@@ -100,7 +100,7 @@ def check_engine(vllm_config) -> None:
         raise ValueError("DASH runs with pipeline_parallel_size=1; use tensor parallelism to split a model")
     if vllm_config.speculative_config is not None:
         raise ValueError("DASH does not run with speculative decoding: remove speculative_config")
-    setting_of(model_config.hf_config, parallel.tensor_parallel_size)  # a bad setting fails here
+    setting_of(model_config.hf_config)  # a bad setting fails here
 
 
 def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> dict:

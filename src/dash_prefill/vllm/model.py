@@ -27,11 +27,11 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend  # noqa: E402
 
 from dash_prefill.core.config import DashConfig  # noqa: E402
-from dash_prefill.core.policy import POLICIES, Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors  # noqa: E402
+from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors  # noqa: E402
 from dash_prefill.vllm.plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans  # noqa: E402
 
 
-def setting_of(hf_config, tensor_parallel_size: int = 1) -> tuple[DashConfig, list[tuple[int, float]]]:
+def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]]]:
     """The DashConfig given to vLLM as ``hf_overrides={"dash": {"label": ...}}`` (or its fields) and
     its gates on this model; ValueError saying what to change for one DASH cannot run."""
     fields = getattr(hf_config, "dash", None)
@@ -44,9 +44,6 @@ def setting_of(hf_config, tensor_parallel_size: int = 1) -> tuple[DashConfig, li
     if gates and gates[-1][0] >= num_layers - 1:
         raise ValueError(f"a gate at the last layer ({gates[-1][0]}) halts nothing: put every gate before "
                          f"layer {num_layers - 1}")
-    if tensor_parallel_size > 1 and POLICIES[config.policy].query_aware:
-        raise ValueError(f"policy {config.policy!r} reads every attention head; with tensor parallelism use "
-                         "policy 'dash' (query-aware policies need their heads' scores summed across ranks)")
     return config, gates
 
 
@@ -114,7 +111,7 @@ class Halting:
     def __init__(self, model, vllm_config):
         self.model = model
         self.tp_size = get_tp_group().world_size
-        config, gates = setting_of(vllm_config.model_config.hf_config, self.tp_size)
+        config, gates = setting_of(vllm_config.model_config.hf_config)
         self.config = config
         num_layers = len(model.layers)
         self.record: list | None = None  # set to [] to record each prefilled prompt's survivors per gate
@@ -194,7 +191,8 @@ class Halting:
                     window_queries=lambda part=part, n=entering: _heads(
                         q[part][n - min(max(self.config.protect_last, 1), n):], attention.num_heads),
                     keys=_heads(k[part], attention.num_kv_heads), values=_heads(v[part], attention.num_kv_heads),
-                    positions=positions[part][None], scaling=attention.scaling)
+                    positions=positions[part][None], scaling=attention.scaling,
+                    all_reduce=get_tp_group().all_reduce if self.tp_size > 1 else None, ranks=self.tp_size)
                 alive = survivors.setdefault(r, [])  # the request's prompt indices kept at each gate so far
                 chosen = self.choose(context, prompt, ratio, alive[-1] if alive else None)
                 if self.tp_size > 1:  # every rank computes the same tokens: rank 0's choice is everyone's
