@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dash_prefill.core.config import DashConfig
-from dash_prefill.core.policy import kept_count
+from dash_prefill.core.policy import host_to_device, kept_count
 
 
 def kept_tokens(num_tokens: int, halt_ratio: float, config: DashConfig) -> int:
@@ -84,13 +84,11 @@ class HaltedOffsets:
         rows = [r for r, t in enumerate(plan.prompt) if t]
         if not rows:
             return self.table[first_blocks]
-        rows_tensor = torch.tensor(rows, device=device)
-        self.table[first_blocks[rows_tensor]] = torch.tensor([plan.prompt[r] - plan.leaving[r] for r in rows],
-                                                             dtype=torch.long, device=device)
+        rows_tensor = host_to_device(rows, device)  # pinned and non-blocking: no host sync
+        self.table[first_blocks[rows_tensor]] = host_to_device([plan.prompt[r] - plan.leaving[r] for r in rows], device)
         offsets = self.table[first_blocks]
         if at_gate:
-            offsets[rows_tensor] = torch.tensor([plan.prompt[r] - plan.entering[r] for r in rows],
-                                                dtype=torch.long, device=device)
+            offsets[rows_tensor] = host_to_device([plan.prompt[r] - plan.entering[r] for r in rows], device)
         return offsets
 
 
@@ -104,14 +102,12 @@ def layer_metadata(common, counts: list[int], prompt: list[int], offsets: torch.
     Returns (metadata, slot_mapping) with slot_mapping (tokens in this layer,) int64.
     """
     device = common.seq_lens.device
-    counts_cpu = torch.tensor(counts, dtype=torch.int32)
     starts_cpu = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    starts_cpu[1:] = counts_cpu.cumsum(0)
+    starts_cpu[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
     num_tokens = int(starts_cpu[-1])
-    starts = starts_cpu.to(device, non_blocking=True)
+    starts = host_to_device(starts_cpu.tolist(), device).int()  # pinned and non-blocking: no host sync
     seq_lens = common.seq_lens - offsets.to(common.seq_lens.dtype)
-    row = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                  counts_cpu.to(device, non_blocking=True), output_size=num_tokens)
+    row = torch.repeat_interleave(torch.arange(len(counts), device=device), starts.diff(), output_size=num_tokens)
     logical = (seq_lens[row] - (starts[row + 1] - starts[row]) +
                torch.arange(num_tokens, device=device) - starts[row]).long()
     slots = logical_slots(common.block_table_tensor[row], logical, block_size)
