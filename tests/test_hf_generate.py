@@ -9,7 +9,7 @@ from transformers.generation.streamers import BaseStreamer
 from conftest import build_model, random_ids
 from dash_prefill import DashConfig, decode_step, halting, prefill
 from dash_prefill.hf.generation import generate
-from dash_prefill.hf.hf_generate import DashCache
+from dash_prefill.hf.halting import DashCache
 from test_errors import _Tokenizer
 from test_vlm import GRIDS, _padded_pair
 from vlms import BUILDERS, build_vlm, vlm_inputs

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     "DashConfig": "core.config", "decode_step": "hf.decode", "GenerationResult": "hf.generation",
-    "generate": "hf.generation", "halting": "hf.hf_generate", "load_model": "loading",
+    "generate": "hf.generation", "halting": "hf.halting", "load_model": "loading",
     "PrefillResult": "hf.prefill", "PrefillStats": "hf.prefill", "prefill": "hf.prefill",
     "prefill_branches": "hf.prefill", "recommended_config": "core.profiles",
 }

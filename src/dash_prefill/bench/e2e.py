@@ -25,7 +25,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from dash_prefill.hf.adapters import generate_cache_keyword
 from dash_prefill.core.config import DashConfig, start_layer_index
 from dash_prefill.hf.generation import generate
-from dash_prefill.hf.hf_generate import halting
+from dash_prefill.hf.halting import halting
 from dash_prefill.bench.shapes import kv_bytes
 from dash_prefill.bench.timing import PROTECT_FIRST, PROTECT_LAST
 
