@@ -16,6 +16,7 @@ import torch
 
 import dash_prefill as dp
 from dash_prefill.core.config import DashConfig
+from dash_prefill.core.policy import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("DASH_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -24,6 +25,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(
 
 ONE_GATE = DashConfig(halt_ratio=0.5, start_layer=10)
 TWO_GATES = DashConfig.from_label("attention@0.3/s8/p15o4+0.75/s14")
+# Every other policy (and DASH's relative score), pooled with a shifted span: one prompt each.
+OTHER_POLICIES = {**{name: DashConfig(halt_ratio=0.5, start_layer=10, policy=name, pool=5, pool_offset=1)
+                     for name in sorted(POLICIES) if name not in ("dash", "attention")},
+                  "dash-rel": DashConfig(halt_ratio=0.5, start_layer=10, score="relative")}
 TINY_QWEN2 = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=4096)
 
@@ -86,6 +91,8 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
         dict(name="two-gates", model=path, dash=TWO_GATES.as_dict(), alone=prompts["long"]),
         dict(name="qwen2", model=str(tiny_qwen2[1]), dash=DashConfig(halt_ratio=0.5, start_layer=2).as_dict(),
              alone=prompts["long"]),
+        *[dict(name=f"policy-{name}", model=path, dash=config.as_dict(), alone=prompts["long"][:1])
+          for name, config in OTHER_POLICIES.items()],
         dict(name="preempt", model=path, dash=ONE_GATE.as_dict(), engine={"num_gpu_blocks_override": 15}, max_model_len=1536,
              preempt={"prompts": prompts["long"], "max_tokens": 80}),
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
@@ -121,6 +128,14 @@ def test_vllm_keeps_at_each_gate_the_tokens_the_hf_path_keeps(served, smollm2, p
 def test_vllm_greedy_output_equals_the_hf_path(served, smollm2, prompts, name, config):
     for ids, result in zip(prompts["long"], served[name]["alone"]):
         assert result["tokens"] == hf_tokens(*smollm2, ids, config, len(result["tokens"]))
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_POLICIES))
+def test_every_policy_keeps_and_generates_in_vllm_what_it_does_in_the_hf_path(served, smollm2, prompts, name):
+    config, ids = OTHER_POLICIES[name], prompts["long"][0]
+    result = served[f"policy-{name}"]["alone"][0]
+    assert result["kept"] == [hf_kept(smollm2[0], ids, config)]
+    assert result["tokens"] == hf_tokens(*smollm2, ids, config, len(result["tokens"]))
 
 
 def test_qwen2_in_vllm_keeps_and_generates_what_the_hf_path_does(served, tiny_qwen2, smollm2, prompts):
