@@ -93,6 +93,7 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
              alone=prompts["long"]),
         *[dict(name=f"policy-{name}", model=path, dash=config.as_dict(), alone=prompts["long"][:1])
           for name, config in OTHER_POLICIES.items()],
+        dict(name="recommended", model=path, dash={}, alone=prompts["long"][:1]),
         dict(name="preempt", model=path, dash=ONE_GATE.as_dict(), engine={"num_gpu_blocks_override": 15}, max_model_len=1536,
              preempt={"prompts": prompts["long"], "max_tokens": 80}),
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
@@ -134,6 +135,14 @@ def test_vllm_greedy_output_equals_the_hf_path(served, smollm2, prompts, name, c
 def test_every_policy_keeps_and_generates_in_vllm_what_it_does_in_the_hf_path(served, smollm2, prompts, name):
     config, ids = OTHER_POLICIES[name], prompts["long"][0]
     result = served[f"policy-{name}"]["alone"][0]
+    assert result["kept"] == [hf_kept(smollm2[0], ids, config)]
+    assert result["tokens"] == hf_tokens(*smollm2, ids, config, len(result["tokens"]))
+
+
+def test_an_empty_dash_setting_runs_the_models_recommended_one_as_the_hf_path_does(served, smollm2, prompts):
+    config, ids = dp.recommended_config(smollm2[0]), prompts["long"][0]
+    assert config.policy == "contribution"  # the shipped SmolLM2 profile, not the paper's default
+    result = served["recommended"]["alone"][0]
     assert result["kept"] == [hf_kept(smollm2[0], ids, config)]
     assert result["tokens"] == hf_tokens(*smollm2, ids, config, len(result["tokens"]))
 

@@ -24,7 +24,10 @@ def run_engine(spec: dict) -> dict:
     options = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), max_model_len=spec.get("max_model_len", 2048),
                    seed=0, enforce_eager=True)
     try:
-        if spec.get("dash") is not None:
+        if spec.get("dash") == {}:  # the model's recommended setting, chosen in vLLM's process
+            options.update(engine_args(spec["model"], None))
+            options["hf_overrides"]["dash"] = {}
+        elif spec.get("dash") is not None:
             options.update(engine_args(spec["model"], DashConfig(**spec["dash"])))
         options.update(spec.get("engine", {}))
         llm = LLM(**options)

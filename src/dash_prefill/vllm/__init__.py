@@ -108,13 +108,12 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
 
     model : a registry name (``"smollm2-135m"``: its converted folder) or a local HF model folder.
     setting : a DashConfig, a label (``"dash@0.5/d0.4"``), or None for the model's recommended
-        setting (:func:`dash_prefill.recommended_config`).
+        setting (:func:`recommended_for`; on the command line ``"dash": {}``).
     Returns ``model``, ``hf_overrides`` naming the DASH architecture and carrying the setting, and
     the engine options DASH needs (``ENGINE_OPTIONS``). ValueError for an unsupported architecture,
     a folder without a config.json or a bad setting.
     """
-    from dash_prefill.loading import REGISTRY, cache_dir, registry_folder
-    from dash_prefill.core.profiles import recommended_config
+    from dash_prefill.loading import REGISTRY, registry_folder
 
     spec = REGISTRY.get(str(model))
     folder = registry_folder(spec) if spec is not None else Path(model)
@@ -122,10 +121,8 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
     if not config_file.is_file():
         raise ValueError(f"{model} is neither a registry model ({', '.join(REGISTRY)}) nor a model folder with a "
                          "config.json: give vLLM's model path")
-    if spec is None:  # a registry model's own cache folder keeps its profile
-        spec = next((s for s in REGISTRY.values() if (cache_dir() / s.cache_name).resolve() == folder.resolve()), None)
     if setting is None:
-        setting = recommended_config(_ModelRef(folder, spec))
+        setting = recommended_for(folder)
     elif isinstance(setting, str):
         setting = DashConfig.from_label(setting)
     elif not isinstance(setting, DashConfig):
@@ -138,6 +135,17 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
                          f"{', '.join(architectures) or 'of no declared architecture'}")
     return {"model": str(folder), "hf_overrides": {"architectures": dash[:1], "dash": {"label": setting.label}},
             **ENGINE_OPTIONS}
+
+
+def recommended_for(folder: str | Path) -> DashConfig:
+    """:func:`dash_prefill.recommended_config` of the model in ``folder`` (a registry model's cache
+    folder has its shipped profile; any folder the user's calibration profile of that path)."""
+    from dash_prefill.core.profiles import recommended_config
+    from dash_prefill.loading import REGISTRY, cache_dir
+
+    folder = Path(folder)
+    spec = next((s for s in REGISTRY.values() if (cache_dir() / s.cache_name).resolve() == folder.resolve()), None)
+    return recommended_config(_ModelRef(folder, spec))
 
 
 class _ModelRef:

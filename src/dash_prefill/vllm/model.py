@@ -36,9 +36,14 @@ def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]]]:
     its gates on this model; ValueError saying what to change for one DASH cannot run."""
     fields = getattr(hf_config, "dash", None)
     if not isinstance(fields, dict):
-        raise ValueError('DASH in vLLM needs its setting: hf_overrides={"dash": {"label": "dash@0.5/d0.4"}} '
-                         "or DashConfig fields (dash_prefill.vllm.engine_args builds it)")
-    config = DashConfig.from_label(fields["label"]) if set(fields) == {"label"} else DashConfig(**fields)
+        raise ValueError('DASH in vLLM needs its setting: hf_overrides={"dash": {"label": "dash@0.5/d0.4"}}, '
+                         'DashConfig fields, or {} for the recommended one (dash_prefill.vllm.engine_args builds it)')
+    if not fields:  # "dash": {} asks for the model's recommended setting
+        from dash_prefill.vllm import recommended_for
+
+        config = recommended_for(hf_config._name_or_path)
+    else:
+        config = DashConfig.from_label(fields["label"]) if set(fields) == {"label"} else DashConfig(**fields)
     num_layers = hf_config.get_text_config().num_hidden_layers
     gates = config.resolve_gates(num_layers) if config.scores_tokens else []
     if gates and gates[-1][0] >= num_layers - 1:
