@@ -496,3 +496,35 @@ def test_eval_rejects_a_later_gate_before_the_start_layer_before_any_sample(monk
     assert code == 2
     assert err == ["error: later gate at layer 1 (start_layer=1) must come after the gate at layer 2; "
                    "with 4 layers use a later one"]
+
+
+def test_serve_prints_the_vllm_command_that_runs_a_model_with_dash(tmp_path, capsys):
+    import json
+    import shlex
+
+    from dash_prefill import cli
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    assert cli.main(["serve", str(tmp_path), "--setting", "attention@0.3/s8/p47o16+0.75/s14"]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[:3] == ["vllm", "serve", str(tmp_path)]
+    overrides = json.loads(words[words.index("--hf-overrides") + 1])
+    assert overrides == {"architectures": ["DashQwen2ForCausalLM"], "dash": {"label": "attention@0.3/s8/p47o16+0.75/s14"}}
+    assert {"--enforce-eager", "--no-enable-chunked-prefill", "--no-enable-prefix-caching"} <= set(words)
+    assert cli.main(["serve", str(tmp_path), "--cpu"]) == 0  # no setting: the recommended one (the paper's here)
+    words = shlex.split(capsys.readouterr().out)
+    assert words[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path)]
+    assert json.loads(words[words.index("--hf-overrides") + 1])["dash"] == {"label": "dash@0.5/d0.4"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--setting", "dash@0.5/s0.4"], "write d0.4"), ([], "neither a registry model")])
+def test_serve_refuses_a_bad_setting_or_model_in_one_line(tmp_path, capsys, args, words):
+    from dash_prefill import cli
+
+    model = str(tmp_path / ("missing" if not args else ""))
+    if args:
+        (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert cli.main(["serve", model, *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1

@@ -22,6 +22,7 @@ TOOLS = {
     "bench": ("dash_prefill.bench.cli", "measure time to first token: plain vs DASH vs hook-based (end to end with --new-tokens)"),
     "eval": ("dash_prefill.eval.cli", "RULER-style accuracy and fidelity of halting policies"),
     "calibrate": ("dash_prefill.calibrate_cli", "choose the fastest halting setting that stays faithful"),
+    "serve": ("dash_prefill.serve_cli", "print the vllm serve command that runs a model with DASH"),
 }
 
 
