@@ -17,7 +17,7 @@ import torch
 
 from dash_prefill import DashConfig, prefill
 from dash_prefill.hf.generation import plain_prefill
-from dash_prefill.core.policy import kept_count
+from dash_prefill.core.policy import prompt_kept
 from dash_prefill.bench.hooks import hooks_prefill
 
 Method = Callable[[torch.nn.Module, torch.Tensor], tuple]
@@ -65,7 +65,7 @@ PROTECT_FIRST, PROTECT_LAST = 4, 64
 
 def kept_fraction(length: int, halt_ratio: float) -> float:
     """Fraction of a ``length``-token prompt the engine keeps at ``halt_ratio`` under that protection."""
-    return kept_count(length, halt_ratio, min(length, PROTECT_FIRST + PROTECT_LAST)) / length
+    return prompt_kept(length, halt_ratio, PROTECT_FIRST, PROTECT_LAST) / length
 
 
 def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1,

@@ -253,6 +253,12 @@ def kept_count(num_tokens: int, halt_ratio: float, num_protected: int) -> int:
     return min(num_tokens, max(num_tokens - halted_count(num_tokens, halt_ratio), num_protected))
 
 
+def prompt_kept(num_tokens: int, halt_ratio: float, protect_first: int, protect_last: int) -> int:
+    """Tokens a prompt of ``num_tokens`` keeps past a gate halting ``halt_ratio`` of it, its
+    first and last windows (and its last token) protected: what each engine keeps of a row."""
+    return kept_count(num_tokens, halt_ratio, min(num_tokens, protect_first + max(protect_last, 1)))
+
+
 def protected_mask(padding: torch.Tensor | None, batch: int, seq_len: int, protect_first: int,
                    protect_last: int, device: torch.device) -> torch.Tensor:
     """Tokens that may never halt: first and last windows of each row, and the last token.
@@ -339,8 +345,7 @@ class Eligibility:
         padding = padding if padded else None
         protected = protected_mask(padding, batch, seq_len, protect_first, protect_last, device)
         if eligible is None:
-            num_protected = [min(n, protect_first + max(protect_last, 1)) for n in lengths]
-            kept = [kept_count(n, halt_ratio, p) for n, p in zip(lengths, num_protected)]
+            kept = [prompt_kept(n, halt_ratio, protect_first, protect_last) for n in lengths]
         else:
             protected = protected | ~eligible[0].to(device)
             kept = [n - halted_count(e, halt_ratio) for n, e in zip(lengths, eligible[1])]

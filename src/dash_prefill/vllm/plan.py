@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from dash_prefill.core.config import DashConfig
-from dash_prefill.core.policy import host_to_device, kept_count
+from dash_prefill.core.policy import host_to_device, prompt_kept
 
 
 def kept_tokens(num_tokens: int, halt_ratio: float, config: DashConfig) -> int:
-    """Tokens a prompt of ``num_tokens`` keeps past a gate halting ``halt_ratio`` of it (the HF
-    path's ``Eligibility.of_prompt`` for one unpadded row)."""
-    protected = min(num_tokens, config.protect_first + max(config.protect_last, 1))
-    return kept_count(num_tokens, halt_ratio, protected)
+    """Tokens a prompt of ``num_tokens`` keeps past a gate halting ``halt_ratio`` of it under
+    ``config``'s protection (``core.policy.prompt_kept``, as the HF path's ``Eligibility``)."""
+    return prompt_kept(num_tokens, halt_ratio, config.protect_first, config.protect_last)
 
 
 @dataclass(frozen=True)
