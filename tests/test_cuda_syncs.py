@@ -21,10 +21,12 @@ CONFIGS = [DashConfig(halt_ratio=0.5, start_layer=1, protect_last=3),
            DashConfig(halt_ratio=0.0, start_layer=1),
            DashConfig(halt_ratio=0.5, start_layer=2, protect_last=3, policy="attention", pool=3),
            DashConfig(halt_ratio=0.25, start_layer=1, protect_last=3, policy="random"),
-           DashConfig(policy="none")]
+           DashConfig(policy="none"),
+           DashConfig(policy="none", density=0.2),  # block-sparse attention in every layer
+           DashConfig(halt_ratio=0.5, start_layer=2, protect_last=3, policy="attention", pool=3, density=0.2)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.policy}@{c.halt_ratio}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label if c.scores_tokens else f"plain~{c.density}")
 def test_unpadded_prefill_and_decoding_never_sync_the_host(family, config):
     model = build_model(family)
     ids = random_ids(2, 40)

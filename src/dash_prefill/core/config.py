@@ -16,10 +16,12 @@ ELIGIBLE = ("all", "image")
 _NUMBER = r"[0-9][0-9.e-]*"  # read by _number and parse_start_layer, which say what is wrong
 _START = rf"[sd]{_NUMBER}"
 _LABEL = re.compile(rf"(?P<policy>[a-z][a-z-]*?)(?P<relative>-rel)?@(?P<ratio>{_NUMBER})(?:/(?P<start>{_START}))?"
-                    rf"(?:/p(?P<pool>[0-9]+)(?:o(?P<offset>-?[0-9]+))?)?(?P<gates>(?:\+{_NUMBER}/{_START})*)")
-LABEL_GRAMMAR = ("plain, or POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...] with START sLAYER "
-                 "(a layer index, s8) or dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, "
-                 "attention@0.75/s14/p63")
+                    rf"(?:/p(?P<pool>[0-9]+)(?:o(?P<offset>-?[0-9]+))?)?(?P<gates>(?:\+{_NUMBER}/{_START})*)"
+                    rf"(?:~(?P<density>{_NUMBER}))?")
+_PLAIN = re.compile(rf"plain(?:~(?P<density>{_NUMBER}))?")
+LABEL_GRAMMAR = ("plain, or POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...], each optionally "
+                 "ending in ~DENSITY (block-sparse attention before the first gate), with START sLAYER (a layer index, s8) or "
+                 "dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, attention@0.75/s14/p63~0.1, plain~0.1")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class DashConfig:
         still computed and halts more of them, so that ``halt_ratio`` of the prompt is halted
         from there on (a fraction of the prompt, not of the survivors). Each gate lies after the
         one before and halts more. Empty (the paper): one gate.
+    density : float
+        In (0, 1]: the fraction of key blocks each query block attends in the layers before the
+        first gate (every layer for plain prefill), block-sparse (:mod:`dash_prefill.core.sparse`:
+        the question's attention picks the blocks, the first block and the local ones are always
+        kept). 1.0 (default): dense, exact attention. Full-attention layers only.
     """
 
     halt_ratio: float = 0.5
@@ -81,8 +88,12 @@ class DashConfig:
     pool: int = 1
     pool_offset: int = 0
     later_gates: tuple[tuple[int | float, float], ...] = ()
+    density: float = 1.0
 
     def __post_init__(self) -> None:
+        if (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
+                or not 0.0 < self.density <= 1.0):
+            raise ValueError(f"density must be a number in (0, 1] (1: dense attention); got {self.density!r}")
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
             raise ValueError(f"halt_ratio must be a number in [0, 1); got {self.halt_ratio!r}")
         if not 0.0 <= self.halt_ratio < 1.0:
@@ -130,6 +141,8 @@ class DashConfig:
         fields = dataclasses.asdict(self)
         if not self.later_gates:
             del fields["later_gates"]
+        if self.density == 1.0:
+            del fields["density"]
         return fields
 
     @property
@@ -137,14 +150,16 @@ class DashConfig:
         """The setting as one short name, which :meth:`from_label` reads back: ``plain``, or
         ``POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...]`` where START is ``sLAYER``
         (a layer index) or ``dFRACTION`` (a fraction of depth): ``dash@0.5/d0.4``,
-        ``attention@0.3/s8/p47o16+0.75/s14``. protect_first, protect_last, seed and eligible are
-        not part of it."""
+        ``attention@0.3/s8/p47o16+0.75/s14``; ``~DENSITY`` at the end when the attention before
+        the first gate is block-sparse (``plain~0.1``, ``dash@0.5/d0.4~0.2``). protect_first,
+        protect_last, seed and eligible are not part of it."""
+        sparse = f"~{float(self.density)}" if self.density < 1.0 else ""
         if not self.scores_tokens:
-            return "plain"
+            return "plain" + sparse
         name = self.policy + ("-rel" if self.score == "relative" else "")
         pool = f"/p{self.pool}" + (f"o{self.pool_offset}" if self.pool_offset else "") if self.pool > 1 else ""
         return (f"{name}@{float(self.halt_ratio)}/{start_text(self.start_layer)}{pool}"
-                + gates_label(self.later_gates))
+                + gates_label(self.later_gates) + sparse)
 
     @classmethod
     def from_label(cls, label: str, start_layer: int | float | None = None) -> DashConfig:
@@ -152,15 +167,17 @@ class DashConfig:
         name keep their defaults. ``start_layer`` is the start of a label that names none; when
         it is None such a label is an error. ValueError saying what to change otherwise."""
         text = label.strip()
-        if text == "plain":
-            return cls(halt_ratio=0.0, policy="none")
-        match = _LABEL.fullmatch(text)
+        plain = _PLAIN.fullmatch(text)
+        match = plain or _LABEL.fullmatch(text)
         if match is None:
             raise ValueError(f"cannot read label {text!r}; write {LABEL_GRAMMAR}")
-        if match["policy"] not in _REGISTERED:
+        if not plain and match["policy"] not in _REGISTERED:
             raise ValueError(f"label {text!r}: unknown policy {match['policy']!r}; use one of "
                              f"{', '.join(_REGISTERED)}, or plain for plain prefill")
         try:
+            density = 1.0 if match["density"] is None else _number(match["density"])
+            if plain:
+                return cls(halt_ratio=0.0, policy="none", density=density)
             if match["start"] is None and start_layer is None:
                 raise ValueError("no start layer: add /sLAYER (a layer index, /s8) or /dFRACTION "
                                  "(a fraction of depth, /d0.4) after the ratio")
@@ -169,7 +186,7 @@ class DashConfig:
             return cls(halt_ratio=_number(match["ratio"]), policy=match["policy"],
                        start_layer=start_layer if match["start"] is None else parse_start_layer(match["start"]),
                        score="relative" if match["relative"] else "absolute", pool=int(match["pool"] or 1),
-                       pool_offset=int(match["offset"] or 0), later_gates=gates)
+                       pool_offset=int(match["offset"] or 0), later_gates=gates, density=density)
         except ValueError as error:
             raise ValueError(f"label {text!r}: {error}") from None
 

@@ -2,10 +2,14 @@
 
 Linear work (QKV, O, MLP) is proportional to the tokens a layer runs; attention work to the
 (query, key) pairs it scores. The start layer itself runs attention on every token (its
-update U is the score) and its MLP on the active tokens only.
+update U is the score) and its MLP on the active tokens only. Block-sparse attention (density
+< 1) scores ``core.sparse.sparse_fraction`` of the pairs in the full-attention layers before the
+start layer; its estimate (one query block per layer) is not counted.
 """
 
 from __future__ import annotations
+
+from dash_prefill.core.sparse import sparse_fraction
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -45,13 +49,15 @@ def attended_pairs(num_tokens: int, window: int | None) -> int:
 
 
 def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
-                  later_gates=()) -> float:
+                  later_gates=(), density: float = 1.0) -> float:
     """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``
-    (and, at each later gate ``(layer, kept_fraction)`` of ``later_gates``, fewer).
+    (and, at each later gate ``(layer, kept_fraction)`` of ``later_gates``, fewer), with
+    block-sparse attention of ``density`` before ``start_layer``.
 
     ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill.
     A gate layer runs attention on the tokens entering it and its MLP on those it keeps.
     """
+    sparse = sparse_fraction(seq_len, density)
     d = _dims(config)
     key_values = 2 * d["hidden"] * d["head_dim"] * 2 * d["kv_heads"]
     projections = 2 * d["hidden"] * d["head_dim"] * 2 * d["heads"] + key_values
@@ -67,14 +73,16 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
         # Survivors are spread over the original positions: pairs thin out quadratically.
         pairs = (full_pairs if entering == 1.0 else
                  attended_pairs(tokens_in, None) if window is None else full_pairs * entering**2)
+        if layer < start_layer and window is None:
+            pairs *= sparse
         total += projections * tokens_in + per_pair * pairs + mlp * tokens_out
         entering = leaving
     return total
 
 
 def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float,
-                  later_gates=()) -> float:
+                  later_gates=(), density: float = 1.0) -> float:
     """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
     num_layers = _dims(config)["layers"]
     full = prefill_flops(config, seq_len, num_layers)
-    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, later_gates)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, later_gates, density)

@@ -91,12 +91,15 @@ class PreNormAdapter:
         dtype and device of ``like``, for layer ``layer_idx``."""
         return self.base.rotary_emb(like, positions)
 
-    def attention_output(self, layer, hidden, rotary, mask, cache) -> torch.Tensor:
-        """Attn(Norm(h)) after o_proj: (batch, seq, hidden). DASH scores its norm, ||U_t||."""
+    def attention_output(self, layer, hidden, rotary, mask, cache, sparse=None) -> torch.Tensor:
+        """Attn(Norm(h)) after o_proj: (batch, seq, hidden). DASH scores its norm, ||U_t||.
+        ``sparse`` (a ``hf.sparse.SparsePrompt``) goes to the attention function, which
+        ``hf.sparse.sparse_implementation`` makes the block-sparse one."""
         attention = layer.self_attn
+        extra = {} if sparse is None else {"dash_sparse": sparse}
         output, _ = attention(
             hidden_states=layer.input_layernorm(hidden), position_embeddings=rotary,
-            attention_mask=mask, **{self.cache_keyword: cache},
+            attention_mask=mask, **{self.cache_keyword: cache}, **extra,
         )
         return output
 

@@ -9,11 +9,14 @@ never copied back: only the cache and the last position's logits are read afterw
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from dash_prefill.hf.adapters import PreNormAdapter, adapter_for, check_not_offloaded, context_limit, device_of
@@ -23,6 +26,7 @@ from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.hf.multimodal import PromptInputs, eligible_tokens, prompt_inputs
 from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
 from dash_prefill.core.profiles import config_or_recommended
+from dash_prefill.hf.sparse import SparsePrompt, sparse_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ class LayerInputs:
 
 
 def layer_step(adapter: PreNormAdapter, layer, hidden: torch.Tensor, rotary, mask, cache,
-               gate=None) -> torch.Tensor:
+               gate=None, sparse: SparsePrompt | None = None) -> torch.Tensor:
     """One decoder layer, shared by prefill, decoding and ``inspect``.
 
     hidden : (batch, seq, hidden), the residual stream entering the layer.
@@ -130,10 +134,11 @@ def layer_step(adapter: PreNormAdapter, layer, hidden: torch.Tensor, rotary, mas
         the feed-forward sublayer, where U (batch, seq, hidden) is the attention output DASH
         scores: at the start layer it halts tokens and compacts the sequence; ``inspect`` reads
         U there.
+    sparse : the prompt's block-sparse attention (layers before the first gate), or None.
     Returns the residual stream leaving the layer. U is not held through the feed-forward
     sublayer, so the peak memory is the model's own layer's.
     """
-    output = adapter.attention_output(layer, hidden, rotary, mask, cache)  # U: (batch, seq, hidden)
+    output = adapter.attention_output(layer, hidden, rotary, mask, cache, sparse)  # U: (batch, seq, hidden)
     hidden = hidden + adapter.residual_update(layer, output)
     if gate is not None:
         hidden = gate(hidden, output)  # (batch, kept, hidden)
@@ -160,10 +165,11 @@ class PrefillState:
     layout : KeyLayout of those tokens (original positions, real tokens, Gemma-3 image blocks)
     rope : (batch, seq) or (3, batch, seq) rotary positions (M-RoPE), or None (= positions)
     cache : DynamicCache; layouts : the KeyLayout of what each finished layer's cache holds.
+    sparse : SparsePrompt of block-sparse attention before the first gate (density < 1), or None.
     """
 
     def __init__(self, adapter: PreNormAdapter, prompt: PromptInputs, padding_mask: torch.Tensor | None,
-                 lengths: list[int]):
+                 lengths: list[int], density: float = 1.0):
         self.adapter, self.lengths = adapter, lengths
         self.hidden = prompt.embeds  # (batch, seq, hidden)
         device = self.hidden.device
@@ -184,6 +190,10 @@ class PrefillState:
         self.cropped: dict[int, KeyLayout] = {}  # window -> the cropped layout, until the next compaction
         self.selection: Selection | None = None
         self.scores: torch.Tensor | None = None
+        if density < 1.0 and blocks is not None:
+            raise ValueError("density < 1 (block-sparse attention) does not support Gemma-3 image blocks "
+                             "(bidirectional attention): use density 1 with images")
+        self.sparse = SparsePrompt.of(density, lengths, self.seq_len, device) if density < 1.0 else None
 
     def _rope_offset(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Generated tokens follow the largest rotary position (M-RoPE), else the sequence."""
@@ -274,7 +284,8 @@ class PrefillState:
         stats = PrefillStats(
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=kv_entries(self.cache),
-            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], fractions[1:]),
+            ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], fractions[1:],
+                                        density=self.sparse.density if self.sparse else 1.0),
             plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
         )
         return PrefillResult(
@@ -287,21 +298,37 @@ class PrefillState:
         )
 
 
+def fastest_sdpa(device: torch.device):
+    """SDPA's backends in the order the prefill tries them on ``device``: on a Hopper GPU cuDNN's
+    attention first (one 128K layer of the 8B shape: 239 ms against flash's 429 ms on an H100,
+    docs/decisions.md), then torch's own order. ``DASH_PREFILL_SDPA=torch`` keeps torch's."""
+    if (device.type != "cuda" or os.environ.get("DASH_PREFILL_SDPA", "cudnn") != "cudnn"
+            or torch.cuda.get_device_capability(device)[0] < 9):
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> None:
     """The prefill loop: run ``layers`` on ``state``; at a gate's layer halt tokens and compact
-    the sequence (once with one gate), so every later layer runs on the active tokens only."""
+    the sequence (once with one gate), so every later layer runs on the active tokens only.
+    Layers before the first gate attend block-sparse when ``state.sparse`` is set."""
     adapter = state.adapter
     at = {gate.start_layer: gate for gate in gates}
-    for idx in layers:
-        layer = adapter.layers[idx]
-        hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
-        rotary, mask = state.inputs.get(idx, hidden.device)  # at the tokens' original positions
-        halt = None
-        if idx in at:
-            def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary, gate=at[idx]):
-                return state.halt(gate, layer, idx, hidden, after, output, rotary)
-        state.hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt)
-        state.finish_layer(idx)
+    dense_from = gates[0].start_layer if gates else len(adapter.layers)  # the first gate is dense
+    sparse_layers = sparse_implementation(adapter.config) if state.sparse else contextlib.nullcontext()
+    with sparse_layers, fastest_sdpa(state.hidden.device):
+        for idx in layers:
+            layer = adapter.layers[idx]
+            hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
+            rotary, mask = state.inputs.get(idx, hidden.device)  # at the tokens' original positions
+            halt = None
+            if idx in at:
+                def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary, gate=at[idx]):
+                    return state.halt(gate, layer, idx, hidden, after, output, rotary)
+            sparse = state.sparse if idx < dense_from else None
+            state.hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt, sparse)
+            state.finish_layer(idx)
 
 
 def _validate(model, input_ids, attention_mask, configs=()) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -419,7 +446,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, [config])
     gates = _gates(config, adapter, prompt, padding_mask, lengths)
-    state = PrefillState(adapter, prompt, padding_mask, lengths)
+    state = PrefillState(adapter, prompt, padding_mask, lengths, config.density)
     del prompt  # the state owns the embeddings: they are freed once the first layer has run
     run_layers(state, range(len(adapter.layers)), gates)
     return state.result(model, gates)
@@ -430,18 +457,20 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
                      attention_mask: torch.Tensor | None = None, *,
                      vision_config: DashConfig | None = None, **multimodal) -> list[PrefillResult]:
     """Prefill one prompt under several configs, running the layers before their earliest
-    start layer once. Equal to calling :func:`prefill` per config; faster for comparisons."""
+    start layer once per density. Equal to calling :func:`prefill` per config; faster for
+    comparisons."""
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, configs)
     num_layers = len(adapter.layers)
     branches = [_gates(config, adapter, prompt, padding_mask, lengths) for config in configs]
-    shared = min(gates[0].start_layer if gates else num_layers for gates in branches)
-    trunk = PrefillState(adapter, prompt, padding_mask, lengths)
-    del prompt  # the state owns the embeddings
-    run_layers(trunk, range(shared))
-    results = []
-    for gates in branches:
-        branch = trunk.fork() if len(branches) > 1 else trunk
-        run_layers(branch, range(shared, num_layers), gates)
-        results.append(branch.result(model, gates))
-    return results
+    results: dict[int, PrefillResult] = {}
+    for density in dict.fromkeys(config.density for config in configs):
+        group = [i for i, config in enumerate(configs) if config.density == density]
+        shared = min(branches[i][0].start_layer if branches[i] else num_layers for i in group)
+        trunk = PrefillState(adapter, prompt, padding_mask, lengths, density)
+        run_layers(trunk, range(shared))
+        for i in group:
+            branch = trunk.fork() if len(group) > 1 else trunk
+            run_layers(branch, range(shared, num_layers), branches[i])
+            results[i] = branch.result(model, branches[i])
+    return [results[i] for i in range(len(configs))]

@@ -1,0 +1,113 @@
+"""Block-sparse attention in the layers that keep every token: which key blocks each query
+block attends (engine-free; the kernels are the engines').
+
+Halting removes tokens from the layers after a gate; the layers before it still run causal
+attention over the whole prompt, which is most of a 128K prefill's work. There each layer keeps,
+per query head, a fraction ``density`` of the key blocks (FlexPrefill's query-aware pattern,
+MInference's vertical lines):
+
+- the estimate: the last query block's attention (the question) summed per key block, softmax
+  over the whole prompt, per head (:func:`block_estimate`);
+- every query block attends the ``ceil(density * blocks)`` key blocks the estimate ranks
+  highest (the same columns for all query blocks of a head), the first block (attention
+  sinks), the ``LOCAL_BLOCKS`` blocks before it and itself, causally; the last query block
+  (the question) attends every block (:func:`select_blocks`).
+
+Blocks are counted from the end of the prompt: with left padding (batches) a row's blocks hold
+the same tokens as when it runs alone, so a row's output does not depend on its batch. The
+grid is ``pad`` (< BLOCK) empty slots followed by the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 128  # tokens per query and key block (FlexAttention's default block size)
+SINK_BLOCKS = 1  # the first block of a row is always attended (attention sinks, the template)
+LOCAL_BLOCKS = 8  # and the 1024 tokens before a query block (its own block is always kept)
+TAIL_BLOCKS = 1  # the last query block (the question) attends every block
+
+
+def grid(seq_len: int) -> tuple[int, int]:
+    """(pad, blocks): empty slots before the sequence so that blocks end where it ends."""
+    pad = -seq_len % BLOCK
+    return pad, (seq_len + pad) // BLOCK
+
+
+def vertical_counts(lengths: list[int], density: float) -> list[int]:
+    """Key blocks each row keeps by the estimate: ``ceil(density * its blocks)`` (host ints)."""
+    return [math.ceil(density * math.ceil(length / BLOCK)) for length in lengths]
+
+
+def block_estimate(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                   key_real: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the last queries to every key, summed per key block and over the queries.
+
+    queries : (batch, heads, window, dim), the last ``window`` positions (after rotary)
+    keys : (batch, kv_heads, seq, dim); heads is a multiple of kv_heads (grouped queries)
+    key_real : (batch, seq) bool, False at padding (or None)
+    Returns (batch, heads, blocks) float32 on the grid of :func:`grid`.
+    """
+    batch, heads, window, dim = queries.shape
+    kv_heads, seq_len = keys.shape[1], keys.shape[2]
+    grouped = queries.reshape(batch, kv_heads, heads // kv_heads * window, dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # (batch, kv, g*w, seq)
+    scores = scores.view(batch, kv_heads, heads // kv_heads, window, seq_len)
+    query_index = torch.arange(seq_len - window, seq_len, device=keys.device)[:, None]
+    hidden = torch.arange(seq_len, device=keys.device)[None, :] > query_index  # (window, seq) causal
+    query_real = torch.ones(batch, window, dtype=torch.bool, device=keys.device)
+    if key_real is not None:
+        hidden = hidden | ~key_real[:, None, :]  # (batch, window, seq)
+        query_real = key_real[:, -window:]
+    hidden = hidden.expand(batch, window, seq_len)[:, None, None]
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+    # A padding query (a row shorter than the window) sees nothing real: it counts for nothing.
+    probs = probs.nan_to_num(0.0) * query_real[:, None, None, :, None]
+    per_token = probs.sum(3).reshape(batch, heads, seq_len)
+    pad, blocks = grid(seq_len)
+    return torch.nn.functional.pad(per_token, (pad, 0)).view(batch, heads, blocks, BLOCK).sum(-1)
+
+
+def select_blocks(estimate: torch.Tensor, first_block: torch.Tensor, vertical: torch.Tensor) -> torch.Tensor:
+    """The key blocks each query block attends.
+
+    estimate : (batch, heads, blocks) from :func:`block_estimate`
+    first_block : (batch,) long, the block of each row's first real token, ``(start + pad) // BLOCK``
+    vertical : (batch,) long, key blocks each row keeps by the estimate (:func:`vertical_counts`)
+    Returns keep (batch, heads, query blocks, key blocks) bool: causal, no block before a row's
+    first, a block always keeps itself. Ties in the estimate go to the earlier block.
+    """
+    batch, heads, blocks = estimate.shape
+    index = torch.arange(blocks, device=estimate.device)
+    real = index[None, :] >= first_block[:, None]  # (batch, blocks)
+    ranked = estimate.masked_fill(~real[:, None, :], -1.0)
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, index.expand_as(order))
+    chosen = rank < vertical[:, None, None]  # (batch, heads, blocks)
+    sink = real & (index[None, :] < first_block[:, None] + SINK_BLOCKS)  # (batch, blocks)
+    query, key = index[:, None], index[None, :]
+    local = (query - key >= 0) & (query - key <= LOCAL_BLOCKS)  # (blocks, blocks)
+    tail = query >= blocks - TAIL_BLOCKS
+    wanted = chosen[:, :, None, :] | sink[:, None, None, :] | local | tail
+    return (wanted & (key <= query) & real[:, None, None, :]) | (query == key)
+
+
+def sparse_fraction(seq_len: int, density: float) -> float:
+    """The fraction of a prompt's causal (query, key) block pairs a layer keeps, expected when
+    the chosen blocks spread evenly over the prompt (for the cost model; 1.0 at density 1)."""
+    if density >= 1.0:
+        return 1.0
+    _, blocks = grid(seq_len)
+    chosen = math.ceil(density * blocks)
+    kept = 0.0
+    for query in range(blocks):
+        causal = query + 1
+        if query >= blocks - TAIL_BLOCKS:
+            kept += causal
+            continue
+        always = min(causal, LOCAL_BLOCKS + 1) + (1 if query > LOCAL_BLOCKS else 0)  # local + sink
+        others = causal - always
+        kept += always + min(others, chosen * others / blocks)
+    return kept / (blocks * (blocks + 1) / 2)

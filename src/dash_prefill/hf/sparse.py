@@ -1,0 +1,155 @@
+"""Block-sparse prefill attention for Hugging Face attention modules (``DashConfig.density``).
+
+The layers before the first gate (every layer without one) call :func:`sparse_attention`
+instead of SDPA: the blocks come from :mod:`dash_prefill.core.sparse`; the kernel is torch's
+FlexAttention, compiled, on a GPU (it skips the blocks it does not need) and
+:func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by chunk: exact, not
+faster, so CPU evaluations score what the GPU computes). Sliding-window layers stay dense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from dash_prefill.core.policy import host_to_device
+from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, vertical_counts
+
+SPARSE = "dash_sparse"
+CHUNK = 1024  # queries per step of masked_attention
+
+
+@dataclass(frozen=True)
+class SparsePrompt:
+    """What the sparse layers of one prefill share: the density and, per row (batch,) long, the
+    first real token (left padding before it) and the key blocks kept by the estimate."""
+
+    density: float
+    start: torch.Tensor
+    vertical: torch.Tensor
+
+    @classmethod
+    def of(cls, density: float, lengths: list[int], seq_len: int, device: torch.device) -> SparsePrompt:
+        return cls(density, host_to_device([seq_len - length for length in lengths], device),
+                   host_to_device(vertical_counts(lengths, density), device))
+
+    def to(self, device: torch.device) -> SparsePrompt:
+        if self.start.device == device:
+            return self
+        return SparsePrompt(self.density, self.start.to(device), self.vertical.to(device))
+
+
+def sparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, dash_sparse: SparsePrompt | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: query (batch, heads, seq, dim), key and value
+    (batch, kv_heads, seq, dim) of a whole prompt. Returns (batch, seq, heads, dim), None.
+    Anything but a whole prompt in a full-attention layer with ``dash_sparse`` is SDPA's."""
+    seq_len = key.shape[2]
+    if dash_sparse is None or query.shape[2] != seq_len or (sliding_window is not None and sliding_window < seq_len):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, sliding_window=sliding_window, **kwargs)
+    sparse = dash_sparse.to(query.device)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    real = torch.arange(seq_len, device=query.device)[None, :] >= sparse.start[:, None]  # (batch, seq)
+    estimate = block_estimate(query[:, :, -min(BLOCK, seq_len):], key, scaling, real)
+    pad, _ = grid(seq_len)
+    keep = select_blocks(estimate, (sparse.start + pad) // BLOCK, sparse.vertical)
+    kernel = flex_attention if query.device.type == "cuda" else masked_attention
+    output = kernel(query, key, value, keep, sparse.start, scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def token_mask(keep: torch.Tensor, start: torch.Tensor, queries: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(batch, heads, len(queries), seq) bool: key j visible to query i (sequence indices) when
+    its block is kept for i's block, j <= i and j >= the row's first real token; a query always
+    sees itself (padding rows stay finite)."""
+    pad, _ = grid(seq_len)
+    keys = torch.arange(seq_len, device=keep.device)
+    allowed = keep[:, :, (queries + pad) // BLOCK][:, :, :, (keys + pad) // BLOCK]
+    causal = keys[None, :] <= queries[:, None]  # (q, seq)
+    real = keys[None, :] >= start[:, None]  # (batch, seq)
+    return (allowed & causal & real[:, None, None, :]) | (keys[None, :] == queries[:, None])
+
+
+def masked_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
+    """Attention under the kept blocks with SDPA and an explicit mask, ``CHUNK`` queries at a
+    time (the mask of a 16K prompt would not fit at once). Returns (batch, heads, seq, dim)."""
+    seq_len = key.shape[2]
+    chunks = []
+    for begin in range(0, seq_len, CHUNK):
+        queries = torch.arange(begin, min(begin + CHUNK, seq_len), device=query.device)
+        mask = token_mask(keep, start, queries, seq_len)
+        chunks.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, begin:begin + CHUNK], key, value, attn_mask=mask, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1]))
+    return torch.cat(chunks, dim=2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
+
+
+def flex_attention(query, key, value, keep, start, scaling, compiled: bool = True) -> torch.Tensor:
+    """Attention under the kept blocks with FlexAttention: a block that is not kept is never
+    read. Blocks strictly below the diagonal after a row's first real block are full (no mask
+    inside); the diagonal and the first real block apply the causal and padding mask.
+    Returns (batch, heads, seq, dim)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    seq_len = key.shape[2]
+    pad, blocks = grid(seq_len)
+    index = torch.arange(blocks, device=keep.device)
+    first = (start + pad) // BLOCK  # (batch,)
+    full = keep & (index[None, :] < index[:, None]) & (index > first[:, None, None, None])
+    partial = keep & ~full
+    begin = start + pad  # (batch,) first real token on the padded grid
+
+    def mask_mod(b, h, q, k):  # the whole mask (torch's unfused path reads only this), run in partial blocks
+        return (keep[b, h, q // BLOCK, k // BLOCK] & (k <= q) & (k >= begin[b])) | (q == k)
+
+    def listed(blocks_kept):  # (batch, heads, q blocks) counts, (..., k blocks) indices kept first
+        order = blocks_kept.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+        return blocks_kept.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    extra = {"compute_q_blocks": False} if "compute_q_blocks" in _from_kv_blocks_parameters() else {}
+    block_mask = BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                          seq_lengths=(seq_len + pad, seq_len + pad), **extra)
+    padded = [torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in (query, key, value)]
+    run = _compiled_flex() if compiled else eager_flex
+    output = run(*padded, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return output[:, :, pad:]
+
+
+@functools.cache
+def _from_kv_blocks_parameters() -> frozenset[str]:
+    from torch.nn.attention.flex_attention import BlockMask
+    return frozenset(inspect.signature(BlockMask.from_kv_blocks).parameters)
+
+
+AttentionInterface.register(SPARSE, sparse_attention)
+
+
+@contextlib.contextmanager
+def sparse_implementation(config):
+    """Attention modules of ``config`` call :func:`sparse_attention` inside (sdpa models only;
+    the modules pass ``dash_sparse`` through to it)."""
+    previous = config._attn_implementation
+    if previous != "sdpa":
+        raise ValueError(f"density < 1 (block-sparse attention) needs attn_implementation='sdpa'; "
+                         f"this model uses {previous!r}: load it with attn_implementation='sdpa'")
+    config._attn_implementation = SPARSE
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

@@ -1,0 +1,166 @@
+"""Block-sparse attention before the first gate (DashConfig.density < 1)."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import build_model, random_ids
+from dash_prefill import DashConfig, decode_step, prefill
+from dash_prefill.core.cost import ideal_speedup
+from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, sparse_fraction
+from dash_prefill.hf.prefill import prefill_branches
+from dash_prefill.hf.sparse import SparsePrompt, flex_attention, masked_attention, sparse_attention
+
+LONG = 1500  # 12 blocks of 128: more than the local band (8 blocks), so blocks are skipped
+
+
+def long_model(family: str, implementation: str = "sdpa"):
+    model = build_model(family, implementation)
+    model.config.max_position_embeddings = 4096
+    return model
+
+
+def spec_attention(q, k, v, length, density, scale):
+    """Written from the specification, one row alone: (heads, length, dim) queries, keys and
+    values of real tokens -> (heads, length, dim)."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    pad = -length % 128
+    blocks = (length + pad) // 128
+    block = [(i + pad) // 128 for i in range(length)]
+    out = torch.empty_like(q)
+    for h in range(heads):
+        keys, values = k[h * kv_heads // heads], v[h * kv_heads // heads]
+        window = min(128, length)
+        mass = torch.zeros(blocks, dtype=torch.float64)
+        for i in range(length - window, length):
+            probs = ((q[h, i] @ keys[:i + 1].T) * scale).softmax(-1)
+            mass.index_add_(0, torch.tensor(block[:i + 1]), probs.double().cpu())
+        mass = mass.tolist()
+        ranked = sorted(range(blocks), key=lambda b: (-mass[b], b))
+        chosen = set(ranked[:math.ceil(density * blocks)])
+        for i in range(length):
+            seen = [j for j in range(i + 1) if block[i] == blocks - 1 or block[j] in chosen or block[j] == 0
+                    or block[i] - block[j] <= 8]
+            probs = ((q[h, i] @ keys[seen].T).float() * scale).softmax(-1)
+            out[h, i] = (probs @ values[seen].float()).to(out.dtype)
+    return out
+
+
+def test_sparse_attention_matches_the_specification_for_each_row_of_a_padded_batch():
+    torch.manual_seed(0)
+    lengths, seq, density = [LONG, 1100], LONG, 0.2
+    q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+    sparse = SparsePrompt.of(density, lengths, seq, q.device)
+    out, _ = sparse_attention(None, q, k, v, None, scaling=0.25, dash_sparse=sparse)  # (batch, seq, heads, dim)
+    for row, length in enumerate(lengths):
+        real = slice(seq - length, seq)
+        expected = spec_attention(q[row, :, real], k[row, :, real], v[row, :, real], length, density, 0.25)
+        assert_close(out[row, real].transpose(0, 1), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flexattention_and_the_masked_kernel_compute_the_same_attention():
+    torch.manual_seed(1)
+    seq = LONG
+    q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+    start = torch.tensor([0, 300])
+    pad, _ = grid(seq)
+    real = torch.arange(seq)[None] >= start[:, None]
+    keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, real), (start + pad) // BLOCK,
+                         torch.tensor([2, 1]))
+    assert not keep[:, :, -2].all()  # some block is skipped
+    masked = masked_attention(q, k, v, keep, start, 0.25)
+    flex = flex_attention(q, k, v, keep, start, 0.25, compiled=False)
+    assert_close(flex[0], masked[0], atol=1e-5, rtol=1e-4)
+    assert_close(flex[1, :, 300:], masked[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
+
+
+def test_selected_blocks_are_causal_and_hold_the_sink_the_local_band_and_the_question():
+    torch.manual_seed(2)
+    estimate = torch.rand(2, 3, 20)
+    first = torch.tensor([0, 5])
+    keep = select_blocks(estimate, first, torch.tensor([4, 2]))
+    q, kk = torch.arange(20)[:, None], torch.arange(20)[None, :]
+    assert not (keep & (kk > q)).any()
+    assert not keep[1, :, :, :5].any(dim=-1)[..., 6:].any()  # no block before a row's first
+    assert keep[:, :, 19, :].sum(-1).tolist() == [[20] * 3, [15] * 3]  # the question sees every block
+    assert keep[0, :, 15, 0].all() and keep[1, :, 15, 5].all()  # the sink
+    assert keep[:, :, 15, 7:16].all()  # the local band and the diagonal
+    # Outside the sink and the band, a row keeps exactly its top-ranked real blocks.
+    for h in range(3):
+        top0 = set((estimate[0, h].argsort(descending=True)[:4]).tolist())
+        top1 = set((estimate[1, h, 5:].argsort(descending=True)[:2] + 5).tolist())
+        assert [bool(keep[0, h, 18, k]) for k in range(1, 10)] == [k in top0 for k in range(1, 10)]
+        assert [bool(keep[1, h, 18, k]) for k in range(6, 10)] == [k in top1 for k in range(6, 10)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mistral"])
+def test_a_left_padded_row_gets_with_sparse_attention_what_it_gets_alone(family):
+    model = long_model(family)
+    lengths = [LONG, 1100]
+    rows = [random_ids(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.stack([torch.cat([torch.zeros(LONG - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(LONG)[None] >= torch.tensor([LONG - n for n in lengths])[:, None]).long()
+    for label in ("plain~0.2", "attention@0.5/s2/p3~0.2"):
+        config = DashConfig.from_label(label)
+        batch = prefill(model, ids, config, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = prefill(model, row[None], config)
+            assert torch.equal(batch.active_mask[i, LONG - len(row):], alone.active_mask[0]), label
+            assert_close(batch.logits[i], alone.logits[0], atol=5e-5, rtol=1e-4)
+
+
+def test_sparse_attention_changes_the_prefill_and_density_one_is_the_dense_prefill():
+    model = long_model("llama")
+    ids = random_ids(1, LONG, seed=3)
+    dense = prefill(model, ids, DashConfig.from_label("plain"))
+    assert DashConfig.from_label("plain~1.0") == DashConfig.from_label("plain")
+    sparse = prefill(model, ids, DashConfig.from_label("plain~0.1"))
+    # Keys of the last layer at early positions differ: the layers before it attended fewer blocks.
+    early = slice(BLOCK * 9, BLOCK * 10)
+    assert not torch.allclose(sparse.cache.layers[-1].keys[:, :, early], dense.cache.layers[-1].keys[:, :, early])
+    # The first layer's keys come before any attention: equal.
+    assert torch.equal(sparse.cache.layers[0].keys, dense.cache.layers[0].keys)
+    assert sparse.stats.ideal_speedup > 1.0 == dense.stats.ideal_speedup
+
+
+def test_branches_with_several_densities_equal_one_prefill_each():
+    model = long_model("qwen2")
+    ids = random_ids(1, LONG, seed=4)
+    configs = [DashConfig.from_label(label) for label in
+               ("plain", "dash@0.5/s2~0.2", "attention@0.5/s1~0.2", "plain~0.3", "dash@0.5/s2")]
+    for config, branch in zip(configs, prefill_branches(model, ids, configs)):
+        alone = prefill(model, ids, config)
+        assert torch.equal(branch.active_mask, alone.active_mask), config.label
+        assert_close(branch.logits, alone.logits, atol=1e-5, rtol=1e-5)
+        assert branch.stats.ideal_speedup == alone.stats.ideal_speedup
+
+
+def test_decoding_after_a_sparse_prefill_reads_the_whole_cache():
+    model = long_model("llama")
+    ids = random_ids(1, LONG, seed=5)
+    result = prefill(model, ids, DashConfig.from_label("dash@0.5/s2~0.2"))
+    assert result.cache.layers[0].keys.shape[2] == LONG  # layers before the gate cache every token
+    logits = decode_step(model, result, result.logits.argmax(-1)[:, None])
+    assert torch.isfinite(logits).all()
+    assert result.cache.layers[0].keys.shape[2] == LONG + 1
+
+
+def test_sparse_attention_needs_sdpa_and_says_so():
+    model = long_model("llama", "eager")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        prefill(model, random_ids(1, 300), DashConfig.from_label("plain~0.2"))
+
+
+def test_the_cost_model_counts_the_kept_block_pairs():
+    assert sparse_fraction(131072, 1.0) == 1.0
+    fractions = [sparse_fraction(131072, d) for d in (0.05, 0.1, 0.3)]
+    assert fractions == sorted(fractions)
+    assert 0.1 < fractions[1] < 0.13  # density plus the band, the sink and the question
+    assert sparse_fraction(1000, 0.1) == 1.0 or sparse_fraction(1000, 0.1) > 0.9  # short: the band is all
+    config = build_model("llama").config
+    one_gate = ideal_speedup(config, 131072, 2, 0.5)
+    assert ideal_speedup(config, 131072, 2, 0.5, density=0.1) > one_gate
+    assert ideal_speedup(config, 131072, 4, 1.0, density=0.1) > 5  # all layers sparse, attention-bound
