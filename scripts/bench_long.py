@@ -46,7 +46,7 @@ def kernels(length: int, repeats: int) -> list[dict]:
     """One causal attention of the 8B shape (32 query / 8 key-value heads, bf16) per SDPA backend,
     and FlexAttention dense (density 1 as a block mask) and block-sparse."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from dash_prefill.hf.sparse import SparsePrompt, sparse_attention
+    from dash_prefill.hf.attention import SparsePrompt, prefill_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16)
@@ -71,7 +71,7 @@ def kernels(length: int, repeats: int) -> list[dict]:
         if sparse is None:  # dense through FlexAttention: every causal block kept
             sparse = SparsePrompt.of(1.0, [length], length, q.device)
         rows.append({"kernel": f"flex-density-{density}", "length": length, "seconds": statistics.median(
-            timed(lambda: sparse_attention(None, q, k, v, None, scaling=128 ** -0.5, dash_sparse=sparse), repeats))})
+            timed(lambda: prefill_attention(None, q, k, v, None, scaling=128 ** -0.5, dash_sparse=sparse), repeats))})
     return rows
 
 

@@ -11,7 +11,7 @@ from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, sparse_fraction
 from dash_prefill.hf.prefill import prefill_branches
-from dash_prefill.hf.sparse import SparsePrompt, flex_attention, masked_attention, sparse_attention
+from dash_prefill.hf.attention import SparsePrompt, flex_attention, masked_attention, prefill_attention
 
 LONG = 1500  # 12 blocks of 128: more than the local band (8 blocks), so blocks are skipped
 
@@ -53,11 +53,13 @@ def test_sparse_attention_matches_the_specification_for_each_row_of_a_padded_bat
     lengths, seq, density = [LONG, 1100], LONG, 0.2
     q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
     sparse = SparsePrompt.of(density, lengths, seq, q.device)
-    out, _ = sparse_attention(None, q, k, v, None, scaling=0.25, dash_sparse=sparse)  # (batch, seq, heads, dim)
+    out, _ = prefill_attention(None, q, k, v, None, scaling=0.25, dash_sparse=sparse)  # (batch, seq, heads, dim)
     for row, length in enumerate(lengths):
         real = slice(seq - length, seq)
         expected = spec_attention(q[row, :, real], k[row, :, real], v[row, :, real], length, density, 0.25)
-        assert_close(out[row, real].transpose(0, 1), expected, atol=1e-5, rtol=1e-4)
+        # FlexAttention's compiled GPU kernel multiplies float32 in TF32.
+        tolerance = dict(atol=2e-3, rtol=1e-3) if q.is_cuda else dict(atol=1e-5, rtol=1e-4)
+        assert_close(out[row, real].transpose(0, 1), expected, **tolerance)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

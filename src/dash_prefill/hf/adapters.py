@@ -93,8 +93,8 @@ class PreNormAdapter:
 
     def attention_output(self, layer, hidden, rotary, mask, cache, sparse=None) -> torch.Tensor:
         """Attn(Norm(h)) after o_proj: (batch, seq, hidden). DASH scores its norm, ||U_t||.
-        ``sparse`` (a ``hf.sparse.SparsePrompt``) goes to the attention function, which
-        ``hf.sparse.sparse_implementation`` makes the block-sparse one."""
+        ``sparse`` (a ``hf.attention.SparsePrompt``) goes to the attention function, which
+        ``hf.attention.prefill_attention_for`` makes the prefill's (block-sparse there)."""
         attention = layer.self_attn
         extra = {} if sparse is None else {"dash_sparse": sparse}
         output, _ = attention(

@@ -9,14 +9,11 @@ never copied back: only the cache and the last position's logits are read afterw
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from dash_prefill.hf.adapters import PreNormAdapter, adapter_for, check_not_offloaded, context_limit, device_of
@@ -26,7 +23,7 @@ from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.hf.multimodal import PromptInputs, eligible_tokens, prompt_inputs
 from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors
 from dash_prefill.core.profiles import config_or_recommended
-from dash_prefill.hf.sparse import SparsePrompt, sparse_implementation
+from dash_prefill.hf.attention import SparsePrompt, prefill_attention_for
 
 logger = logging.getLogger(__name__)
 
@@ -298,17 +295,6 @@ class PrefillState:
         )
 
 
-def fastest_sdpa(device: torch.device):
-    """SDPA's backends in the order the prefill tries them on ``device``: on a Hopper GPU cuDNN's
-    attention first (one 128K layer of the 8B shape: 239 ms against flash's 429 ms on an H100,
-    docs/decisions.md), then torch's own order. ``DASH_PREFILL_SDPA=torch`` keeps torch's."""
-    if (device.type != "cuda" or os.environ.get("DASH_PREFILL_SDPA", "cudnn") != "cudnn"
-            or torch.cuda.get_device_capability(device)[0] < 9):
-        return contextlib.nullcontext()
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> None:
     """The prefill loop: run ``layers`` on ``state``; at a gate's layer halt tokens and compact
     the sequence (once with one gate), so every later layer runs on the active tokens only.
@@ -316,8 +302,7 @@ def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> No
     adapter = state.adapter
     at = {gate.start_layer: gate for gate in gates}
     dense_from = gates[0].start_layer if gates else len(adapter.layers)  # the first gate is dense
-    sparse_layers = sparse_implementation(adapter.config) if state.sparse else contextlib.nullcontext()
-    with sparse_layers, fastest_sdpa(state.hidden.device):
+    with prefill_attention_for(adapter.config, state.hidden.device, state.sparse is not None):
         for idx in layers:
             layer = adapter.layers[idx]
             hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)

@@ -1,10 +1,15 @@
-"""Block-sparse prefill attention for Hugging Face attention modules (``DashConfig.density``).
+"""The prefill's attention for Hugging Face attention modules: the fastest exact kernel for
+dense causal attention, and block-sparse attention (``DashConfig.density``).
 
-The layers before the first gate (every layer without one) call :func:`sparse_attention`
-instead of SDPA: the blocks come from :mod:`dash_prefill.core.sparse`; the kernel is torch's
-FlexAttention, compiled, on a GPU (it skips the blocks it does not need) and
-:func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by chunk: exact, not
-faster, so CPU evaluations score what the GPU computes). Sliding-window layers stay dense.
+During a prefill the modules call :func:`prefill_attention` (``prefill_attention_for``):
+- a whole prompt's causal attention without a mask runs SDPA on contiguous inputs, on a Hopper GPU
+  with cuDNN's kernel first (one 128K layer of the 8B shape on an H100: 244 ms against flash's
+  428 ms; HF's own call, on transposed views, never reached cuDNN: docs/decisions.md);
+- the layers before the first gate, with ``dash_sparse``, attend only the key blocks of
+  :mod:`dash_prefill.core.sparse`: torch's FlexAttention, compiled, on a GPU (it skips the blocks
+  it does not need), :func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by
+  chunk: exact, not faster, so CPU evaluations score what the GPU computes);
+- anything else (masks, sliding windows that bite, queries after a cache) is HF's SDPA.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_prefill.core.policy import host_to_device
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, vertical_counts
 
-SPARSE = "dash_sparse"
+PREFILL = "dash_prefill"
 CHUNK = 1024  # queries per step of masked_attention
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -45,26 +54,37 @@ class SparsePrompt:
         return SparsePrompt(self.density, self.start.to(device), self.vertical.to(device))
 
 
-def sparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask, scaling: float | None = None, dropout: float = 0.0,
-                     sliding_window: int | None = None, dash_sparse: SparsePrompt | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
-    """An ``AttentionInterface`` function: query (batch, heads, seq, dim), key and value
-    (batch, kv_heads, seq, dim) of a whole prompt. Returns (batch, seq, heads, dim), None.
-    Anything but a whole prompt in a full-attention layer with ``dash_sparse`` is SDPA's."""
+def prefill_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, dash_sparse: SparsePrompt | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: query (batch, heads, q, dim), key and value
+    (batch, kv_heads, seq, dim). Returns (batch, q, heads, dim), None."""
     seq_len = key.shape[2]
-    if dash_sparse is None or query.shape[2] != seq_len or (sliding_window is not None and sliding_window < seq_len):
+    whole = query.shape[2] == seq_len and (sliding_window is None or sliding_window >= seq_len)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if whole and dash_sparse is not None:
+        output = sparse_attention(query, key, value, dash_sparse.to(query.device), scaling)
+    elif whole and attention_mask is None and kwargs.get("softcap") is None and query.device.type == "cuda":
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query.contiguous(), key.contiguous(), value.contiguous(), is_causal=True, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+    else:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
-    sparse = dash_sparse.to(query.device)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return output.transpose(1, 2).contiguous(), None
+
+
+def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) -> torch.Tensor:
+    """Causal attention of a whole prompt over the key blocks :func:`select_blocks` keeps.
+    query (batch, heads, seq, dim), key and value (batch, kv_heads, seq, dim) -> like query."""
+    seq_len = key.shape[2]
     real = torch.arange(seq_len, device=query.device)[None, :] >= sparse.start[:, None]  # (batch, seq)
     estimate = block_estimate(query[:, :, -min(BLOCK, seq_len):], key, scaling, real)
     pad, _ = grid(seq_len)
     keep = select_blocks(estimate, (sparse.start + pad) // BLOCK, sparse.vertical)
     kernel = flex_attention if query.device.type == "cuda" else masked_attention
-    output = kernel(query, key, value, keep, sparse.start, scaling)
-    return output.transpose(1, 2).contiguous(), None
+    return kernel(query, key, value, keep, sparse.start, scaling)
 
 
 def token_mask(keep: torch.Tensor, start: torch.Tensor, queries: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -137,19 +157,31 @@ def _from_kv_blocks_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(BlockMask.from_kv_blocks).parameters)
 
 
-AttentionInterface.register(SPARSE, sparse_attention)
+AttentionInterface.register(PREFILL, prefill_attention)
+
+
+def cudnn_first(device: torch.device) -> bool:
+    """Whether dense attention tries cuDNN's kernel first: on a Hopper GPU unless
+    ``DASH_PREFILL_SDPA=torch`` (torch's own order)."""
+    return (device.type == "cuda" and os.environ.get("DASH_PREFILL_SDPA", "cudnn") == "cudnn"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @contextlib.contextmanager
-def sparse_implementation(config):
-    """Attention modules of ``config`` call :func:`sparse_attention` inside (sdpa models only;
-    the modules pass ``dash_sparse`` through to it)."""
+def prefill_attention_for(config, device: torch.device, sparse: bool):
+    """Attention modules of ``config`` call :func:`prefill_attention` inside, when the prefill
+    is block-sparse or cuDNN goes first on ``device`` (sdpa models; elsewhere nothing changes)."""
     previous = config._attn_implementation
-    if previous != "sdpa":
+    if sparse and previous != "sdpa":
         raise ValueError(f"density < 1 (block-sparse attention) needs attn_implementation='sdpa'; "
                          f"this model uses {previous!r}: load it with attn_implementation='sdpa'")
-    config._attn_implementation = SPARSE
-    try:
+    fast = cudnn_first(device)
+    if previous != "sdpa" or not (sparse or fast):
         yield
+        return
+    config._attn_implementation = PREFILL
+    try:
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True) if fast else contextlib.nullcontext():
+            yield
     finally:
         config._attn_implementation = previous
