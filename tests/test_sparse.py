@@ -33,10 +33,10 @@ def spec_attention(q, k, v, length, density, scale):
     for h in range(heads):
         keys, values = k[h * kv_heads // heads], v[h * kv_heads // heads]
         window = min(128, length)
-        mass = torch.zeros(blocks, dtype=torch.float64)
+        mass = torch.zeros(blocks, dtype=torch.float64, device="cpu")
         for i in range(length - window, length):
             probs = ((q[h, i] @ keys[:i + 1].T) * scale).softmax(-1)
-            mass.index_add_(0, torch.tensor(block[:i + 1]), probs.double().cpu())
+            mass.index_add_(0, torch.tensor(block[:i + 1], device="cpu"), probs.double().cpu())
         mass = mass.tolist()
         ranked = sorted(range(blocks), key=lambda b: (-mass[b], b))
         chosen = set(ranked[:math.ceil(density * blocks)])
@@ -166,3 +166,18 @@ def test_the_cost_model_counts_the_kept_block_pairs():
     one_gate = ideal_speedup(config, 131072, 2, 0.5)
     assert ideal_speedup(config, 131072, 2, 0.5, density=0.1) > one_gate
     assert ideal_speedup(config, 131072, 4, 1.0, density=0.1) > 5  # all layers sparse, attention-bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="cuDNN's attention goes first on Hopper GPUs only")
+def test_cudnn_attention_on_hopper_computes_the_causal_prefill(monkeypatch):
+    model = long_model("llama").to(device="cuda", dtype=torch.bfloat16)
+    ids = random_ids(1, LONG, seed=6).cuda()
+    with torch.no_grad():
+        reference = model(ids).logits[:, -1].float()  # HF's own SDPA
+    monkeypatch.setenv("DASH_PREFILL_SDPA", "torch")
+    ours_torch = prefill(model, ids, DashConfig.from_label("plain")).logits.float()
+    monkeypatch.setenv("DASH_PREFILL_SDPA", "cudnn")
+    ours_cudnn = prefill(model, ids, DashConfig.from_label("plain")).logits.float()
+    assert_close(ours_torch, reference, atol=3e-2, rtol=3e-2)
+    assert_close(ours_cudnn, reference, atol=3e-2, rtol=3e-2)

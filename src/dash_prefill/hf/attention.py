@@ -2,9 +2,9 @@
 dense causal attention, and block-sparse attention (``DashConfig.density``).
 
 During a prefill the modules call :func:`prefill_attention` (``prefill_attention_for``):
-- a whole prompt's causal attention without a mask runs SDPA on contiguous inputs, on a Hopper GPU
-  with cuDNN's kernel first (one 128K layer of the 8B shape on an H100: 244 ms against flash's
-  428 ms; HF's own call, on transposed views, never reached cuDNN: docs/decisions.md);
+- a whole prompt's causal attention without a mask runs cuDNN's kernel on a Hopper GPU (one 128K
+  layer of the 8B shape on an H100: 244 ms against flash's 428 ms; HF's own call with torch's
+  backend order never reached it: docs/decisions.md);
 - the layers before the first gate, with ``dash_sparse``, attend only the key blocks of
   :mod:`dash_prefill.core.sparse`: torch's FlexAttention, compiled, on a GPU (it skips the blocks
   it does not need), :func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by
@@ -30,8 +30,6 @@ from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks,
 
 PREFILL = "dash_prefill"
 CHUNK = 1024  # queries per step of masked_attention
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -65,14 +63,31 @@ def prefill_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if whole and dash_sparse is not None:
         output = sparse_attention(query, key, value, dash_sparse.to(query.device), scaling)
-    elif whole and attention_mask is None and kwargs.get("softcap") is None and query.device.type == "cuda":
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query.contiguous(), key.contiguous(), value.contiguous(), is_causal=True, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1])
+    elif whole and attention_mask is None and kwargs.get("softcap") is None and cudnn_takes(query):
+        output = causal_cudnn(query, key, value, scaling)
     else:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
     return output.transpose(1, 2).contiguous(), None
+
+
+def cudnn_takes(query: torch.Tensor) -> bool:
+    """Whether cuDNN's attention goes first for these queries: a Hopper GPU (unless
+    ``DASH_PREFILL_SDPA=torch``), half precision, head size a multiple of 8 up to 128."""
+    return (cudnn_first(query.device) and query.dtype in (torch.bfloat16, torch.float16)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 128)
+
+
+def causal_cudnn(query, key, value, scaling: float) -> torch.Tensor:
+    """Causal SDPA with cuDNN's kernel alone (torch's backend priority list did not reach it on
+    the H100, docs/decisions.md); torch's own choice where cuDNN refuses the inputs."""
+    args = (query.contiguous(), key.contiguous(), value.contiguous())
+    options = dict(is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(*args, **options)
+    except RuntimeError:
+        return torch.nn.functional.scaled_dot_product_attention(*args, **options)
 
 
 def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) -> torch.Tensor:
@@ -181,7 +196,6 @@ def prefill_attention_for(config, device: torch.device, sparse: bool):
         return
     config._attn_implementation = PREFILL
     try:
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True) if fast else contextlib.nullcontext():
-            yield
+        yield
     finally:
         config._attn_implementation = previous
