@@ -1,15 +1,12 @@
-"""The prefill's attention for Hugging Face attention modules: the fastest exact kernel for
-dense causal attention, and block-sparse attention (``DashConfig.density``).
+"""Block-sparse prefill attention for Hugging Face attention modules (``DashConfig.density``).
 
-During a prefill the modules call :func:`prefill_attention` (``prefill_attention_for``):
-- a whole prompt's causal attention without a mask runs cuDNN's kernel on a Hopper GPU (one 128K
-  layer of the 8B shape on an H100: 244 ms against flash's 428 ms; HF's own call with torch's
-  backend order never reached it: docs/decisions.md);
-- the layers before the first gate, with ``dash_sparse``, attend only the key blocks of
-  :mod:`dash_prefill.core.sparse`: torch's FlexAttention, compiled, on a GPU (it skips the blocks
-  it does not need), :func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by
-  chunk: exact, not faster, so CPU evaluations score what the GPU computes);
-- anything else (masks, sliding windows that bite, queries after a cache) is HF's SDPA.
+In the layers before the first gate (every layer without one) the modules call
+:func:`prefill_attention` (``prefill_attention_for``), which attends only the key blocks of
+:mod:`dash_prefill.core.sparse`: torch's FlexAttention, compiled, on a GPU (it skips the blocks it
+does not need), :func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by chunk:
+exact, not faster, so CPU evaluations score what the GPU computes). Anything else (masks, sliding
+windows that bite, queries after a cache, later layers) is HF's SDPA, which on an H100 with torch
+2.11 already runs cuDNN's kernel (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -17,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -60,34 +55,12 @@ def prefill_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     (batch, kv_heads, seq, dim). Returns (batch, q, heads, dim), None."""
     seq_len = key.shape[2]
     whole = query.shape[2] == seq_len and (sliding_window is None or sliding_window >= seq_len)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if whole and dash_sparse is not None:
-        output = sparse_attention(query, key, value, dash_sparse.to(query.device), scaling)
-    elif whole and attention_mask is None and kwargs.get("softcap") is None and cudnn_takes(query):
-        output = causal_cudnn(query, key, value, scaling)
-    else:
+    if dash_sparse is None or not whole:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    output = sparse_attention(query, key, value, dash_sparse.to(query.device), scaling)
     return output.transpose(1, 2).contiguous(), None
-
-
-def cudnn_takes(query: torch.Tensor) -> bool:
-    """Whether cuDNN's attention goes first for these queries: a Hopper GPU (unless
-    ``DASH_PREFILL_SDPA=torch``), half precision, head size a multiple of 8 up to 128."""
-    return (cudnn_first(query.device) and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 128)
-
-
-def causal_cudnn(query, key, value, scaling: float) -> torch.Tensor:
-    """Causal SDPA with cuDNN's kernel alone (torch's backend priority list did not reach it on
-    the H100, docs/decisions.md); torch's own choice where cuDNN refuses the inputs."""
-    args = (query.contiguous(), key.contiguous(), value.contiguous())
-    options = dict(is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(*args, **options)
-    except RuntimeError:
-        return torch.nn.functional.scaled_dot_product_attention(*args, **options)
 
 
 def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) -> torch.Tensor:
@@ -175,25 +148,17 @@ def _from_kv_blocks_parameters() -> frozenset[str]:
 AttentionInterface.register(PREFILL, prefill_attention)
 
 
-def cudnn_first(device: torch.device) -> bool:
-    """Whether dense attention tries cuDNN's kernel first: on a Hopper GPU unless
-    ``DASH_PREFILL_SDPA=torch`` (torch's own order)."""
-    return (device.type == "cuda" and os.environ.get("DASH_PREFILL_SDPA", "cudnn") == "cudnn"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 @contextlib.contextmanager
-def prefill_attention_for(config, device: torch.device, sparse: bool):
-    """Attention modules of ``config`` call :func:`prefill_attention` inside, when the prefill
-    is block-sparse or cuDNN goes first on ``device`` (sdpa models; elsewhere nothing changes)."""
+def prefill_attention_for(config, sparse: bool):
+    """Attention modules of ``config`` call :func:`prefill_attention` inside when the prefill is
+    block-sparse (sdpa models only); otherwise nothing changes."""
     previous = config._attn_implementation
-    if sparse and previous != "sdpa":
-        raise ValueError(f"density < 1 (block-sparse attention) needs attn_implementation='sdpa'; "
-                         f"this model uses {previous!r}: load it with attn_implementation='sdpa'")
-    fast = cudnn_first(device)
-    if previous != "sdpa" or not (sparse or fast):
+    if not sparse:
         yield
         return
+    if previous != "sdpa":
+        raise ValueError(f"density < 1 (block-sparse attention) needs attn_implementation='sdpa'; "
+                         f"this model uses {previous!r}: load it with attn_implementation='sdpa'")
     config._attn_implementation = PREFILL
     try:
         yield

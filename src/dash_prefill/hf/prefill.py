@@ -302,7 +302,7 @@ def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> No
     adapter = state.adapter
     at = {gate.start_layer: gate for gate in gates}
     dense_from = gates[0].start_layer if gates else len(adapter.layers)  # the first gate is dense
-    with prefill_attention_for(adapter.config, state.hidden.device, state.sparse is not None):
+    with prefill_attention_for(adapter.config, state.sparse is not None):
         for idx in layers:
             layer = adapter.layers[idx]
             hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
