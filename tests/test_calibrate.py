@@ -197,3 +197,29 @@ def test_a_grid_policy_takes_a_shifted_span_and_refuses_a_malformed_one():
     for bad in ("attention/p47o", "attention/o16", "attention/p47x16"):
         with pytest.raises(ValueError, match=f"policy '{bad}' \\(write NAME\\[-rel\\]\\[/pPOOL\\[oOFFSET\\]\\]"):
             settings_grid([bad], (0.5,), (0.9,))
+
+
+def test_calibration_chooses_the_density_too_and_a_sparse_profile_gives_that_config_back(tmp_path, monkeypatch):
+    from dash_prefill.calibrate import _setting
+
+    grid = settings_grid(["dash"], (1,), (0.5,), densities=(1.0, 0.2))
+    assert [label for label, _ in grid] == ["dash@0.5/s1", "dash@0.5/s1~0.2"]
+    model = build_model("llama")
+    model.config.max_position_embeddings = 4096
+    prompts = [CalibrationPrompt(random_ids(1, 1500, seed=3)[0].tolist(), random_ids(1, 4, seed=9)[0].tolist(),
+                                 4, "test")]
+    dense, sparse = measure(model, prompts, grid)
+    assert sparse["ideal_speedup"] > dense["ideal_speedup"]
+    assert sparse["kl"] != dense["kl"]
+    monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path))
+    chosen = {**sparse, "config": _setting(grid[1][1])}
+    write_profile(user_profile_path(model), "tiny", chosen, [chosen], Budget(), {})
+    assert recommended_config(model).density == 0.2
+
+
+def test_calibrate_densities_out_of_range_is_one_line_and_exit_2(capsys):
+    from dash_prefill.cli import main
+
+    assert main(["calibrate", "--model", "m", "--densities", "0", "--policies", "dash"]) == 2
+    err = capsys.readouterr().err
+    assert "density must be" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

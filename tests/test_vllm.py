@@ -99,6 +99,7 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
         dict(name="bad-ratio", model=path, dash={**ONE_GATE.as_dict(), "halt_ratio": 1.5}),
         dict(name="last-layer", model=path, dash={**ONE_GATE.as_dict(), "start_layer": 29}),
+        dict(name="sparse", model=path, dash={"label": ONE_GATE.label + "~0.1"}),
     ]
     return run_vllm({"engines": engines}, tmp_path_factory.mktemp("vllm"))
 
@@ -163,7 +164,7 @@ def test_a_request_in_a_mixed_batch_generates_what_it_generates_alone(served, pr
 
 @pytest.mark.parametrize("name, words", [
     ("chunked", "enable_chunked_prefill=False"), ("bad-ratio", "halt_ratio must be in [0, 1)"),
-    ("last-layer", "halts nothing")])
+    ("last-layer", "halts nothing"), ("sparse", "Hugging Face engine only")])
 def test_an_engine_dash_cannot_run_fails_at_start_up_saying_what_to_change(served, name, words):
     # vLLM wraps a config check's ValueError in its own validation report: the reason is one line of it
     assert [line for line in served[name]["error"].splitlines() if words in line]

@@ -155,13 +155,15 @@ def read_prompts(path, tokenizer, continuation_tokens: int = 24) -> list[Calibra
 
 
 def settings_grid(policies=DEFAULT_POLICIES, starts=DEFAULT_STARTS, ratios=DEFAULT_RATIOS,
-                  labels=()) -> list[tuple[str, DashConfig]]:
-    """(label, config) for every policy x start x ratio; a policy is a label's policy and
-    pooling, ``NAME[-rel][/pPOOL[oOFFSET]]`` (``attention/p15``). ``labels`` adds whole settings
+                  labels=(), densities=(1.0,)) -> list[tuple[str, DashConfig]]:
+    """(label, config) for every policy x start x ratio x density; a policy is a label's policy
+    and pooling, ``NAME[-rel][/pPOOL[oOFFSET]]`` (``attention/p15``); a density below 1 makes the
+    attention before the gate block-sparse. ``labels`` adds whole settings
     (:meth:`DashConfig.from_label`) for what the grid cannot span: later gates
     (``attention@0.3/s8/p47o16+0.75/s14``). Every label is :attr:`DashConfig.label`, so a
     choice can be evaluated under the same name."""
-    grid = [policy_config(item, ratio, start) for item in policies for start in starts for ratio in ratios]
+    grid = [dataclasses.replace(policy_config(item, ratio, start), density=density)
+            for item in policies for start in starts for ratio in ratios for density in densities]
     for label in labels:
         config = DashConfig.from_label(label)
         if config.halt_ratio == 0.0:

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start layers: layer indices (11) or fractions of depth (d0.4), comma-separated "
                         f"(default {','.join(map(start_text, DEFAULT_STARTS))})")
     parser.add_argument("--ratios", type=_floats, default=DEFAULT_RATIOS, help="halt ratios")
+    parser.add_argument("--densities", type=_floats, default=(1.0,),
+                        help="attention densities before the gate, in (0, 1] (1: dense; 0.1: block-sparse, "
+                        "a tenth of the key blocks), comma-separated (default 1)")
     parser.add_argument("--out", type=Path, help="profile path (default: next to the model cache, "
                         "where recommended_config finds it)")
     parser.add_argument("--rows", type=Path, help="choose again from the rows an earlier run measured "
@@ -72,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
         budget = Budget(args.budget, args.min_agreement)
         grid = settings_grid([p.strip() for p in args.policies.split(",") if p.strip()],
                              args.starts, args.ratios,
-                             [label.strip() for label in args.settings.split(",") if label.strip()])
+                             [label.strip() for label in args.settings.split(",") if label.strip()],
+                             args.densities)
         if args.count < 1 and args.prompts is None:
             raise ValueError(f"--count must be >= 1; got {args.count}")
         if args.rows is not None:
