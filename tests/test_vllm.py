@@ -99,7 +99,6 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
         dict(name="bad-ratio", model=path, dash={**ONE_GATE.as_dict(), "halt_ratio": 1.5}),
         dict(name="last-layer", model=path, dash={**ONE_GATE.as_dict(), "start_layer": 29}),
-        dict(name="sparse", model=path, dash={"label": ONE_GATE.label + "~0.1"}),
     ]
     return run_vllm({"engines": engines}, tmp_path_factory.mktemp("vllm"))
 
@@ -164,7 +163,7 @@ def test_a_request_in_a_mixed_batch_generates_what_it_generates_alone(served, pr
 
 @pytest.mark.parametrize("name, words", [
     ("chunked", "enable_chunked_prefill=False"), ("bad-ratio", "halt_ratio must be in [0, 1)"),
-    ("last-layer", "halts nothing"), ("sparse", "Hugging Face engine only")])
+    ("last-layer", "halts nothing")])
 def test_an_engine_dash_cannot_run_fails_at_start_up_saying_what_to_change(served, name, words):
     # vLLM wraps a config check's ValueError in its own validation report: the reason is one line of it
     assert [line for line in served[name]["error"].splitlines() if words in line]
@@ -202,6 +201,15 @@ def test_engine_args_refuses_an_architecture_dash_does_not_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"]}))
     with pytest.raises(ValueError, match="supports LlamaForCausalLM, Qwen2ForCausalLM"):
         engine_args(tmp_path, ONE_GATE)
+
+
+def test_engine_args_refuses_block_sparse_attention_saying_what_to_change(tmp_path):
+    from dash_prefill.vllm import engine_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"Hugging Face engine only; in vLLM drop the ~0.1"):
+        engine_args(tmp_path, ONE_GATE.label + "~0.1")
+    assert engine_args(tmp_path, ONE_GATE)["hf_overrides"]["dash"] == {"label": ONE_GATE.label}
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

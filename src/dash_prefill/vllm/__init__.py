@@ -103,6 +103,13 @@ def check_engine(vllm_config) -> None:
     setting_of(model_config.hf_config)  # a bad setting fails here
 
 
+def check_setting(config: DashConfig) -> None:
+    """ValueError saying what to change for a setting the vLLM engine does not run."""
+    if config.density < 1.0:
+        raise ValueError(f"{config.label}: block-sparse attention (~DENSITY) runs in the Hugging Face engine "
+                         f"only; in vLLM drop the ~{config.density} (dense attention before the gate)")
+
+
 def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> dict:
     """The keyword arguments of ``vllm.LLM`` (or ``EngineArgs``) that run ``model`` with DASH.
 
@@ -128,6 +135,7 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
     elif not isinstance(setting, DashConfig):
         raise ValueError(f"setting must be a DashConfig, a label such as 'dash@0.5/d0.4', or None; "
                          f"got {type(setting).__name__}")
+    check_setting(setting)
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     dash = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
     if not dash:

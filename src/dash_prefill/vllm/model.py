@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from dash_prefill.vllm import check_version
+from dash_prefill.vllm import check_setting, check_version
 
 check_version()  # this module uses vLLM internals of the supported releases only
 
@@ -44,9 +44,7 @@ def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]]]:
         config = recommended_for(hf_config._name_or_path)
     else:
         config = DashConfig.from_label(fields["label"]) if set(fields) == {"label"} else DashConfig(**fields)
-    if config.density < 1.0:
-        raise ValueError(f"{config.label}: block-sparse attention (~DENSITY) runs in the Hugging Face engine "
-                         f"only; in vLLM drop the ~{config.density} (dense attention before the gate)")
+    check_setting(config)
     num_layers = hf_config.get_text_config().num_hidden_layers
     gates = config.resolve_gates(num_layers) if config.scores_tokens else []
     if gates and gates[-1][0] >= num_layers - 1:
