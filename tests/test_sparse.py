@@ -167,3 +167,12 @@ def test_the_cost_model_counts_the_kept_block_pairs():
     assert ideal_speedup(config, 131072, 2, 0.5, density=0.1) > one_gate
     assert ideal_speedup(config, 131072, 4, 1.0, density=0.1) > 5  # all layers sparse, attention-bound
 
+
+
+@pytest.mark.parametrize("blocks, density", [(64, 0.1), (256, 0.05), (40, 0.3)])
+def test_the_cost_models_kept_fraction_is_what_the_selection_keeps_for_spread_estimates(blocks, density):
+    torch.manual_seed(blocks)
+    estimate = torch.rand(1, 16, blocks)
+    keep = select_blocks(estimate, torch.tensor([0]), torch.tensor([math.ceil(density * blocks)]))
+    kept = keep.float().sum(dim=(-1, -2)).mean().item() / (blocks * (blocks + 1) / 2)
+    assert kept == pytest.approx(sparse_fraction(blocks * BLOCK, density), rel=0.05)
