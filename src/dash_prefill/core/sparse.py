@@ -107,7 +107,8 @@ def sparse_fraction(seq_len: int, density: float) -> float:
         if query >= blocks - TAIL_BLOCKS:
             kept += causal
             continue
-        always = min(causal, LOCAL_BLOCKS + 1) + (1 if query > LOCAL_BLOCKS else 0)  # local + sink
+        local = min(causal, LOCAL_BLOCKS + 1)
+        always = local + min(SINK_BLOCKS, causal - local)  # the band, then the sink blocks before it
         others = causal - always
         kept += always + min(others, chosen * others / blocks)
     return kept / (blocks * (blocks + 1) / 2)
