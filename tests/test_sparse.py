@@ -11,7 +11,7 @@ from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, sparse_fraction
 from dash_prefill.hf.prefill import prefill_branches
-from dash_prefill.hf.attention import SparsePrompt, flex_attention, masked_attention, prefill_attention
+from dash_prefill.hf.attention import SparsePrompt, flex_attention, gathered_attention, prefill_attention
 
 LONG = 1500  # 12 blocks of 128: more than the local band (8 blocks), so blocks are skipped
 
@@ -63,7 +63,7 @@ def test_sparse_attention_matches_the_specification_for_each_row_of_a_padded_bat
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flexattention_and_the_masked_kernel_compute_the_same_attention():
+def test_flexattention_and_the_gathered_kernel_compute_the_same_attention():
     torch.manual_seed(1)
     seq = LONG
     q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
@@ -73,10 +73,10 @@ def test_flexattention_and_the_masked_kernel_compute_the_same_attention():
     keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, real), (start + pad) // BLOCK,
                          torch.tensor([2, 1]))
     assert not keep[:, :, -2].all()  # some block is skipped
-    masked = masked_attention(q, k, v, keep, start, 0.25)
+    gathered = gathered_attention(q, k, v, keep, start, 0.25)
     flex = flex_attention(q, k, v, keep, start, 0.25, compiled=False)
-    assert_close(flex[0], masked[0], atol=1e-5, rtol=1e-4)
-    assert_close(flex[1, :, 300:], masked[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
+    assert_close(flex[0], gathered[0], atol=1e-5, rtol=1e-4)
+    assert_close(flex[1, :, 300:], gathered[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
 
 
 def test_selected_blocks_are_causal_and_hold_the_sink_the_local_band_and_the_question():

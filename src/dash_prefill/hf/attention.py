@@ -3,8 +3,9 @@
 In the layers before the first gate (every layer without one) the modules call
 :func:`prefill_attention` (``prefill_attention_for``), which attends only the key blocks of
 :mod:`dash_prefill.core.sparse`: torch's FlexAttention, compiled, on a GPU (it skips the blocks it
-does not need), :func:`masked_attention` elsewhere (SDPA over the same mask, query chunk by chunk:
-exact, not faster, so CPU evaluations score what the GPU computes). Anything else (masks, sliding
+does not need), :func:`gathered_attention` elsewhere (each query block over the key blocks it
+keeps, gathered: exact, so CPU evaluations score what the GPU computes; a 16K layer of Gemma-3-270M
+on one CPU thread 1.8 s against dense SDPA's 7.1 s at density 0.1). Anything else (masks, sliding
 windows that bite, queries after a cache, later layers) is HF's SDPA, which on an H100 with torch
 2.11 already runs cuDNN's kernel (docs/decisions.md).
 """
@@ -24,7 +25,6 @@ from dash_prefill.core.policy import host_to_device
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, vertical_counts
 
 PREFILL = "dash_prefill"
-CHUNK = 1024  # queries per step of masked_attention
 
 
 @dataclass(frozen=True)
@@ -71,34 +71,32 @@ def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) ->
     estimate = block_estimate(query[:, :, -min(BLOCK, seq_len):], key, scaling, real)
     pad, _ = grid(seq_len)
     keep = select_blocks(estimate, (sparse.start + pad) // BLOCK, sparse.vertical)
-    kernel = flex_attention if query.device.type == "cuda" else masked_attention
+    kernel = flex_attention if query.device.type == "cuda" else gathered_attention
     return kernel(query, key, value, keep, sparse.start, scaling)
 
 
-def token_mask(keep: torch.Tensor, start: torch.Tensor, queries: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(batch, heads, len(queries), seq) bool: key j visible to query i (sequence indices) when
-    its block is kept for i's block, j <= i and j >= the row's first real token; a query always
-    sees itself (padding rows stay finite)."""
-    pad, _ = grid(seq_len)
-    keys = torch.arange(seq_len, device=keep.device)
-    allowed = keep[:, :, (queries + pad) // BLOCK][:, :, :, (keys + pad) // BLOCK]
-    causal = keys[None, :] <= queries[:, None]  # (q, seq)
-    real = keys[None, :] >= start[:, None]  # (batch, seq)
-    return (allowed & causal & real[:, None, None, :]) | (keys[None, :] == queries[:, None])
-
-
-def masked_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
-    """Attention under the kept blocks with SDPA and an explicit mask, ``CHUNK`` queries at a
-    time (the mask of a 16K prompt would not fit at once). Returns (batch, heads, seq, dim)."""
-    seq_len = key.shape[2]
-    chunks = []
-    for begin in range(0, seq_len, CHUNK):
-        queries = torch.arange(begin, min(begin + CHUNK, seq_len), device=query.device)
-        mask = token_mask(keep, start, queries, seq_len)
-        chunks.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, begin:begin + CHUNK], key, value, attn_mask=mask, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1]))
-    return torch.cat(chunks, dim=2)
+def gathered_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
+    """Attention under the kept blocks, one query block at a time over the key blocks it keeps
+    (gathered): work in proportion to the kept pairs, for the CPU. Returns (batch, heads, seq, dim)."""
+    batch, heads, seq_len, dim = query.shape
+    groups = heads // key.shape[1]
+    pad, blocks = grid(seq_len)
+    q, k, v = (torch.nn.functional.pad(t, (0, 0, pad, 0)).unflatten(2, (blocks, BLOCK)) for t in (query, key, value))
+    slots = torch.arange(blocks * BLOCK, device=query.device).view(blocks, BLOCK)
+    begin = (start + pad).tolist()  # first real slot of each row
+    kept = keep.cpu()
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            for block in range(blocks):
+                chosen = kept[b, h, block].nonzero()[:, 0].to(query.device)
+                key_slots = slots[chosen].flatten()  # (keys,)
+                query_slots = slots[block][:, None]  # (BLOCK, 1)
+                allowed = ((key_slots <= query_slots) & (key_slots >= begin[b])) | (key_slots == query_slots)
+                scores = (q[b, h, block] @ k[b, h // groups, chosen].flatten(0, 1).T).float() * scaling
+                probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+                out[b, h, block] = probs @ v[b, h // groups, chosen].flatten(0, 1)
+    return out.flatten(2, 3)[:, :, pad:]
 
 
 @functools.cache
