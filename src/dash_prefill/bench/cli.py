@@ -122,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
                         default=("dash",), help="halting policies timed per setting, NAME[-rel][/pPOOL[oOFFSET]] "
                         "(default dash; e.g. dash,attention/p15,contribution/p15)")
+    parser.add_argument("--densities", type=_densities, default=(1.0,),
+                        help="attention densities before the first gate, in (0, 1], comma-separated: each "
+                        "policy and setting is timed at each (rows NAME~D; default 1, dense)")
     parser.add_argument("--no-hooks", action="store_true", help="skip the kvpress-style hooks comparison")
     parser.add_argument("--sync-check", action="store_true",
                         help="count host synchronisations of one call per method (CUDA only)")
@@ -182,6 +185,16 @@ def _check_memory(arch: str, dtype: torch.dtype, args) -> None:
             f"{cache / 2**30:.1f} KV cache at batch {max(args.batch)}, length {max(args.lengths)}) and "
             f"{free / 2**30:.1f} GiB are free on {args.device}; use a GPU, shorter --lengths or a "
             "smaller --arch such as smollm2-135m")
+
+
+def _densities(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give comma-separated numbers in (0, 1]; got {text!r}") from None
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"densities are in (0, 1] (1: dense attention); got {text!r}")
+    return values
 
 
 def _check_settings(settings: list[tuple], policies, layers: int | None = None) -> None:
@@ -321,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
         plan = BenchPlan(targets=_targets(args, dtype, settings), lengths=args.lengths, batches=args.batch,
                          settings=settings, device=device, warmup=args.warmup, repeats=args.repeats,
                          hooks=not args.no_hooks, sync_check=args.sync_check, seed=args.seed,
-                         policies=args.policies)
+                         policies=args.policies, densities=args.densities)
         if args.arch:
             logger.info("random weights: time to first token depends on the shapes, not the weight values")
         head = _header(args, device, dtype)

@@ -42,6 +42,7 @@ class BenchPlan:
     sync_check: bool = False
     seed: int = 0
     policies: tuple[str, ...] = ("dash",)  # NAME[-rel][/pPOOL[oOFFSET]]; rows are labelled with it
+    densities: tuple[float, ...] = (1.0,)  # attention density before the first gate (rows: NAME~D)
 
 
 def later_gates(setting: tuple) -> tuple[tuple[int | float, float], ...]:
@@ -49,23 +50,26 @@ def later_gates(setting: tuple) -> tuple[tuple[int | float, float], ...]:
     return tuple(setting[2]) if len(setting) > 2 else ()
 
 
-def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, tuple, Callable]]:
-    """(method, halt_ratio, start_layer, later gates as (layer, halt_ratio), fn) in run order:
-    plain, dash at ρ=0, then each setting (hooks for one-gate settings only)."""
+def _methods(plan: BenchPlan, num_layers: int) -> list[tuple[str, float, int, tuple, float, Callable]]:
+    """(method, halt_ratio, start_layer, later gates as (layer, halt_ratio), density, fn) in run
+    order: plain, dash at ρ=0, then each setting at each density (hooks for dense one-gate
+    settings only)."""
     first_start = start_layer_index(plan.settings[0][0], num_layers)
-    methods = [("plain", 0.0, num_layers, (), plain_method),
-               ("dash", 0.0, first_start, (), dash_method(0.0, first_start))]
+    methods = [("plain", 0.0, num_layers, (), 1.0, plain_method),
+               ("dash", 0.0, first_start, (), 1.0, dash_method(0.0, first_start))]
     for setting in plan.settings:
         start, ratio, gates = setting[0], setting[1], later_gates(setting)
         (index, _), *layers = DashConfig(halt_ratio=ratio, start_layer=start,
                                          later_gates=gates).resolve_gates(num_layers)
-        for policy in plan.policies:
-            config = policy_config(policy, ratio, index, layers)
-            methods.append((policy + gates_label(layers), ratio, index, tuple(layers),
-                            dash_method(ratio, index, config.policy, config.pool, config.pool_offset,
-                                        later_gates=tuple(layers), score=config.score)))
+        for density in plan.densities:
+            for policy in plan.policies:
+                config = policy_config(policy, ratio, index, layers)
+                name = policy + gates_label(layers) + (f"~{float(density)}" if density < 1.0 else "")
+                methods.append((name, ratio, index, tuple(layers), density,
+                                dash_method(ratio, index, config.policy, config.pool, config.pool_offset,
+                                            later_gates=tuple(layers), score=config.score, density=density)))
         if plan.hooks and not gates:
-            methods.append(("hooks", ratio, index, (), hooks_method(ratio, index)))
+            methods.append(("hooks", ratio, index, (), 1.0, hooks_method(ratio, index)))
     return methods
 
 
@@ -75,7 +79,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _row(name, length, batch, method, ratio, start, timing: Timing | None, status, config, gates=()) -> dict:
+def _row(name, length, batch, method, ratio, start, timing: Timing | None, status, config, gates=(),
+         density: float = 1.0) -> dict:
     """One table row; ``gates``: the later gates as (layer, halt_ratio), whose kept fractions the
     ideal counts as the engine keeps them (the protected tokens, then the top of the rest)."""
     row = {"record": "row", "arch": name, "length": length, "batch": batch, "method": method,
@@ -92,7 +97,7 @@ def _row(name, length, batch, method, ratio, start, timing: Timing | None, statu
         fractions = [(layer, kept_fraction(length, r)) for layer, r in gates]
         first = timing.kept_fraction if not gates else kept_fraction(length, ratio)
         row["ideal_speedup"] = 1.0 if method == "plain" else ideal_speedup(
-            config, length, start, first, later_gates=fractions)
+            config, length, start, first, later_gates=fractions, density=density)
     return row
 
 
@@ -131,7 +136,7 @@ def _count_syncs(method, model, input_ids) -> int:
 def _sync_check(name, model, input_ids, methods) -> list[dict]:
     """One call of every method under CUDA's sync debug mode: how often each syncs the host."""
     records = []
-    for method, ratio, start, _, fn in methods:
+    for method, ratio, start, _, _, fn in methods:
         try:
             count = _count_syncs(fn, model, input_ids)
         except (torch.cuda.OutOfMemoryError, NotImplementedError) as error:
@@ -175,7 +180,7 @@ def run_bench(plan: BenchPlan, on_point=None) -> tuple[list[dict], list[dict]]:
     rows: list[dict] = []
     syncs: list[dict] = []
     points = len(plan.targets) * len(plan.batches) * len(plan.lengths)
-    per_point = 2 + len(plan.settings) * (2 if plan.hooks else 1)
+    per_point = 2 + len(plan.settings) * (len(plan.densities) * len(plan.policies) + (1 if plan.hooks else 0))
     progress = tqdm(total=points * per_point, desc="bench", unit="run")
     for target in plan.targets:
         model = target.load()
@@ -188,11 +193,11 @@ def run_bench(plan: BenchPlan, on_point=None) -> tuple[list[dict], list[dict]]:
                 if not checked:
                     syncs += _sync_check(target.name, model, ids, methods)
                     checked = True
-                for method, ratio, start, gates, fn in methods:
+                for method, ratio, start, gates, density, fn in methods:
                     progress.set_postfix_str(f"{target.name} b={batch} T={length} {method} ρ={ratio}")
                     timing, status = _measure_or_skip(plan, fn, model, ids, f"{target.name} {method}")
                     rows.append(_row(target.name, length, batch, method, ratio, start, timing, status, config,
-                                     gates))
+                                     gates, density))
                     progress.update(1)
                 del ids
                 if on_point is not None:

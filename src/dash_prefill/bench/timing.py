@@ -69,12 +69,13 @@ def kept_fraction(length: int, halt_ratio: float) -> float:
 
 
 def dash_method(halt_ratio: float, start_layer: int, policy: str = "dash", pool: int = 1,
-                pool_offset: int = 0, later_gates: tuple = (), score: str = "absolute") -> Method:
+                pool_offset: int = 0, later_gates: tuple = (), score: str = "absolute",
+                density: float = 1.0) -> Method:
     """This package's engine with the benchmark's protection (first 4, last 64 tokens: the
     question window of query-aware policies)."""
     config = DashConfig(halt_ratio=halt_ratio, start_layer=start_layer, protect_first=PROTECT_FIRST,
                         protect_last=PROTECT_LAST, policy=policy, pool=pool, pool_offset=pool_offset,
-                        later_gates=later_gates, score=score)
+                        later_gates=later_gates, score=score, density=density)
 
     def run(model, input_ids):
         result = prefill(model, input_ids, config)
