@@ -78,7 +78,7 @@ def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) ->
 def gathered_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
     """Attention under the kept blocks, one query block at a time over the key blocks it keeps
     (gathered): work in proportion to the kept pairs, for the CPU. Returns (batch, heads, seq, dim)."""
-    batch, heads, seq_len, dim = query.shape
+    batch, heads, seq_len, _ = query.shape
     groups = heads // key.shape[1]
     pad, blocks = grid(seq_len)
     q, k, v = (torch.nn.functional.pad(t, (0, 0, pad, 0)).unflatten(2, (blocks, BLOCK)) for t in (query, key, value))
