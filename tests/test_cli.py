@@ -528,3 +528,13 @@ def test_serve_refuses_a_bad_setting_or_model_in_one_line(tmp_path, capsys, args
     assert cli.main(["serve", model, *args]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_a_density_option_makes_the_setting_block_sparse_and_a_bad_one_is_one_line(capsys):
+    import argparse
+
+    args = argparse.Namespace(halt_ratio=None, start_layer=None, score=None, density=0.1, protect_last=64)
+    config, source = cli.setting(args, build_model("llama"))
+    assert config.density == 0.1 and config.label.endswith("~0.1") and "--density as given" in source
+    err = fails_cleanly(capsys, ["run", "--model", "m", "--prompt-file", "-", "--density", "0"])
+    assert "density must be a number in (0, 1]" in err

@@ -37,6 +37,17 @@ def start_layer_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def density_arg(text: str) -> float:
+    """argparse type of ``--density``: a number in (0, 1], checked before any model loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"density must be a number in (0, 1] (1: dense attention); got {text!r}")
+    return value
+
+
 def ratio_arg(text: str) -> float:
     """argparse type of ``--halt-ratio``: a number in [0, 1), checked before any model loads."""
     try:
@@ -115,6 +126,8 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-layer", type=start_layer_arg,
                         help=f"layer index (7) or fraction of depth (d0.4) ({RECOMMENDED})")
     parser.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
+    parser.add_argument("--density", type=density_arg,
+                        help=f"attention kept before the first gate, block-sparse below 1 ({RECOMMENDED})")
     parser.add_argument("--score", choices=["absolute", "relative"],
                         help=f"||U|| (absolute) or ||U||/||h|| (relative) ({RECOMMENDED})")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
@@ -136,7 +149,7 @@ def setting(args, model) -> tuple[DashConfig, str]:
 
     found = recommendation(model, getattr(args, "policy", None))
     recommended, source = found.config, found.source
-    given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score")
+    given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score", "density")
              if getattr(args, name, None) is not None}
     config = replace(recommended, **given, protect_last=args.protect_last)
     if given:
