@@ -272,4 +272,4 @@ def test_bench_densities_time_each_setting_block_sparse_with_the_engines_ideal(m
     assert rows[3]["ideal_speedup"] > rows[2]["ideal_speedup"]
     with pytest.raises(SystemExit):
         _parse(["--arch", tiny_arch, "--densities", "0"])
-    assert "densities are in (0, 1]" in capsys.readouterr().err
+    assert "density must be a number in (0, 1]" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dash_prefill.cli import add_threads_option, count_arg, ratio_arg, start_layer_arg
+from dash_prefill.cli import add_threads_option, count_arg, density_arg, ratio_arg, start_layer_arg
 from dash_prefill.bench.e2e import METHODS
 from dash_prefill.bench.report import _cell, columns, header, table_lines, write_json, write_plot
 from dash_prefill.core.config import DashConfig, policy_config
@@ -188,12 +188,9 @@ def _check_memory(arch: str, dtype: torch.dtype, args) -> None:
 
 
 def _densities(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give comma-separated numbers in (0, 1]; got {text!r}") from None
-    if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"densities are in (0, 1] (1: dense attention); got {text!r}")
+    values = tuple(density_arg(x) for x in text.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"give comma-separated densities in (0, 1]; got {text!r}")
     return values
 
 

@@ -20,8 +20,9 @@ _LABEL = re.compile(rf"(?P<policy>[a-z][a-z-]*?)(?P<relative>-rel)?@(?P<ratio>{_
                     rf"(?:~(?P<density>{_NUMBER}))?")
 _PLAIN = re.compile(rf"plain(?:~(?P<density>{_NUMBER}))?")
 LABEL_GRAMMAR = ("plain, or POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...], each optionally "
-                 "ending in ~DENSITY (block-sparse attention before the first gate), with START sLAYER (a layer index, s8) or "
-                 "dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, attention@0.75/s14/p63~0.1, plain~0.1")
+                 "ending in ~DENSITY (block-sparse attention before the first gate), with START sLAYER "
+                 "(a layer index, s8) or dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, "
+                 "attention@0.75/s14/p63~0.1, plain~0.1")
 
 
 @dataclass(frozen=True)

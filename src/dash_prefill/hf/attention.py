@@ -116,10 +116,9 @@ def flex_attention(query, key, value, keep, start, scaling, compiled: bool = Tru
     seq_len = key.shape[2]
     pad, blocks = grid(seq_len)
     index = torch.arange(blocks, device=keep.device)
-    first = (start + pad) // BLOCK  # (batch,)
-    full = keep & (index[None, :] < index[:, None]) & (index > first[:, None, None, None])
-    partial = keep & ~full
     begin = start + pad  # (batch,) first real token on the padded grid
+    full = keep & (index[None, :] < index[:, None]) & (index > (begin // BLOCK)[:, None, None, None])
+    partial = keep & ~full
 
     def mask_mod(b, h, q, k):  # the whole mask (torch's unfused path reads only this), run in partial blocks
         return (keep[b, h, q // BLOCK, k // BLOCK] & (k <= q) & (k >= begin[b])) | (q == k)

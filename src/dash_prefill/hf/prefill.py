@@ -449,10 +449,13 @@ def prefill_branches(model, input_ids, configs: list[DashConfig],
     num_layers = len(adapter.layers)
     branches = [_gates(config, adapter, prompt, padding_mask, lengths) for config in configs]
     results: dict[int, PrefillResult] = {}
-    for density in dict.fromkeys(config.density for config in configs):
+    densities = list(dict.fromkeys(config.density for config in configs))
+    for density in densities:
         group = [i for i, config in enumerate(configs) if config.density == density]
         shared = min(branches[i][0].start_layer if branches[i] else num_layers for i in group)
         trunk = PrefillState(adapter, prompt, padding_mask, lengths, density)
+        if density == densities[-1]:
+            del prompt  # the last trunk owns the embeddings: freed once its first layer has run
         run_layers(trunk, range(shared))
         for i in group:
             branch = trunk.fork() if len(group) > 1 else trunk
