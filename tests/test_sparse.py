@@ -79,6 +79,23 @@ def test_flexattention_and_the_gathered_kernel_compute_the_same_attention():
     assert_close(flex[1, :, 300:], gathered[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
 
 
+def test_compiled_flexattention_serves_many_prompt_lengths_without_hitting_the_recompile_limit(monkeypatch):
+    """A server sees a new length per prompt: past dynamo's recompile limit the compiled function
+    would fall back to the unfused path, which holds the whole score matrix (tens of GB at 32K)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    for seq in (1300, 1500, 1700, 2100):  # four 128-token grids
+        torch.manual_seed(seq)
+        q, k, v = torch.randn(1, 2, seq, 16), torch.randn(1, 1, seq, 16), torch.randn(1, 1, seq, 16)
+        start = torch.tensor([0])
+        keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, torch.ones(1, seq, dtype=torch.bool)),
+                             start // BLOCK, torch.tensor([2]))
+        compiled = flex_attention(q, k, v, keep, start, 0.25, compiled=True)
+        assert_close(compiled, gathered_attention(q, k, v, keep, start, 0.25), atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_selected_blocks_are_causal_and_hold_the_sink_the_local_band_and_the_question():
     torch.manual_seed(2)
     estimate = torch.rand(2, 3, 20)

@@ -101,8 +101,12 @@ def gathered_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
 
 @functools.cache
 def _compiled_flex():
+    """FlexAttention compiled once per process. ``dynamic=None``: the first prompt length is
+    compiled static, a second one recompiles with symbolic lengths, and every later length reuses
+    that (``dynamic=False`` recompiled per 128-token grid, hit dynamo's recompile limit after 8
+    lengths and fell back to the unfused path, which materialises the whole score matrix)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
-    return torch.compile(flex, dynamic=False)
+    return torch.compile(flex, dynamic=None)
 
 
 def flex_attention(query, key, value, keep, start, scaling, compiled: bool = True) -> torch.Tensor:
