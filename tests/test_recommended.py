@@ -97,6 +97,54 @@ def test_prefill_and_generate_without_a_config_run_the_recommended_setting_and_l
     assert out.config == PROFILED and out.stats.start_layer == 1
 
 
+def write_bounded(directory, name: str, max_prompt_tokens: int, config: DashConfig):
+    path = write_profile(directory, name, **dataclasses.asdict(config))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_prompt_tokens": max_prompt_tokens}))
+    return path
+
+
+PLAIN = DashConfig.from_label("plain")
+
+
+def test_a_profile_holds_up_to_the_prompt_length_it_was_measured_at_and_longer_prompts_get_plain(dirs, caplog):
+    path = write_bounded(dirs[0], "smollm2-135m", 100, PROFILED)
+    model = registry_model()
+    assert recommendation(model, prompt_tokens=100) == Recommendation(PROFILED, f"calibration profile {path}", 100)
+    with caplog.at_level(logging.WARNING, logger="dash_prefill"):
+        longer = recommendation(model, prompt_tokens=101)
+    assert longer.config == PLAIN and longer.max_prompt_tokens == 100 and str(path) in longer.source
+    assert f"holds for prompts up to 100 tokens; this one has 101: plain prefill" in caplog.text
+    assert "dash-prefill calibrate --model smollm2-135m --length 101" in caplog.text
+    assert recommendation(model).config == PROFILED  # no length given (an engine's start): the profile, bound kept
+    assert recommendation(model).max_prompt_tokens == 100
+
+
+def test_prefill_generate_and_halting_apply_the_profiles_bound_to_each_prompt(dirs):
+    write_bounded(dirs[0], "smollm2-135m", 100, PROFILED)
+    model, short, long = registry_model(), random_ids(1, 100), random_ids(1, 120)
+    assert torch.equal(prefill(model, short).logits, prefill(model, short, PROFILED).logits)
+    plain = prefill(model, long, PLAIN)
+    assert not torch.equal(plain.logits, prefill(model, long, PROFILED).logits)  # the bound is visible
+    assert torch.equal(prefill(model, long).logits, plain.logits)
+    assert generate(model, CharTokenizer(), "x" * 120, max_new_tokens=2).config == PLAIN
+    assert generate(model, CharTokenizer(), "x" * 90, max_new_tokens=2).config == PROFILED
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with dash_prefill.halting(model):  # resolved at each prefill, from that prompt's length
+        recommended = [model.generate(ids, **options) for ids in (short, long)]
+    for ids, got, expected in zip((short, long), recommended, (PROFILED, PLAIN)):
+        with dash_prefill.halting(model, expected):
+            assert torch.equal(got, model.generate(ids, **options))
+
+
+def test_a_command_on_a_prompt_longer_than_the_profiles_bound_runs_plain_and_says_why(dirs, captured, capsys):
+    path = write_bounded(dirs[0], "smollm2-135m", 99, PROFILED)
+    assert cli.main(["demo", "--tokens", "100", "--max-new-tokens", "4"]) == 2
+    assert captured["config"] == PLAIN
+    assert f"plain prefill: 100 tokens is longer than the 99 the calibration profile {path}" in capsys.readouterr().out
+    assert cli.main(["demo", "--tokens", "100", "--max-new-tokens", "4", "--halt-ratio", "0.5"]) == 2
+    assert captured["config"] == dataclasses.replace(PROFILED, halt_ratio=0.5)  # options given: the profile's rest
+
+
 @pytest.fixture
 def captured(monkeypatch):
     """demo/run/inspect on the tiny registry model: the config they would run, then they stop."""

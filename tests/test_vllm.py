@@ -94,11 +94,15 @@ def served(smollm2, tiny_qwen2, prompts, tmp_path_factory):
         *[dict(name=f"policy-{name}", model=path, dash=config.as_dict(), alone=prompts["long"][:1])
           for name, config in OTHER_POLICIES.items()],
         dict(name="recommended", model=path, dash={}, alone=prompts["long"][:1]),
+        dict(name="bounded", model=path, dash=ONE_GATE.as_dict(), alone=prompts["long"],
+             dash_fields={"label": ONE_GATE.label, "max_prompt_tokens": len(prompts["long"][0])}),
         dict(name="preempt", model=path, dash=ONE_GATE.as_dict(), engine={"num_gpu_blocks_override": 15}, max_model_len=1536,
              preempt={"prompts": prompts["long"], "max_tokens": 80}),
         dict(name="chunked", model=path, dash=ONE_GATE.as_dict(), engine={"enable_chunked_prefill": True}),
         dict(name="bad-ratio", model=path, dash={**ONE_GATE.as_dict(), "halt_ratio": 1.5}),
         dict(name="last-layer", model=path, dash={**ONE_GATE.as_dict(), "start_layer": 29}),
+        dict(name="bad-bound", model=path, dash=ONE_GATE.as_dict(),
+             dash_fields={"label": ONE_GATE.label, "max_prompt_tokens": "x"}),
     ]
     return run_vllm({"engines": engines}, tmp_path_factory.mktemp("vllm"))
 
@@ -147,6 +151,15 @@ def test_an_empty_dash_setting_runs_the_models_recommended_one_as_the_hf_path_do
     assert result["tokens"] == hf_tokens(*smollm2, ids, config, len(result["tokens"]))
 
 
+def test_a_bounded_setting_halts_prompts_up_to_its_length_and_prefills_longer_ones_plain(served, prompts):
+    """A recommended setting's max_prompt_tokens (a profile measured up to that length) holds per request."""
+    assert len(prompts["long"][0]) < len(prompts["long"][1])
+    (short, long), one_gate = served["bounded"]["alone"], served["one-gate"]["alone"]
+    assert short == one_gate[0] and short["kept"] is not None
+    assert long["kept"] is None and one_gate[1]["kept"] is not None  # no gate halted it
+    assert long["tokens"] == served["vllm"]["alone"][1]["tokens"]
+
+
 def test_qwen2_in_vllm_keeps_and_generates_what_the_hf_path_does(served, tiny_qwen2, smollm2, prompts):
     config = DashConfig(halt_ratio=0.5, start_layer=2)
     for ids, result in zip(prompts["long"], served["qwen2"]["alone"]):
@@ -163,7 +176,7 @@ def test_a_request_in_a_mixed_batch_generates_what_it_generates_alone(served, pr
 
 @pytest.mark.parametrize("name, words", [
     ("chunked", "enable_chunked_prefill=False"), ("bad-ratio", "halt_ratio must be in [0, 1)"),
-    ("last-layer", "halts nothing")])
+    ("last-layer", "halts nothing"), ("bad-bound", '"max_prompt_tokens" must be a positive integer')])
 def test_an_engine_dash_cannot_run_fails_at_start_up_saying_what_to_change(served, name, words):
     # vLLM wraps a config check's ValueError in its own validation report: the reason is one line of it
     assert [line for line in served[name]["error"].splitlines() if words in line]
@@ -270,3 +283,34 @@ def test_the_vllm_server_with_dash_answers_over_http_as_offline_and_outlives_a_b
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_step_plans_leave_a_prompt_longer_than_the_bound_whole():
+    from dash_prefill.vllm.plan import kept_tokens, step_plans
+
+    config = replace(ONE_GATE, protect_last=4)
+    plan = step_plans([300, 500, 1], [300, 500, 0], config, [0.5], max_prompt_tokens=400)[0]
+    assert plan.leaving == [kept_tokens(300, 0.5, config), 500, 1] and plan.leaving[0] < 300
+    assert step_plans([300, 500, 1], [300, 500, 0], config, [0.5])[0].leaving[1] < 500  # no bound: halts
+
+
+def test_engine_args_carry_the_recommended_profiles_bound_and_a_bad_bound_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from dash_prefill.core.profiles import profile_path, recommendation
+    from dash_prefill.vllm import engine_args
+
+    monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    name = str(folder).strip("/").replace("/", "--")  # a local folder's profile name (profiles.profile_name)
+    profile_path(name).parent.mkdir(parents=True)
+    profile_path(name).write_text(json.dumps({"setting": ONE_GATE.as_dict(), "max_prompt_tokens": 4096}))
+    found = recommendation(SimpleNamespace(config=SimpleNamespace(_name_or_path=str(folder))))
+    assert (found.config, found.max_prompt_tokens) == (ONE_GATE, 4096)
+    assert engine_args(folder)["hf_overrides"]["dash"] == {"label": ONE_GATE.label, "max_prompt_tokens": 4096}
+    assert engine_args(folder, ONE_GATE)["hf_overrides"]["dash"] == {"label": ONE_GATE.label}  # given: no bound
+    profile_path(name).write_text(json.dumps({"setting": ONE_GATE.as_dict(), "max_prompt_tokens": "4k"}))
+    with pytest.raises(ValueError, match="max_prompt_tokens must be a positive integer, got '4k'"):
+        engine_args(folder)

@@ -29,6 +29,8 @@ def run_engine(spec: dict) -> dict:
             options["hf_overrides"]["dash"] = {}
         elif spec.get("dash") is not None:
             options.update(engine_args(spec["model"], DashConfig(**spec["dash"])))
+        if "dash_fields" in spec:  # hf_overrides' "dash" as given (e.g. a label with max_prompt_tokens)
+            options["hf_overrides"]["dash"] = spec["dash_fields"]
         options.update(spec.get("engine", {}))
         llm = LLM(**options)
     except Exception as error:  # the start-up errors are what some tests check

@@ -96,6 +96,8 @@ def main(args: argparse.Namespace) -> int:
         chosen = _choose_or_show(rows, budget)
         weight = next(model.parameters())
         about = {"prompts": str(args.prompts) if args.prompts else f"built-in x{len(prompts)} at {args.length}",
+                 # recommended only as far as it was measured (longer prompts get plain prefill)
+                 "max_prompt_tokens": max([len(p.ids) for p in prompts] + [0 if args.prompts else args.length]),
                  "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
                  "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                  "seconds": round(time.perf_counter() - started)}
@@ -116,6 +118,7 @@ def _choose_again(args: argparse.Namespace, budget: Budget) -> int:
     measured = json.loads(measured_profile.read_text()) if measured_profile.is_file() else {}
     chosen = _choose_or_show(rows, budget)
     about = {"prompts": measured.get("prompts", "unknown"),
+             **({"max_prompt_tokens": measured["max_prompt_tokens"]} if "max_prompt_tokens" in measured else {}),
              "command": "dash-prefill calibrate " + " ".join(sys.argv[2:]),
              "measured": {k: measured.get(k) for k in ("command", "device", "dtype", "seconds")},
              "device": measured.get("device"), "dtype": measured.get("dtype")}

@@ -140,17 +140,18 @@ def _add_dash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=count_arg(1), default=3, help="timed runs per method (median)")
 
 
-def setting(args, model) -> tuple[DashConfig, str]:
+def setting(args, model, prompt_tokens: int | None = None) -> tuple[DashConfig, str]:
     """The halting setting of a command: the options given, the rest from the model's
-    recommended setting (:func:`dash_prefill.core.profiles.recommendation`), and where it came from."""
+    recommended setting (:func:`dash_prefill.core.profiles.recommendation`), and where it came from.
+    With no option given, the recommendation is for a prompt of ``prompt_tokens``."""
     from dataclasses import replace
 
     from dash_prefill.core.profiles import recommendation
 
-    found = recommendation(model, getattr(args, "policy", None))
-    recommended, source = found.config, found.source
     given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score", "density")
              if getattr(args, name, None) is not None}
+    found = recommendation(model, getattr(args, "policy", None), None if given else prompt_tokens)
+    recommended, source = found.config, found.source
     config = replace(recommended, **given, protect_last=args.protect_last)
     if given:
         options = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -220,7 +221,7 @@ def cmd_demo(args) -> int:
     from dash_prefill.hf.generation import check_fits
 
     model, tokenizer = _load(args.model, args.dtype)
-    config, source = setting(args, model)
+    config, source = setting(args, model, args.tokens)
     check_fits(model, config, args.tokens, args.max_new_tokens)  # before building the prompt
     prompt = needle_prompt(tokenizer, args.tokens)
     print(f"DASH demo on {args.model} ({next(model.parameters()).device}): a fact hidden in the middle "
@@ -237,19 +238,21 @@ def cmd_run(args) -> int:
 
     text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
-    config, source = setting(args, model)
     prompt = text if args.raw else chat_prompt(tokenizer, text)
+    config, source = setting(args, model, len(tokenizer(prompt)["input_ids"]))
     _print_setting(config, source)
     _print_comparison(compare(model, tokenizer, prompt, config, args.max_new_tokens, args.repeats))
     return 0
 
 
 def cmd_inspect(args) -> int:
+    from dash_prefill.hf.generation import chat_prompt
     from dash_prefill.inspect import inspect_prompt
 
     text = _read_prompt(args.prompt_file)
     model, tokenizer = _load(args.model, args.dtype)
-    config, source = setting(args, model)
+    prompt = text if args.raw else chat_prompt(tokenizer, text)
+    config, source = setting(args, model, len(tokenizer(prompt)["input_ids"]))
     _print_setting(config, source)
     found = inspect_prompt(model, tokenizer, text, config, args.out, chat=not args.raw)
     stats = found.stats

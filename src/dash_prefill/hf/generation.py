@@ -198,7 +198,6 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
     check_static_mode(static_decode)
     if config is not None and not isinstance(config, DashConfig):
         raise ValueError(f"config must be a DashConfig (dp.DashConfig(halt_ratio=0.5)); got {type(config).__name__}")
-    config = config_or_recommended(model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if attention_mask is not None and not isinstance(prompts, torch.Tensor):
         raise ValueError("attention_mask goes with prompts given as a left-padded id tensor (a "
@@ -208,6 +207,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         mask = mask if mask.dim() == 2 else mask[None]
     else:
         ids, mask = encode_prompts(tokenizer, prompts, pad_id, chat)
+    config = config_or_recommended(model, config, ids.shape[1])
     check_fits(model, config, ids.shape[1], max_new_tokens)
     warpers = LogitsProcessorList()
     if do_sample:

@@ -32,7 +32,6 @@ from dash_prefill.core.config import DashConfig
 from dash_prefill.hf.decode import extend
 from dash_prefill.hf.multimodal import MULTIMODAL_INPUTS
 from dash_prefill.hf.prefill import PrefillResult, prefill
-from dash_prefill.core.profiles import recommended_config
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,8 @@ def halting(model, config: DashConfig | None = None, *, vision_config: DashConfi
     Parameters
     ----------
     model : a supported ``*ForCausalLM`` or vision-language ``*ForConditionalGeneration``.
-    config : DashConfig, default: the model's recommended setting (``recommended_config``).
+    config : DashConfig, default: the model's recommended setting for each prompt's length
+        (``recommended_config``, resolved at each prefill).
     vision_config : DashConfig, optional; VLMs: halting inside the vision encoder as well.
 
     Inside the block, ``model(input_ids, attention_mask=..., **processor_outputs)`` on no cache
@@ -96,7 +96,6 @@ def halting(model, config: DashConfig | None = None, *, vision_config: DashConfi
             raise ValueError(f"{name} must be a DashConfig, e.g. DashConfig(halt_ratio=0.5); got {type(value).__name__}")
     if getattr(model.forward, "dash_halting", False):
         raise ValueError("the model is already inside dash_prefill.halting; leave that block before entering another")
-    config = config or recommended_config(model)
     saved = {name: vars(model).get(name, _ABSENT) for name in ("forward", "generate")}
     model.forward = _halted_forward(model, model.forward, config, vision_config)
     model.generate = _checked_generate(model, model.generate)
@@ -110,7 +109,7 @@ def halting(model, config: DashConfig | None = None, *, vision_config: DashConfi
                 setattr(model, name, value)
 
 
-def _halted_forward(model, forward, config: DashConfig, vision_config: DashConfig | None):
+def _halted_forward(model, forward, config: DashConfig | None, vision_config: DashConfig | None):
     @functools.wraps(forward)  # generate inspects the signature (attention_mask, logits_to_keep)
     def halted(input_ids: torch.Tensor | None = None, **inputs):
         cache = inputs.pop("cache", None)

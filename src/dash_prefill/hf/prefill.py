@@ -414,7 +414,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     model : a supported ``*ForCausalLM``, or a supported vision-language
         ``*ForConditionalGeneration`` (see ``adapters.ADAPTERS`` and ``adapters.VLM_ADAPTERS``).
     input_ids : (batch, seq) or (seq,) token ids; batches must be left-padded.
-    config : DashConfig, default: the model's recommended setting
+    config : DashConfig, default: the model's recommended setting for this prompt length
         (:func:`dash_prefill.recommended_config`, logged at INFO); halting in the decoder.
     attention_mask : (batch, seq) 1 for tokens, 0 for padding; optional.
     vision_config : DashConfig, optional
@@ -427,7 +427,7 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    config = config_or_recommended(model, config)
+    config = config_or_recommended(model, config, input_ids.shape[-1])
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
                                                       vision_config, [config])
     gates = _gates(config, adapter, prompt, padding_mask, lengths)

@@ -128,8 +128,10 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
     if not config_file.is_file():
         raise ValueError(f"{model} is neither a registry model ({', '.join(REGISTRY)}) nor a model folder with a "
                          "config.json: give vLLM's model path")
+    bound = None
     if setting is None:
-        setting = recommended_for(folder)
+        found = recommended_for(folder)
+        setting, bound = found.config, found.max_prompt_tokens
     elif isinstance(setting, str):
         setting = DashConfig.from_label(setting)
     elif not isinstance(setting, DashConfig):
@@ -141,19 +143,23 @@ def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> d
     if not dash:
         raise ValueError(f"DASH in vLLM supports {', '.join(ARCHITECTURES)}; {model} is "
                          f"{', '.join(architectures) or 'of no declared architecture'}")
-    return {"model": str(folder), "hf_overrides": {"architectures": dash[:1], "dash": {"label": setting.label}},
+    dash_fields = {"label": setting.label, **({"max_prompt_tokens": bound} if bound is not None else {})}
+    return {"model": str(folder), "hf_overrides": {"architectures": dash[:1], "dash": dash_fields},
             **ENGINE_OPTIONS}
 
 
-def recommended_for(folder: str | Path) -> DashConfig:
-    """:func:`dash_prefill.recommended_config` of the model in ``folder`` (a registry model's cache
-    folder has its shipped profile; any folder the user's calibration profile of that path)."""
-    from dash_prefill.core.profiles import recommended_config
+def recommended_for(folder: str | Path):
+    """:func:`dash_prefill.core.profiles.recommendation` of the model in ``folder`` (a registry
+    model's cache folder has its shipped profile; any folder the user's calibration profile of that
+    path): its setting and ``max_prompt_tokens``, the longest prompt it is recommended for."""
+    from dash_prefill.core.profiles import recommendation
     from dash_prefill.loading import REGISTRY, cache_dir
 
     folder = Path(folder)
     spec = next((s for s in REGISTRY.values() if (cache_dir() / s.cache_name).resolve() == folder.resolve()), None)
-    return recommended_config(_ModelRef(folder, spec))
+    found = recommendation(_ModelRef(folder, spec))
+    logger.info("recommended setting of %s: %s", folder, found)
+    return found
 
 
 class _ModelRef:

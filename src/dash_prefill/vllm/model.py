@@ -31,17 +31,24 @@ from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, polic
 from dash_prefill.vllm.plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans  # noqa: E402
 
 
-def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]]]:
-    """The DashConfig given to vLLM as ``hf_overrides={"dash": {"label": ...}}`` (or its fields) and
-    its gates on this model; ValueError saying what to change for one DASH cannot run."""
+def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]], int | None]:
+    """The DashConfig given to vLLM as ``hf_overrides={"dash": {"label": ...}}`` (or its fields), its
+    gates on this model and the longest prompt it halts (a recommended setting's
+    ``max_prompt_tokens``; None: every prompt); ValueError saying what to change for one DASH
+    cannot run."""
     fields = getattr(hf_config, "dash", None)
     if not isinstance(fields, dict):
         raise ValueError('DASH in vLLM needs its setting: hf_overrides={"dash": {"label": "dash@0.5/d0.4"}}, '
                          'DashConfig fields, or {} for the recommended one (dash_prefill.vllm.engine_args builds it)')
+    fields = dict(fields)
+    bound = fields.pop("max_prompt_tokens", None)
+    if bound is not None and (not isinstance(bound, int) or bound < 1):
+        raise ValueError(f'"max_prompt_tokens" must be a positive integer of tokens; got {bound!r}')
     if not fields:  # "dash": {} asks for the model's recommended setting
         from dash_prefill.vllm import recommended_for
 
-        config = recommended_for(hf_config._name_or_path)
+        found = recommended_for(hf_config._name_or_path)
+        config, bound = found.config, found.max_prompt_tokens if bound is None else bound
     else:
         config = DashConfig.from_label(fields["label"]) if set(fields) == {"label"} else DashConfig(**fields)
     check_setting(config)
@@ -50,11 +57,12 @@ def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]]]:
     if gates and gates[-1][0] >= num_layers - 1:
         raise ValueError(f"a gate at the last layer ({gates[-1][0]}) halts nothing: put every gate before "
                          f"layer {num_layers - 1}")
-    return config, gates
+    return config, gates, bound
 
 
 @functools.lru_cache(maxsize=None)
-def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int, at_gate: bool):
+def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int, at_gate: bool,
+                 max_prompt_tokens: int | None = None):
     """``base`` (vLLM's attention backend) whose metadata builder serves the gate layer number
     ``gate`` (``at_gate``: its prefilling requests still attend over every token entering it)
     or the layers after it (the compacted batch): query starts, sequence lengths, KV slots."""
@@ -71,7 +79,7 @@ def gate_backend(base, config: DashConfig, ratios: tuple[float, ...], gate: int,
             if seq_lens_cpu is None:
                 seq_lens_cpu = common.seq_lens.cpu()
             query_lens, prompt = prompt_rows(common.query_start_loc_cpu, seq_lens_cpu[:common.num_reqs])
-            plan = step_plans(query_lens, prompt, config, list(ratios))[gate]
+            plan = step_plans(query_lens, prompt, config, list(ratios), max_prompt_tokens)[gate]
             if not hasattr(self, "halted_offsets"):
                 self.halted_offsets = HaltedOffsets()
             blocks = common.block_table_tensor[:common.num_reqs]
@@ -117,7 +125,7 @@ class Halting:
     def __init__(self, model, vllm_config):
         self.model = model
         self.tp_size = get_tp_group().world_size
-        config, gates = setting_of(vllm_config.model_config.hf_config)
+        config, gates, max_prompt_tokens = setting_of(vllm_config.model_config.hf_config)
         self.config = config
         num_layers = len(model.layers)
         self.record: list | None = None  # set to [] to record each prefilled prompt's survivors per gate
@@ -131,7 +139,8 @@ class Halting:
             names = []
             for index in range(layer, end):
                 attention = model.layers[index].self_attn.attn
-                attention.attn_backend = gate_backend(attention.attn_backend, config, ratios, j, index == layer)
+                attention.attn_backend = gate_backend(attention.attn_backend, config, ratios, j, index == layer,
+                                                      max_prompt_tokens)
                 names.append(attention.layer_name)
             self.groups.append(names)
 

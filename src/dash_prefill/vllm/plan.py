@@ -44,13 +44,15 @@ class GatePlan:
 
 
 def step_plans(query_lens: list[int], prompt: list[int], config: DashConfig,
-               ratios: list[float]) -> list[GatePlan]:
+               ratios: list[float], max_prompt_tokens: int | None = None) -> list[GatePlan]:
     """The plan of every gate (``ratios``: each gate's halt ratio, the start layer's first) for a
     step whose requests run ``query_lens`` tokens; ``prompt[r]`` is T for a request prefilling
-    its whole prompt, 0 otherwise."""
+    its whole prompt, 0 otherwise. A prompt longer than ``max_prompt_tokens`` (the recommended
+    setting's bound) halts nothing: plain prefill."""
     plans, entering = [], list(query_lens)
+    halting = [t if max_prompt_tokens is None or t <= max_prompt_tokens else 0 for t in prompt]
     for ratio in ratios:
-        leaving = [kept_tokens(t, ratio, config) if t else n for n, t in zip(entering, prompt)]
+        leaving = [kept_tokens(t, ratio, config) if t else n for n, t in zip(entering, halting)]
         plans.append(GatePlan(entering, leaving, list(prompt)))
         entering = leaving
     return plans

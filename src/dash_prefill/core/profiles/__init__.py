@@ -41,9 +41,14 @@ def profile_path(name: str) -> Path:
     return cache_dir() / "profiles" / f"{name}.json"
 
 
-def _read_setting(path: Path) -> DashConfig:
+def _read_profile(path: Path) -> tuple[DashConfig, int | None]:
+    """A profile's setting and the longest prompt (tokens) it is recommended for (None: no bound)."""
     try:
-        return DashConfig(**json.loads(path.read_text())["setting"])
+        profile = json.loads(path.read_text())
+        bound = profile.get("max_prompt_tokens")
+        if bound is not None and (not isinstance(bound, int) or bound < 1):
+            raise ValueError(f"max_prompt_tokens must be a positive integer, got {bound!r}")
+        return DashConfig(**profile["setting"]), bound
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a valid calibration profile ({error}); "
                          f"write it again with dash-prefill calibrate, or delete it") from None
@@ -51,29 +56,44 @@ def _read_setting(path: Path) -> DashConfig:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """A recommended setting and where it comes from (a profile's path, the registry, the paper)."""
+    """A recommended setting and where it comes from (a profile's path, the registry, the paper).
+
+    ``max_prompt_tokens``: the longest prompt the setting is recommended for (a profile's
+    measured lengths); longer prompts get plain prefill (:func:`recommendation`)."""
 
     config: DashConfig
     source: str
+    max_prompt_tokens: int | None = None
 
     def __str__(self) -> str:
         return f"{self.config.label} ({self.source})"
 
 
-def recommendation(model, policy: str | None = None) -> Recommendation:
+def recommendation(model, policy: str | None = None, prompt_tokens: int | None = None) -> Recommendation:
     """The model's recommended setting and its source: the user's calibration profile, else the
     profile shipped for a registry model, else the paper's setting (with a registry model's
     measured start layer).
 
     ``policy``: the recommendation for that policy: a profile's setting only if it is of
     that policy (its start layer was chosen with it), else the fallback with that policy.
+    ``prompt_tokens``: the prompt's length. A profile holds only up to the prompt length it was
+    measured at (``max_prompt_tokens``): a longer prompt gets plain prefill, with a warning that
+    says how to calibrate at that length.
     """
     skipped = ""
     for path in (user_profile_path(model), _SHIPPED / f"{profile_name(model)}.json"):
         if path.is_file():
-            config = _read_setting(path)
+            config, bound = _read_profile(path)
             if policy is None or config.policy == policy:
-                return Recommendation(config, f"calibration profile {path}")
+                if prompt_tokens is not None and bound is not None and prompt_tokens > bound:
+                    logger.warning("%s: the calibration profile %s holds for prompts up to %d tokens; this one "
+                                   "has %d: plain prefill (calibrate at this length: dash-prefill calibrate "
+                                   "--model %s --length %d)", profile_name(model), path, bound, prompt_tokens,
+                                   profile_name(model), prompt_tokens)
+                    return Recommendation(DashConfig.from_label("plain"),
+                                          f"plain prefill: {prompt_tokens} tokens is longer than the "
+                                          f"{bound} the calibration profile {path} holds for", bound)
+                return Recommendation(config, f"calibration profile {path}", bound)
             skipped = f", the calibration profile {path} is for policy {config.policy}"
             break
     base = DashConfig(policy=policy or "dash")
@@ -85,14 +105,15 @@ def recommendation(model, policy: str | None = None) -> Recommendation:
                           + (skipped or ", no calibration profile: run dash-prefill calibrate"))
 
 
-def recommended_config(model, policy: str | None = None) -> DashConfig:
-    """The DashConfig to use on ``model`` when none is given; its label and source (see
-    :func:`recommendation`) are logged at INFO."""
-    found = recommendation(model, policy)
+def recommended_config(model, policy: str | None = None, prompt_tokens: int | None = None) -> DashConfig:
+    """The DashConfig to use on ``model`` for a prompt of ``prompt_tokens`` when none is given;
+    its label and source (see :func:`recommendation`) are logged at INFO."""
+    found = recommendation(model, policy, prompt_tokens)
     logger.info("recommended setting of %s: %s", profile_name(model), found)
     return found.config
 
 
-def config_or_recommended(model, config: DashConfig | None) -> DashConfig:
-    """``config``, or when it is None the model's recommended setting (logged with its source)."""
-    return config if config is not None else recommended_config(model)
+def config_or_recommended(model, config: DashConfig | None, prompt_tokens: int | None = None) -> DashConfig:
+    """``config``, or when it is None the model's recommended setting for a prompt of
+    ``prompt_tokens`` (logged with its source)."""
+    return config if config is not None else recommended_config(model, prompt_tokens=prompt_tokens)
