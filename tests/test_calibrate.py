@@ -1,6 +1,7 @@
 """Calibration: fidelity measurement against plain prefill, the choice within a budget, profiles."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -223,3 +224,22 @@ def test_calibrate_densities_out_of_range_is_one_line_and_exit_2(capsys):
     assert main(["calibrate", "--model", "m", "--densities", "0", "--policies", "dash"]) == 2
     err = capsys.readouterr().err
     assert "density must be" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_profile_records_the_prompt_length_it_was_measured_at_and_choosing_again_keeps_it(tmp_path, monkeypatch):
+    from dash_prefill import calibrate_cli, loading
+    from dash_prefill.cli import main
+
+    rows = json.loads(_rows_file(tmp_path).read_text())
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (build_model("llama"), None))
+    monkeypatch.setattr(calibrate_cli, "builtin_prompts", lambda tokenizer, length, count: [
+        SimpleNamespace(ids=[1] * (length - 10))] * count)
+    monkeypatch.setattr(calibrate_cli, "measure", lambda model, prompts, grid: rows)
+    out = tmp_path / "measured.json"
+    assert main(["calibrate", "--model", "m", "--length", "3000", "--count", "2", "--policies", "dash", "--budget", "0.5",
+                 "--starts", "d0.4", "--ratios", "0.5", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["max_prompt_tokens"] == 3000
+    again = tmp_path / "again.json"
+    rows_file = out.with_suffix(".rows.json")
+    assert main(["calibrate", "--model", "m", "--rows", str(rows_file), "--budget", "0.5", "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["max_prompt_tokens"] == 3000

@@ -136,6 +136,16 @@ def test_prefill_generate_and_halting_apply_the_profiles_bound_to_each_prompt(di
             assert torch.equal(got, model.generate(ids, **options))
 
 
+def test_a_left_padded_batch_is_measured_by_its_longest_row_not_its_width(dirs):
+    write_bounded(dirs[0], "smollm2-135m", 100, PROFILED)
+    model, ids = registry_model(), random_ids(2, 110)
+    mask = torch.ones(2, 110, dtype=torch.long)
+    mask[:, :10], mask[1, :30] = 0, 0  # rows of 100 and 80 tokens in a 110-wide batch
+    assert torch.equal(prefill(model, ids, attention_mask=mask).logits, prefill(model, ids, PROFILED, mask).logits)
+    tokens = generate(model, CharTokenizer(), ids, attention_mask=mask, max_new_tokens=2)
+    assert tokens.config == PROFILED
+
+
 def test_a_command_on_a_prompt_longer_than_the_profiles_bound_runs_plain_and_says_why(dirs, captured, capsys):
     path = write_bounded(dirs[0], "smollm2-135m", 99, PROFILED)
     assert cli.main(["demo", "--tokens", "100", "--max-new-tokens", "4"]) == 2

@@ -284,33 +284,3 @@ def test_the_vllm_server_with_dash_answers_over_http_as_offline_and_outlives_a_b
             server.kill()
         log.close()
 
-
-def test_step_plans_leave_a_prompt_longer_than_the_bound_whole():
-    from dash_prefill.vllm.plan import kept_tokens, step_plans
-
-    config = replace(ONE_GATE, protect_last=4)
-    plan = step_plans([300, 500, 1], [300, 500, 0], config, [0.5], max_prompt_tokens=400)[0]
-    assert plan.leaving == [kept_tokens(300, 0.5, config), 500, 1] and plan.leaving[0] < 300
-    assert step_plans([300, 500, 1], [300, 500, 0], config, [0.5])[0].leaving[1] < 500  # no bound: halts
-
-
-def test_engine_args_carry_the_recommended_profiles_bound_and_a_bad_bound_is_refused(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from dash_prefill.core.profiles import profile_path, recommendation
-    from dash_prefill.vllm import engine_args
-
-    monkeypatch.setenv("DASH_PREFILL_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    name = str(folder).strip("/").replace("/", "--")  # a local folder's profile name (profiles.profile_name)
-    profile_path(name).parent.mkdir(parents=True)
-    profile_path(name).write_text(json.dumps({"setting": ONE_GATE.as_dict(), "max_prompt_tokens": 4096}))
-    found = recommendation(SimpleNamespace(config=SimpleNamespace(_name_or_path=str(folder))))
-    assert (found.config, found.max_prompt_tokens) == (ONE_GATE, 4096)
-    assert engine_args(folder)["hf_overrides"]["dash"] == {"label": ONE_GATE.label, "max_prompt_tokens": 4096}
-    assert engine_args(folder, ONE_GATE)["hf_overrides"]["dash"] == {"label": ONE_GATE.label}  # given: no bound
-    profile_path(name).write_text(json.dumps({"setting": ONE_GATE.as_dict(), "max_prompt_tokens": "4k"}))
-    with pytest.raises(ValueError, match="max_prompt_tokens must be a positive integer, got '4k'"):
-        engine_args(folder)

@@ -221,11 +221,13 @@ def cmd_demo(args) -> int:
     from dash_prefill.hf.generation import check_fits
 
     model, tokenizer = _load(args.model, args.dtype)
-    config, source = setting(args, model, args.tokens)
-    check_fits(model, config, args.tokens, args.max_new_tokens)  # before building the prompt
+    check_fits(model, None, args.tokens, args.max_new_tokens)  # before building the prompt
     prompt = needle_prompt(tokenizer, args.tokens)
+    tokens = len(tokenizer(prompt.text)["input_ids"])
+    config, source = setting(args, model, tokens)
+    check_fits(model, config, tokens, args.max_new_tokens)  # the setting's gates lie inside the model
     print(f"DASH demo on {args.model} ({next(model.parameters()).device}): a fact hidden in the middle "
-          f"of {len(tokenizer(prompt.text)['input_ids'])} tokens of essays", flush=True)
+          f"of {tokens} tokens of essays", flush=True)
     _print_setting(config, source)
     result = compare(model, tokenizer, prompt.text, config, args.max_new_tokens, args.repeats)
     _print_comparison(result, prompt.answer)

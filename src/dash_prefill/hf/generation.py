@@ -207,7 +207,7 @@ def generate(model, tokenizer, prompts, config: DashConfig | None = None, max_ne
         mask = mask if mask.dim() == 2 else mask[None]
     else:
         ids, mask = encode_prompts(tokenizer, prompts, pad_id, chat)
-    config = config_or_recommended(model, config, ids.shape[1])
+    config = config_or_recommended(model, config, int(mask.sum(-1).max()))  # the longest row decides a batch
     check_fits(model, config, ids.shape[1], max_new_tokens)
     warpers = LogitsProcessorList()
     if do_sample:

@@ -427,9 +427,9 @@ def prefill(model, input_ids, config: DashConfig | None = None,
     -------
     PrefillResult with the cache, the last position's logits (batch, vocab) and the stats.
     """
-    config = config_or_recommended(model, config, input_ids.shape[-1])
     adapter, prompt, padding_mask, lengths = _prepare(model, input_ids, attention_mask, multimodal,
-                                                      vision_config, [config])
+                                                      vision_config, [] if config is None else [config])
+    config = config_or_recommended(model, config, max(lengths))  # the longest row decides a batch
     gates = _gates(config, adapter, prompt, padding_mask, lengths)
     state = PrefillState(adapter, prompt, padding_mask, lengths, config.density)
     del prompt  # the state owns the embeddings: they are freed once the first layer has run

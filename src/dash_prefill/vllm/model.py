@@ -42,7 +42,7 @@ def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]], int | No
                          'DashConfig fields, or {} for the recommended one (dash_prefill.vllm.engine_args builds it)')
     fields = dict(fields)
     bound = fields.pop("max_prompt_tokens", None)
-    if bound is not None and (not isinstance(bound, int) or bound < 1):
+    if bound is not None and (type(bound) is not int or bound < 1):
         raise ValueError(f'"max_prompt_tokens" must be a positive integer of tokens; got {bound!r}')
     if not fields:  # "dash": {} asks for the model's recommended setting
         from dash_prefill.vllm import recommended_for

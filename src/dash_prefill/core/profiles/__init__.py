@@ -29,6 +29,12 @@ def profile_name(model) -> str:
     return name.strip("/").replace("/", "--")
 
 
+def _model_argument(model) -> str:
+    """What ``--model`` takes for this model: its registry name, else its folder or hub id."""
+    spec = getattr(model, "dash_prefill_spec", None)
+    return spec.name if spec is not None else str(getattr(model.config, "_name_or_path", "") or "MODEL")
+
+
 def user_profile_path(model) -> Path:
     """Where ``dash-prefill calibrate`` writes a model's profile by default."""
     return profile_path(profile_name(model))
@@ -46,7 +52,7 @@ def _read_profile(path: Path) -> tuple[DashConfig, int | None]:
     try:
         profile = json.loads(path.read_text())
         bound = profile.get("max_prompt_tokens")
-        if bound is not None and (not isinstance(bound, int) or bound < 1):
+        if bound is not None and (type(bound) is not int or bound < 1):
             raise ValueError(f"max_prompt_tokens must be a positive integer, got {bound!r}")
         return DashConfig(**profile["setting"]), bound
     except (ValueError, KeyError, TypeError) as error:
@@ -89,7 +95,7 @@ def recommendation(model, policy: str | None = None, prompt_tokens: int | None =
                     logger.warning("%s: the calibration profile %s holds for prompts up to %d tokens; this one "
                                    "has %d: plain prefill (calibrate at this length: dash-prefill calibrate "
                                    "--model %s --length %d)", profile_name(model), path, bound, prompt_tokens,
-                                   profile_name(model), prompt_tokens)
+                                   _model_argument(model), prompt_tokens)
                     return Recommendation(DashConfig.from_label("plain"),
                                           f"plain prefill: {prompt_tokens} tokens is longer than the "
                                           f"{bound} the calibration profile {path} holds for", bound)
