@@ -79,11 +79,10 @@ def test_flexattention_and_the_gathered_kernel_compute_the_same_attention():
     assert_close(flex[1, :, 300:], gathered[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
 
 
-def test_compiled_flexattention_serves_many_prompt_lengths_without_hitting_the_recompile_limit(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)
+def test_compiled_flexattention_serves_many_prompt_lengths_without_hitting_the_recompile_limit():
     """A server sees a new length per prompt: past dynamo's recompile limit the compiled function
     would fall back to the unfused path, which holds the whole score matrix (tens of GB at 32K)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     for seq in (1300, 1500, 1700, 2100):  # four 128-token grids
         torch.manual_seed(seq)
