@@ -12,6 +12,9 @@ number of key blocks: the sink block, the local band (LOCAL_BLOCKS before it and
   the local band or after a query block (so it keeps fewer extra blocks than the others);
 - ``antidiagonal`` (XAttention-like, stride 16): per (query block, key block) the softmax of the
   antidiagonal-strided scores, summed per block (cost: 1/16 of the dense scores);
+- ``last-block, D of each row``: the same estimate, each query block keeping ``ceil(D x its other
+  causal blocks)`` (about the block pairs the shipped selection is costed at; the others keep
+  ``ceil(D x blocks)`` for every query block);
 - ``vertical-slash`` (MInference-like): half the extra blocks by ``last-block``'s columns, half by
   the diagonals (query block - key block offsets) the last query block attends most;
 - ``oracle``: the blocks of largest true attention for each query block (an upper bound).
@@ -42,6 +45,7 @@ from dash_prefill.eval.tasks import generate_samples
 from dash_prefill.loading import load_model
 
 STRIDE = 16
+PAIRS: dict[float, dict[str, float]] = {}  # kept block pairs of each selection (last layer analysed)
 RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -84,6 +88,27 @@ def antidiagonal_estimate(q: torch.Tensor, k: torch.Tensor, scaling: float) -> t
 def padded(x: torch.Tensor) -> torch.Tensor:
     """Zeros before the sequence so that blocks end where it ends (the grid of core/sparse.py)."""
     return torch.nn.functional.pad(x, (0, 0, -x.shape[0] % BLOCK, 0))
+
+
+def keep_per_query_share(rank_scores: torch.Tensor, density: float) -> torch.Tensor:
+    """(blocks, blocks) bool: sink + local band + ``ceil(density x others)`` best-ranked of each
+    query block's other causal blocks (about the pairs ``core.sparse.sparse_fraction`` counts)."""
+    blocks = rank_scores.shape[0]
+    index = torch.arange(blocks)
+    query, key = index[:, None], index[None, :]
+    causal = key <= query
+    always = causal & ((query - key <= LOCAL_BLOCKS) | (key < SINK_BLOCKS))
+    others = (causal & ~always).sum(-1)
+    ranked = rank_scores.masked_fill(~causal | always, float("-inf"))
+    rank = torch.empty_like(index.expand(blocks, blocks)).scatter_(
+        1, ranked.argsort(dim=-1, descending=True, stable=True), index.expand(blocks, blocks))
+    return always | (causal & ~always & (rank < (density * others).ceil()[:, None]))
+
+
+def pairs(keep: torch.Tensor) -> float:
+    """Kept block pairs over causal block pairs."""
+    blocks = keep.shape[0]
+    return keep.tril().sum().item() / (blocks * (blocks + 1) / 2)
 
 
 def keep_from_ranking(rank_scores: torch.Tensor, extra: int, taken: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +158,11 @@ def analyse(q_all, k_all, scaling: float, densities) -> dict:
                 out.setdefault((name, d), []).append(recall(keep_from_ranking(ranking, extra), mass))
             shipped = select_blocks(vertical[None, None], torch.tensor([0]), torch.tensor([extra]))[0, 0]
             out.setdefault(("shipped", d), []).append(recall(shipped, mass))
+            share = keep_per_query_share(vertical.expand(blocks, blocks), d)
+            out.setdefault(("last-block, D of each row", d), []).append(recall(share, mass))
+            if h == 0:
+                PAIRS.setdefault(d, {}).update({"shipped": pairs(shipped), "last-block, D of each row": pairs(share),
+                                                "equal budget": pairs(keep_from_ranking(mass, extra))})
             half = keep_from_ranking(vertical.expand(blocks, blocks), math.ceil(extra / 2))
             slash = keep_from_ranking(slash_ranking(vertical, blocks), extra // 2, taken=half)
             out.setdefault(("vertical-slash", d), []).append(recall(half | slash, mass))
@@ -178,7 +208,9 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print("| estimator | density | kept attention (mean) | worst head (mean over layers) |")
     print("|---|---:|---:|---:|")
-    for name in ("local+sink", "shipped", "last-block", "vertical-slash", "antidiagonal", "oracle"):
+    print("kept block pairs (share of causal pairs):", json.dumps(PAIRS))
+    for name in ("local+sink", "shipped", "last-block, D of each row", "last-block", "vertical-slash",
+                 "antidiagonal", "oracle"):
         for d in densities:
             sel = [r for r in rows if r["estimator"] == name and r["density"] == d]
             if name == "local+sink" and d != densities[0]:
