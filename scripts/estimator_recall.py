@@ -2,19 +2,16 @@
 
 A real model prefills real task prompts; the queries and keys (after rotary) of every layer before
 ``--layers`` are recorded, and per head every query block's true attention (softmax over the
-causal prompt) is summed per key block. Each estimator then keeps, for every query block, the same
-number of key blocks: the sink block, the local band (LOCAL_BLOCKS before it and itself) and
-``ceil(density x blocks)`` more, ranked by its estimate:
+causal prompt) is summed per key block. Each estimator then keeps, for every query block, the sink
+block, the local band (LOCAL_BLOCKS before it and itself) and more blocks ranked by its estimate:
 
-- ``last-block``: the last query block's attention summed per key block, the same columns for
-  every query block (cost: 128 queries against the prompt); ``shipped`` is the same estimate
-  through ``core.sparse.select_blocks``, whose ``ceil(density x blocks)`` top blocks may fall in
-  the local band or after a query block (so it keeps fewer extra blocks than the others);
+- ``shipped`` (core/sparse.py): the last query block's attention summed per key block, one
+  ranking per head (cost: 128 queries against the prompt); each query block keeps
+  ``ceil(D x its other causal blocks)`` of the blocks it can see, highest first;
+- ``last-block``: the same ranking, every query block keeping ``ceil(D x blocks)`` (the budget
+  of the rows below, about twice the shipped one's pairs);
 - ``antidiagonal`` (XAttention-like, stride 16): per (query block, key block) the softmax of the
   antidiagonal-strided scores, summed per block (cost: 1/16 of the dense scores);
-- ``last-block, D of each row``: the same estimate, each query block keeping ``ceil(D x its other
-  causal blocks)`` (about the block pairs the shipped selection is costed at; the others keep
-  ``ceil(D x blocks)`` for every query block);
 - ``vertical-slash`` (MInference-like): half the extra blocks by ``last-block``'s columns, half by
   the diagonals (query block - key block offsets) the last query block attends most;
 - ``oracle``: the blocks of largest true attention for each query block (an upper bound).
@@ -90,21 +87,6 @@ def padded(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, -x.shape[0] % BLOCK, 0))
 
 
-def keep_per_query_share(rank_scores: torch.Tensor, density: float) -> torch.Tensor:
-    """(blocks, blocks) bool: sink + local band + ``ceil(density x others)`` best-ranked of each
-    query block's other causal blocks (about the pairs ``core.sparse.sparse_fraction`` counts)."""
-    blocks = rank_scores.shape[0]
-    index = torch.arange(blocks)
-    query, key = index[:, None], index[None, :]
-    causal = key <= query
-    always = causal & ((query - key <= LOCAL_BLOCKS) | (key < SINK_BLOCKS))
-    others = (causal & ~always).sum(-1)
-    ranked = rank_scores.masked_fill(~causal | always, float("-inf"))
-    rank = torch.empty_like(index.expand(blocks, blocks)).scatter_(
-        1, ranked.argsort(dim=-1, descending=True, stable=True), index.expand(blocks, blocks))
-    return always | (causal & ~always & (rank < (density * others).ceil()[:, None]))
-
-
 def pairs(keep: torch.Tensor) -> float:
     """Kept block pairs over causal block pairs."""
     blocks = keep.shape[0]
@@ -156,12 +138,10 @@ def analyse(q_all, k_all, scaling: float, densities) -> dict:
             extra = math.ceil(d * blocks)
             for name, ranking in rankings.items():
                 out.setdefault((name, d), []).append(recall(keep_from_ranking(ranking, extra), mass))
-            shipped = select_blocks(vertical[None, None], torch.tensor([0]), torch.tensor([extra]))[0, 0]
+            shipped = select_blocks(vertical[None, None], torch.tensor([0]), d)[0, 0]
             out.setdefault(("shipped", d), []).append(recall(shipped, mass))
-            share = keep_per_query_share(vertical.expand(blocks, blocks), d)
-            out.setdefault(("last-block, D of each row", d), []).append(recall(share, mass))
             if h == 0:
-                PAIRS.setdefault(d, {}).update({"shipped": pairs(shipped), "last-block, D of each row": pairs(share),
+                PAIRS.setdefault(d, {}).update({"shipped": pairs(shipped),
                                                 "equal budget": pairs(keep_from_ranking(mass, extra))})
             half = keep_from_ranking(vertical.expand(blocks, blocks), math.ceil(extra / 2))
             slash = keep_from_ranking(slash_ranking(vertical, blocks), extra // 2, taken=half)
@@ -209,8 +189,7 @@ def main(argv=None) -> int:
     print("| estimator | density | kept attention (mean) | worst head (mean over layers) |")
     print("|---|---:|---:|---:|")
     print("kept block pairs (share of causal pairs):", json.dumps(PAIRS))
-    for name in ("local+sink", "shipped", "last-block, D of each row", "last-block", "vertical-slash",
-                 "antidiagonal", "oracle"):
+    for name in ("local+sink", "shipped", "last-block", "vertical-slash", "antidiagonal", "oracle"):
         for d in densities:
             sel = [r for r in rows if r["estimator"] == name and r["density"] == d]
             if name == "local+sink" and d != densities[0]:

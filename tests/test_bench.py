@@ -261,12 +261,12 @@ def test_a_bench_policy_with_a_shifted_span_times_the_engine_with_that_offset(ti
 def test_bench_densities_time_each_setting_block_sparse_with_the_engines_ideal(monkeypatch, tmp_path, capsys):
     tiny_arch = "tiny-llama-2k"  # longer than the local band of block-sparse attention
     monkeypatch.setitem(shapes.ARCHITECTURES, tiny_arch, lambda: LlamaConfig(**{**TINY, "max_position_embeddings": 2048}))
-    args = _parse(["--arch", tiny_arch, "--lengths", "1500", "--device", "cpu", "--warmup", "0", "--repeats", "1",
+    args = _parse(["--arch", tiny_arch, "--lengths", "1800", "--device", "cpu", "--warmup", "0", "--repeats", "1",
                    "--settings", "1:0.5", "--densities", "1,0.1", "--no-hooks", "--out", str(tmp_path)])
     assert cli.main(args) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())[1:]
     assert [r["method"] for r in rows] == ["plain", "dash", "dash", "dash~0.1"]
-    model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 1500))
+    model, ids = shapes.build_random_model(tiny_arch, device="cpu"), torch.randint(0, 101, (1, 1800))
     config = DashConfig(halt_ratio=0.5, start_layer=1, protect_first=4, protect_last=64, density=0.1)
     assert rows[3]["ideal_speedup"] == pytest.approx(prefill(model, ids, config).stats.ideal_speedup)
     assert rows[3]["ideal_speedup"] > rows[2]["ideal_speedup"]

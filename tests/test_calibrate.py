@@ -207,7 +207,7 @@ def test_calibration_chooses_the_density_too_and_a_sparse_profile_gives_that_con
     assert [label for label, _ in grid] == ["dash@0.5/s1", "dash@0.5/s1~0.2"]
     model = build_model("llama")
     model.config.max_position_embeddings = 4096
-    prompts = [CalibrationPrompt(random_ids(1, 1500, seed=3)[0].tolist(), random_ids(1, 4, seed=9)[0].tolist(),
+    prompts = [CalibrationPrompt(random_ids(1, 1800, seed=3)[0].tolist(), random_ids(1, 4, seed=9)[0].tolist(),
                                  4, "test")]
     dense, sparse = measure(model, prompts, grid)
     assert sparse["ideal_speedup"] > dense["ideal_speedup"]

@@ -13,7 +13,7 @@ from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks,
 from dash_prefill.hf.prefill import prefill_branches
 from dash_prefill.hf.attention import SparsePrompt, flex_attention, gathered_attention, prefill_attention
 
-LONG = 1500  # 12 blocks of 128: more than the local band (8 blocks), so blocks are skipped
+LONG = 1800  # 15 blocks of 128: past the sink and the local band (9 blocks) a query block skips some
 
 
 def long_model(family: str, implementation: str = "sdpa"):
@@ -39,8 +39,11 @@ def spec_attention(q, k, v, length, density, scale):
             mass.index_add_(0, torch.tensor(block[:i + 1], device="cpu"), probs.double().cpu())
         mass = mass.tolist()
         ranked = sorted(range(blocks), key=lambda b: (-mass[b], b))
-        chosen = set(ranked[:math.ceil(density * blocks)])
         for i in range(length):
+            # beyond the sink (block 0) and the band (the 8 blocks before and its own), the query's
+            # block keeps ceil(density x its other blocks) of them, the highest ranked it can see
+            others = [b for b in ranked if b <= block[i] and b != 0 and block[i] - b > 8]
+            chosen = set(others[:math.ceil(density * len(others))])
             seen = [j for j in range(i + 1) if block[i] == blocks - 1 or block[j] in chosen or block[j] == 0
                     or block[i] - block[j] <= 8]
             probs = ((q[h, i] @ keys[seen].T).float() * scale).softmax(-1)
@@ -70,8 +73,7 @@ def test_flexattention_and_the_gathered_kernel_compute_the_same_attention():
     start = torch.tensor([0, 300])
     pad, _ = grid(seq)
     real = torch.arange(seq)[None] >= start[:, None]
-    keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, real), (start + pad) // BLOCK,
-                         torch.tensor([2, 1]))
+    keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, real), (start + pad) // BLOCK, 0.3)
     assert not keep[:, :, -2].all()  # some block is skipped
     gathered = gathered_attention(q, k, v, keep, start, 0.25)
     flex = flex_attention(q, k, v, keep, start, 0.25, compiled=False)
@@ -89,7 +91,7 @@ def test_compiled_flexattention_serves_many_prompt_lengths_without_hitting_the_r
         q, k, v = torch.randn(1, 2, seq, 16), torch.randn(1, 1, seq, 16), torch.randn(1, 1, seq, 16)
         start = torch.tensor([0])
         keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, torch.ones(1, seq, dtype=torch.bool)),
-                             start // BLOCK, torch.tensor([2]))
+                             start // BLOCK, 0.3)
         compiled = flex_attention(q, k, v, keep, start, 0.25, compiled=True)
         assert_close(compiled, gathered_attention(q, k, v, keep, start, 0.25), atol=1e-5, rtol=1e-4)
     torch._dynamo.reset()
@@ -99,19 +101,24 @@ def test_selected_blocks_are_causal_and_hold_the_sink_the_local_band_and_the_que
     torch.manual_seed(2)
     estimate = torch.rand(2, 3, 20)
     first = torch.tensor([0, 5])
-    keep = select_blocks(estimate, first, torch.tensor([4, 2]))
+    keep = select_blocks(estimate, first, 0.4)
     q, kk = torch.arange(20)[:, None], torch.arange(20)[None, :]
     assert not (keep & (kk > q)).any()
     assert not keep[1, :, :, :5].any(dim=-1)[..., 6:].any()  # no block before a row's first
     assert keep[:, :, 19, :].sum(-1).tolist() == [[20] * 3, [15] * 3]  # the question sees every block
     assert keep[0, :, 15, 0].all() and keep[1, :, 15, 5].all()  # the sink
     assert keep[:, :, 15, 7:16].all()  # the local band and the diagonal
-    # Outside the sink and the band, a row keeps exactly its top-ranked real blocks.
+    # Beyond the sink and the band, query block 18 keeps ceil(0.4 x its other blocks), the top-ranked
+    # of those it can see: row 0 4 of blocks 1-9, row 1 (first block 5) 2 of blocks 6-9.
     for h in range(3):
-        top0 = set((estimate[0, h].argsort(descending=True)[:4]).tolist())
-        top1 = set((estimate[1, h, 5:].argsort(descending=True)[:2] + 5).tolist())
+        top0 = set((estimate[0, h, 1:10].argsort(descending=True)[:4] + 1).tolist())
+        top1 = set((estimate[1, h, 6:10].argsort(descending=True)[:2] + 6).tolist())
         assert [bool(keep[0, h, 18, k]) for k in range(1, 10)] == [k in top0 for k in range(1, 10)]
         assert [bool(keep[1, h, 18, k]) for k in range(6, 10)] == [k in top1 for k in range(6, 10)]
+    # A block the ranking puts first but a query block cannot see takes nothing from its budget.
+    late = torch.zeros(1, 1, 20)
+    late[0, 0, 17], late[0, 0, 3] = 2.0, 1.0
+    assert select_blocks(late, torch.tensor([0]), 0.1)[0, 0, 12, 3]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "mistral"])
@@ -186,9 +193,9 @@ def test_the_cost_model_counts_the_kept_block_pairs():
 
 
 @pytest.mark.parametrize("blocks, density", [(64, 0.1), (256, 0.05), (40, 0.3)])
-def test_the_cost_models_kept_fraction_is_what_the_selection_keeps_for_spread_estimates(blocks, density):
+def test_the_cost_models_kept_fraction_is_what_the_selection_keeps(blocks, density):
     torch.manual_seed(blocks)
     estimate = torch.rand(1, 16, blocks)
-    keep = select_blocks(estimate, torch.tensor([0]), torch.tensor([math.ceil(density * blocks)]))
+    keep = select_blocks(estimate, torch.tensor([0]), density)
     kept = keep.float().sum(dim=(-1, -2)).mean().item() / (blocks * (blocks + 1) / 2)
-    assert kept == pytest.approx(sparse_fraction(blocks * BLOCK, density), rel=0.05)
+    assert kept == pytest.approx(sparse_fraction(blocks * BLOCK, density), rel=1e-9)

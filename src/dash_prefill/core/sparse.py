@@ -7,11 +7,13 @@ per query head, a fraction ``density`` of the key blocks (FlexPrefill's query-aw
 MInference's vertical lines):
 
 - the estimate: the last query block's attention (the question) summed per key block, softmax
-  over the whole prompt, per head (:func:`block_estimate`);
-- every query block attends the ``ceil(density * blocks)`` key blocks the estimate ranks
-  highest (the same columns for all query blocks of a head), the first block (attention
-  sinks), the ``LOCAL_BLOCKS`` blocks before it and itself, causally; the last query block
-  (the question) attends every block (:func:`select_blocks`).
+  over the whole prompt, per head (:func:`block_estimate`): one ranking of the key blocks per head;
+- every query block attends the first block (attention sinks), the ``LOCAL_BLOCKS`` blocks
+  before it and itself, and ``ceil(density x its other causal blocks)`` more, the ones the
+  ranking puts highest among those it can see; the last query block (the question) attends
+  every block (:func:`select_blocks`). (Ranking all blocks once and keeping the top
+  ``ceil(density x blocks)`` for every query block spent most of the budget on the question's
+  own neighbours, in the future of most query blocks: decisions.md.)
 
 Blocks are counted from the end of the prompt: with left padding (batches) a row's blocks hold
 the same tokens as when it runs alone, so a row's output does not depend on its batch. The
@@ -34,11 +36,6 @@ def grid(seq_len: int) -> tuple[int, int]:
     """(pad, blocks): empty slots before the sequence so that blocks end where it ends."""
     pad = -seq_len % BLOCK
     return pad, (seq_len + pad) // BLOCK
-
-
-def vertical_counts(lengths: list[int], density: float) -> list[int]:
-    """Key blocks each row keeps by the estimate: ``ceil(density * its blocks)`` (host ints)."""
-    return [math.ceil(density * math.ceil(length / BLOCK)) for length in lengths]
 
 
 def block_estimate(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
@@ -70,38 +67,40 @@ def block_estimate(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
     return torch.nn.functional.pad(per_token, (pad, 0)).view(batch, heads, blocks, BLOCK).sum(-1)
 
 
-def select_blocks(estimate: torch.Tensor, first_block: torch.Tensor, vertical: torch.Tensor) -> torch.Tensor:
+def select_blocks(estimate: torch.Tensor, first_block: torch.Tensor, density: float) -> torch.Tensor:
     """The key blocks each query block attends.
 
     estimate : (batch, heads, blocks) from :func:`block_estimate`
     first_block : (batch,) long, the block of each row's first real token, ``(start + pad) // BLOCK``
-    vertical : (batch,) long, key blocks each row keeps by the estimate (:func:`vertical_counts`)
+    density : the share of a query block's other causal blocks (beyond the sink and its band) it
+        keeps, the estimate's highest first (ties to the earlier block)
     Returns keep (batch, heads, query blocks, key blocks) bool: causal, no block before a row's
-    first, a block always keeps itself. Ties in the estimate go to the earlier block.
+    first, a block always keeps itself. Computed on the device (no host sync).
     """
     batch, heads, blocks = estimate.shape
     index = torch.arange(blocks, device=estimate.device)
-    real = index[None, :] >= first_block[:, None]  # (batch, blocks)
-    ranked = estimate.masked_fill(~real[:, None, :], -1.0)
-    order = ranked.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, index.expand_as(order))
-    chosen = rank < vertical[:, None, None]  # (batch, heads, blocks)
-    sink = real & (index[None, :] < first_block[:, None] + SINK_BLOCKS)  # (batch, blocks)
     query, key = index[:, None], index[None, :]
-    local = (query - key >= 0) & (query - key <= LOCAL_BLOCKS)  # (blocks, blocks)
-    tail = query >= blocks - TAIL_BLOCKS
-    wanted = chosen[:, :, None, :] | sink[:, None, None, :] | local | tail
-    return (wanted & (key <= query) & real[:, None, None, :]) | (query == key)
+    real = index[None, :] >= first_block[:, None]  # (batch, blocks)
+    causal = (key <= query) & real[:, None, :]  # (batch, query, key)
+    sink = real & (index[None, :] < first_block[:, None] + SINK_BLOCKS)
+    always = causal & ((query - key <= LOCAL_BLOCKS) | sink[:, None, :] | (query >= blocks - TAIL_BLOCKS))
+    others = causal & ~always
+    count = torch.ceil(others.sum(-1) * density)  # (batch, query)
+    order = estimate.masked_fill(~real[:, None, :], -1.0).argsort(dim=-1, descending=True, stable=True)
+    order = order[:, :, None, :].expand(batch, heads, blocks, blocks)  # (batch, heads, query, rank)
+    in_order = others[:, None].expand(batch, heads, blocks, blocks).gather(-1, order)
+    taken = in_order & (in_order.cumsum(-1) <= count[:, None, :, None])  # the first `count` it can see
+    chosen = torch.zeros_like(taken).scatter_(-1, order, taken)
+    return always[:, None] | chosen | (query == key)
 
 
 def sparse_fraction(seq_len: int, density: float) -> float:
-    """The fraction of a prompt's causal (query, key) block pairs a layer keeps, expected when
-    the chosen blocks spread evenly over the prompt (for the cost model; 1.0 at density 1)."""
+    """The fraction of a prompt's causal (query, key) block pairs a layer keeps under
+    :func:`select_blocks` (for the cost model; 1.0 at density 1)."""
     if density >= 1.0:
         return 1.0
     _, blocks = grid(seq_len)
-    chosen = math.ceil(density * blocks)
-    kept = 0.0
+    kept = 0
     for query in range(blocks):
         causal = query + 1
         if query >= blocks - TAIL_BLOCKS:
@@ -109,6 +108,5 @@ def sparse_fraction(seq_len: int, density: float) -> float:
             continue
         local = min(causal, LOCAL_BLOCKS + 1)
         always = local + min(SINK_BLOCKS, causal - local)  # the band, then the sink blocks before it
-        others = causal - always
-        kept += always + min(others, chosen * others / blocks)
+        kept += always + math.ceil(density * (causal - always))
     return kept / (blocks * (blocks + 1) / 2)

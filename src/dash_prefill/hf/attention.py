@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dash_prefill.core.policy import host_to_device
-from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, vertical_counts
+from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks
 
 PREFILL = "dash_prefill"
 
@@ -30,21 +30,19 @@ PREFILL = "dash_prefill"
 @dataclass(frozen=True)
 class SparsePrompt:
     """What the sparse layers of one prefill share: the density and, per row (batch,) long, the
-    first real token (left padding before it) and the key blocks kept by the estimate."""
+    first real token (left padding before it)."""
 
     density: float
     start: torch.Tensor
-    vertical: torch.Tensor
 
     @classmethod
     def of(cls, density: float, lengths: list[int], seq_len: int, device: torch.device) -> SparsePrompt:
-        return cls(density, host_to_device([seq_len - length for length in lengths], device),
-                   host_to_device(vertical_counts(lengths, density), device))
+        return cls(density, host_to_device([seq_len - length for length in lengths], device))
 
     def to(self, device: torch.device) -> SparsePrompt:
         if self.start.device == device:
             return self
-        return SparsePrompt(self.density, self.start.to(device), self.vertical.to(device))
+        return SparsePrompt(self.density, self.start.to(device))
 
 
 def prefill_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -70,7 +68,7 @@ def sparse_attention(query, key, value, sparse: SparsePrompt, scaling: float) ->
     real = torch.arange(seq_len, device=query.device)[None, :] >= sparse.start[:, None]  # (batch, seq)
     estimate = block_estimate(query[:, :, -min(BLOCK, seq_len):], key, scaling, real)
     pad, _ = grid(seq_len)
-    keep = select_blocks(estimate, (sparse.start + pad) // BLOCK, sparse.vertical)
+    keep = select_blocks(estimate, (sparse.start + pad) // BLOCK, sparse.density)
     kernel = flex_attention if query.device.type == "cuda" else gathered_attention
     return kernel(query, key, value, keep, sparse.start, scaling)
 
