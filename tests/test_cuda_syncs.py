@@ -23,7 +23,9 @@ CONFIGS = [DashConfig(halt_ratio=0.5, start_layer=1, protect_last=3),
            DashConfig(halt_ratio=0.25, start_layer=1, protect_last=3, policy="random"),
            DashConfig(policy="none"),
            DashConfig(policy="none", density=0.2),  # block-sparse attention in every layer
-           DashConfig(halt_ratio=0.5, start_layer=2, protect_last=3, policy="attention", pool=3, density=0.2)]
+           DashConfig(halt_ratio=0.5, start_layer=2, protect_last=3, policy="attention", pool=3, density=0.2),
+           DashConfig(halt_ratio=0.25, start_layer=1, protect_last=3, policy="attention", pool=3,  # and after it
+                      later_gates=((2, 0.5),), density=0.2, later_density=0.2)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label if c.scores_tokens else f"plain~{c.density}")

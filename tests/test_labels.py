@@ -20,19 +20,21 @@ def _configs():
     """Every combination of what a label names that DashConfig accepts."""
     gates = ((), ((14, 0.95),), ((0.6, 0.9), (20, 0.95)))
     pools = ((1, 0), (15, 0), (47, 16), (63, -28))
-    for policy, score, ratio, start, (pool, offset), later in itertools.product(
+    densities = ((1.0, 1.0), (0.1, 1.0), (0.05, 0.2), (1.0, 0.1 + 0.2))  # before, after the first gate
+    for policy, score, ratio, start, (pool, offset), later, (density, after) in itertools.product(
             POLICIES, ("absolute", "relative"), (0.0, 0.25, 0.5, 0.1 + 0.2, 1e-05),
-            (0, 8, 0.4, 0.25, 0.1 + 0.2), pools, gates):
+            (0, 8, 0.4, 0.25, 0.1 + 0.2), pools, gates, densities):
         try:
             yield DashConfig(policy=policy, score=score, halt_ratio=ratio, start_layer=start, pool=pool,
-                             pool_offset=offset, later_gates=later)
+                             pool_offset=offset, later_gates=later, density=density, later_density=after)
         except ValueError:
             continue
 
 
 def test_every_config_a_label_can_express_reads_back_from_its_label():
-    configs = list(_configs()) + [DashConfig(halt_ratio=0.0, policy="none")]
-    assert len(configs) > 1000
+    configs = list(_configs()) + [DashConfig(halt_ratio=0.0, policy="none"),
+                                  DashConfig(halt_ratio=0.0, policy="none", density=0.1)]
+    assert len(configs) > 4000
     for config in configs:
         assert DashConfig.from_label(config.label) == config, config.label
     assert DashConfig(halt_ratio=0, start_layer=3).label == DashConfig(halt_ratio=0.0, start_layer=3).label
@@ -74,6 +76,8 @@ def test_a_label_without_a_start_layer_is_an_error_saying_what_to_add(label):
     ("dash@0.5/s1/p5o9", "|pool_offset| <= pool // 2 = 2"),
     ("dash@0.5/p5/s1", "cannot read label 'dash@0.5/p5/s1'; write plain, or POLICY[-rel]@RATIO/START"),
     ("dash@0.5/s2+0.4/s3", "each later gate must halt more of the prompt"),
+    ("plain~0.1/0.2", "(block-sparse attention before the first gate; a halting setting may add /LATER"),
+    ("dash@0.5/s1~0.1/1.5", "later_density must be a number in (0, 1] (1: dense attention); got 1.5"),
 ])
 def test_a_bad_label_is_one_line_saying_what_to_change(label, message):
     with pytest.raises(ValueError, match=re.escape(message)) as error:

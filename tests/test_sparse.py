@@ -1,4 +1,5 @@
-"""Block-sparse attention before the first gate (DashConfig.density < 1)."""
+"""Block-sparse attention before the first gate (DashConfig.density < 1) and after it
+(DashConfig.later_density < 1)."""
 
 import math
 
@@ -6,14 +7,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import build_model, random_ids
+from conftest import FAMILIES, build_model, random_ids
 from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, sparse_fraction
-from dash_prefill.hf.prefill import prefill_branches
+from dash_prefill.core.policy import Eligibility
+from dash_prefill.hf.prefill import later_sparse, prefill_branches
 from dash_prefill.hf.attention import SparsePrompt, flex_attention, gathered_attention, prefill_attention
 
 LONG = 1800  # 15 blocks of 128: past the sink and the local band (9 blocks) a query block skips some
+LATER = 3000  # after a gate halting 20%: 2400 tokens, 19 blocks, so the layers after it skip some too
 
 
 def long_model(family: str, implementation: str = "sdpa"):
@@ -128,13 +131,75 @@ def test_a_left_padded_row_gets_with_sparse_attention_what_it_gets_alone(family)
     rows = [random_ids(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)]
     ids = torch.stack([torch.cat([torch.zeros(LONG - len(r), dtype=torch.long), r]) for r in rows])
     mask = (torch.arange(LONG)[None] >= torch.tensor([LONG - n for n in lengths])[:, None]).long()
-    for label in ("plain~0.2", "attention@0.5/s2/p3~0.2"):
+    for label in ("plain~0.2", "attention@0.5/s2/p3~0.2", "attention@0.1/s1/p3~0.2/0.2",
+                  "attention@0.1/s1/p3+0.2/s2~1.0/0.3"):
         config = DashConfig.from_label(label)
         batch = prefill(model, ids, config, attention_mask=mask)
         for i, row in enumerate(rows):
             alone = prefill(model, row[None], config)
             assert torch.equal(batch.active_mask[i, LONG - len(row):], alone.active_mask[0]), label
             assert_close(batch.logits[i], alone.logits[0], atol=5e-5, rtol=1e-4)
+
+
+def test_filler_slots_lead_each_row_at_its_left_padding():
+    """Rows of a padded batch keep different counts; the slots they do not fill are their first,
+    at padding positions, so past a gate a row's kept tokens end the row as when it runs alone."""
+    torch.manual_seed(6)
+    lengths, seq = [300, 200, 120], 300
+    eligibility = Eligibility.of_prompt(lengths, seq, 0.5, 4, 16, device=torch.zeros(0).device)
+    selection = eligibility.select(torch.rand(3, seq))
+    width = max(eligibility.kept)
+    for row, (length, kept) in enumerate(zip(lengths, eligibility.kept)):
+        assert selection.filled[row].tolist() == [False] * (width - kept) + [True] * kept
+        assert (selection.index[row, :width - kept] < seq - length).all()  # padding
+        assert (selection.index[row, width - kept:] >= seq - length).all()
+        assert (selection.index[row].diff() > 0).all()
+
+
+def test_sparse_attention_after_a_gate_matches_the_specification_for_each_row_of_a_padded_batch():
+    torch.manual_seed(7)
+    lengths, density = [LATER, 2000], 0.2
+    eligibility = Eligibility.of_prompt(lengths, LATER, 0.2, 4, 64, device=torch.zeros(0).device)
+    selection = eligibility.select(torch.rand(2, LATER))
+    width = max(eligibility.kept)
+    q, k, v = torch.randn(2, 4, width, 16), torch.randn(2, 2, width, 16), torch.randn(2, 2, width, 16)
+    out, _ = prefill_attention(None, q, k, v, None, scaling=0.25, dash_sparse=later_sparse(density, selection))
+    for row, kept in enumerate(eligibility.kept):
+        real = slice(width - kept, width)
+        expected = spec_attention(q[row, :, real], k[row, :, real], v[row, :, real], kept, density, 0.25)
+        tolerance = dict(atol=2e-3, rtol=1e-3) if q.is_cuda else dict(atol=1e-5, rtol=1e-4)
+        assert_close(out[row, real].transpose(0, 1), expected, **tolerance)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sparse_attention_after_the_gate_changes_only_the_layers_after_it(family):
+    model = long_model(family)
+    ids = random_ids(1, LATER, seed=8)
+    dense = prefill(model, ids, DashConfig.from_label("attention@0.2/s1/p3"))
+    config = DashConfig.from_label("attention@0.2/s1/p3~1.0/0.1")
+    sparse = prefill(model, ids, config)
+    assert torch.equal(sparse.active_mask, dense.active_mask)  # the gate ranks what dense attention gave it
+    for layer in (0, 1):  # before the gate and the gate itself are dense
+        assert torch.equal(sparse.cache.layers[layer].keys, dense.cache.layers[layer].keys)
+    assert not torch.allclose(sparse.logits, dense.logits)  # layer 2 attends fewer blocks
+    kept = sparse.stats.kept_tokens[0] / LATER
+    assert sparse.stats.ideal_speedup == ideal_speedup(model.config, LATER, 1, kept, later_density=0.1)
+    assert sparse.stats.ideal_speedup > dense.stats.ideal_speedup
+
+
+def test_a_sliding_window_layer_after_the_gate_stays_dense():
+    """Past a gate a window spans original positions, not kept tokens: with a window (2600) longer
+    than the kept tokens (2400) but shorter than what they span (3000), Mistral's layers (all
+    sliding) run dense attention under the window's mask, so the later density changes nothing."""
+    model_class, make_config = FAMILIES["mistral"]
+    config = make_config()
+    config.sliding_window, config.max_position_embeddings, config._attn_implementation = 2600, 4096, "sdpa"
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    ids = random_ids(1, LATER, seed=9)
+    dense = prefill(model, ids, DashConfig.from_label("attention@0.2/s1/p3"))
+    sparse = prefill(model, ids, DashConfig.from_label("attention@0.2/s1/p3~1.0/0.1"))
+    assert torch.equal(sparse.logits, dense.logits)
 
 
 def test_sparse_attention_changes_the_prefill_and_density_one_is_the_dense_prefill():
@@ -189,6 +254,8 @@ def test_the_cost_model_counts_the_kept_block_pairs():
     one_gate = ideal_speedup(config, 131072, 2, 0.5)
     assert ideal_speedup(config, 131072, 2, 0.5, density=0.1) > one_gate
     assert ideal_speedup(config, 131072, 4, 1.0, density=0.1) > 5  # all layers sparse, attention-bound
+    assert ideal_speedup(config, 131072, 1, 0.5, later_density=0.1) > ideal_speedup(config, 131072, 1, 0.5)
+    assert ideal_speedup(config, 131072, 3, 0.5, later_density=0.1) == ideal_speedup(config, 131072, 3, 0.5)  # the gate is last
 
 
 

@@ -17,12 +17,13 @@ _NUMBER = r"[0-9][0-9.e-]*"  # read by _number and parse_start_layer, which say 
 _START = rf"[sd]{_NUMBER}"
 _LABEL = re.compile(rf"(?P<policy>[a-z][a-z-]*?)(?P<relative>-rel)?@(?P<ratio>{_NUMBER})(?:/(?P<start>{_START}))?"
                     rf"(?:/p(?P<pool>[0-9]+)(?:o(?P<offset>-?[0-9]+))?)?(?P<gates>(?:\+{_NUMBER}/{_START})*)"
-                    rf"(?:~(?P<density>{_NUMBER}))?")
+                    rf"(?:~(?P<density>{_NUMBER})(?:/(?P<later_density>{_NUMBER}))?)?")
 _PLAIN = re.compile(rf"plain(?:~(?P<density>{_NUMBER}))?")
 LABEL_GRAMMAR = ("plain, or POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...], each optionally "
-                 "ending in ~DENSITY (block-sparse attention before the first gate), with START sLAYER "
-                 "(a layer index, s8) or dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, "
-                 "attention@0.75/s14/p63~0.1, plain~0.1")
+                 "ending in ~DENSITY (block-sparse attention before the first gate; a halting setting "
+                 "may add /LATER, the density after it), with START sLAYER (a layer index, s8) or "
+                 "dFRACTION (a fraction of depth, d0.4), e.g. dash@0.5/d0.4, attention@0.75/s14/p63~0.1, "
+                 "attention@0.3/d0.25+0.75/d0.5~0.05/0.1, plain~0.1")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class DashConfig:
         first gate (every layer for plain prefill), block-sparse (:mod:`dash_prefill.core.sparse`:
         the question's attention picks the blocks, the first block and the local ones are always
         kept). 1.0 (default): dense, exact attention. Full-attention layers only.
+    later_density : float
+        In (0, 1]: the same for the full-attention layers after the first gate, over the tokens
+        still computed, except the gate layers themselves (their attention is the score). 1.0
+        (default): dense. Needs a halting policy and text prompts (``eligible="all"``).
     """
 
     halt_ratio: float = 0.5
@@ -90,11 +95,13 @@ class DashConfig:
     pool_offset: int = 0
     later_gates: tuple[tuple[int | float, float], ...] = ()
     density: float = 1.0
+    later_density: float = 1.0
 
     def __post_init__(self) -> None:
-        if (isinstance(self.density, bool) or not isinstance(self.density, (int, float))
-                or not 0.0 < self.density <= 1.0):
-            raise ValueError(f"density must be a number in (0, 1] (1: dense attention); got {self.density!r}")
+        for name in ("density", "later_density"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be a number in (0, 1] (1: dense attention); got {value!r}")
         if isinstance(self.halt_ratio, bool) or not isinstance(self.halt_ratio, (int, float)):
             raise ValueError(f"halt_ratio must be a number in [0, 1); got {self.halt_ratio!r}")
         if not 0.0 <= self.halt_ratio < 1.0:
@@ -117,6 +124,9 @@ class DashConfig:
                              f"got {self.pool_offset!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}; got {self.score!r}")
+        if self.later_density < 1.0 and (not self.scores_tokens or self.eligible != "all"):
+            raise ValueError("later_density < 1 (block-sparse attention after the first gate) needs a halting "
+                             "policy and eligible='all'; plain prefill has no gate: set density instead")
 
     def _check_later_gates(self) -> None:
         gates = self.later_gates
@@ -142,8 +152,9 @@ class DashConfig:
         fields = dataclasses.asdict(self)
         if not self.later_gates:
             del fields["later_gates"]
-        if self.density == 1.0:
-            del fields["density"]
+        for name in ("density", "later_density"):
+            if fields[name] == 1.0:
+                del fields[name]
         return fields
 
     @property
@@ -152,9 +163,11 @@ class DashConfig:
         ``POLICY[-rel]@RATIO/START[/pPOOL[oOFFSET]][+RATIO/START...]`` where START is ``sLAYER``
         (a layer index) or ``dFRACTION`` (a fraction of depth): ``dash@0.5/d0.4``,
         ``attention@0.3/s8/p47o16+0.75/s14``; ``~DENSITY`` at the end when the attention before
-        the first gate is block-sparse (``plain~0.1``, ``dash@0.5/d0.4~0.2``). protect_first,
+        the first gate is block-sparse (``plain~0.1``, ``dash@0.5/d0.4~0.2``), ``~DENSITY/LATER``
+        when the layers after it are as well (``dash@0.5/d0.4~1.0/0.1``). protect_first,
         protect_last, seed and eligible are not part of it."""
-        sparse = f"~{float(self.density)}" if self.density < 1.0 else ""
+        sparse = f"~{float(self.density)}" if self.density < 1.0 or self.later_density < 1.0 else ""
+        sparse += f"/{float(self.later_density)}" if self.later_density < 1.0 else ""
         if not self.scores_tokens:
             return "plain" + sparse
         name = self.policy + ("-rel" if self.score == "relative" else "")
@@ -177,6 +190,7 @@ class DashConfig:
                              f"{', '.join(_REGISTERED)}, or plain for plain prefill")
         try:
             density = 1.0 if match["density"] is None else _number(match["density"])
+            later_density = 1.0 if plain or match["later_density"] is None else _number(match["later_density"])
             if plain:
                 return cls(halt_ratio=0.0, policy="none", density=density)
             if match["start"] is None and start_layer is None:
@@ -187,7 +201,8 @@ class DashConfig:
             return cls(halt_ratio=_number(match["ratio"]), policy=match["policy"],
                        start_layer=start_layer if match["start"] is None else parse_start_layer(match["start"]),
                        score="relative" if match["relative"] else "absolute", pool=int(match["pool"] or 1),
-                       pool_offset=int(match["offset"] or 0), later_gates=gates, density=density)
+                       pool_offset=int(match["offset"] or 0), later_gates=gates, density=density,
+                       later_density=later_density)
         except ValueError as error:
             raise ValueError(f"label {text!r}: {error}") from None
 

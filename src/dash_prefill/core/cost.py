@@ -4,7 +4,8 @@ Linear work (QKV, O, MLP) is proportional to the tokens a layer runs; attention 
 (query, key) pairs it scores. The start layer itself runs attention on every token (its
 update U is the score) and its MLP on the active tokens only. Block-sparse attention (density
 < 1) scores ``core.sparse.sparse_fraction`` of the pairs in the full-attention layers before the
-start layer; its estimate (one query block per layer) is not counted.
+start layer (``later_density``: in those after it, gates excepted, over the tokens they run); its
+estimate (one query block per layer) is not counted.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def attended_pairs(num_tokens: int, window: int | None) -> int:
 
 
 def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float = 1.0,
-                  later_gates=(), density: float = 1.0) -> float:
+                  later_gates=(), density: float = 1.0, later_density: float = 1.0) -> float:
     """FLOPs of a prefill of ``seq_len`` tokens that keeps ``kept_fraction`` from ``start_layer``
     (and, at each later gate ``(layer, kept_fraction)`` of ``later_gates``, fewer), with
-    block-sparse attention of ``density`` before ``start_layer``.
+    block-sparse attention of ``density`` before ``start_layer`` and ``later_density`` in the
+    layers after it that are not gates.
 
     ``start_layer >= num_layers`` (or ``kept_fraction == 1``) is plain prefill.
     A gate layer runs attention on the tokens entering it and its MLP on those it keeps.
@@ -75,14 +77,16 @@ def prefill_flops(config, seq_len: int, start_layer: int, kept_fraction: float =
                  attended_pairs(tokens_in, None) if window is None else full_pairs * entering**2)
         if layer < start_layer and window is None:
             pairs *= sparse
+        elif layer > start_layer and layer not in gates and window is None:
+            pairs *= sparse_fraction(tokens_in, later_density)
         total += projections * tokens_in + per_pair * pairs + mlp * tokens_out
         entering = leaving
     return total
 
 
 def ideal_speedup(config, seq_len: int, start_layer: int, kept_fraction: float,
-                  later_gates=(), density: float = 1.0) -> float:
+                  later_gates=(), density: float = 1.0, later_density: float = 1.0) -> float:
     """FLOPs(plain prefill) / FLOPs(DASH) for this model and prompt length."""
     num_layers = _dims(config)["layers"]
     full = prefill_flops(config, seq_len, num_layers)
-    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, later_gates, density)
+    return full / prefill_flops(config, seq_len, start_layer, kept_fraction, later_gates, density, later_density)

@@ -353,8 +353,8 @@ class Eligibility:
 
     def select(self, scores: torch.Tensor) -> Selection:
         """Keep the ``kept`` highest-scoring tokens of every row (protected ones first, padding
-        never); rows keeping fewer than the widest row get filler slots, so the batch stays
-        rectangular. scores : (batch, seq), higher = more worth computing further, on the gate
+        never); rows keeping fewer than the widest row get filler slots (their earliest other
+        positions: left padding, before the kept tokens), so the batch stays rectangular. scores : (batch, seq), higher = more worth computing further, on the gate
         layer's device, which may not be the one this record was built on (the embeddings').
         The selection is on the scores' device."""
         batch, seq_len = scores.shape
@@ -369,14 +369,17 @@ class Eligibility:
             ranked = ranked.masked_fill(self.padding.to(device), float("-inf"))
         # A stable sort breaks ties (pooled scores tie by construction) by position, so a row
         # keeps the same tokens in a left-padded batch as alone.
-        best = ranked.sort(dim=-1, descending=True, stable=True).indices[:, :width]
-        index, order = best.sort(dim=-1)
+        best = ranked.sort(dim=-1, descending=True, stable=True).indices
         if min(self.kept) == width:
-            return Selection(index=index, filled=None, kept_per_row=self.kept)
-        # Rows keeping fewer tokens than the widest one: slots ranked past their count are filler.
+            return Selection(index=best[:, :width].sort(dim=-1).values, filled=None, kept_per_row=self.kept)
+        # Rows keeping fewer tokens than the widest one fill the rest with their earliest other
+        # slots: their left padding (a shorter row never keeps more), so filler leads a row.
         kept = host_to_device(self.kept, device)
-        filled = torch.arange(width, device=device)[None, :] < kept[:, None]
-        return Selection(index=index, filled=filled.gather(1, order), kept_per_row=self.kept)
+        rank = torch.empty_like(best).scatter_(1, best, torch.arange(seq_len, device=device).expand(batch, -1))
+        chosen = rank < kept[:, None]
+        spare = ~chosen & ((~chosen).cumsum(-1) <= width - kept[:, None])
+        index = (~(chosen | spare)).to(torch.int8).argsort(dim=-1, stable=True)[:, :width].contiguous()  # ascending
+        return Selection(index=index, filled=chosen.gather(1, index), kept_per_row=self.kept)
 
 
 def select_among_survivors(context: ScoreContext, eligibility: Eligibility, survivors: Selection,

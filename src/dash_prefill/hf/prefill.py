@@ -163,6 +163,8 @@ class PrefillState:
     rope : (batch, seq) or (3, batch, seq) rotary positions (M-RoPE), or None (= positions)
     cache : DynamicCache; layouts : the KeyLayout of what each finished layer's cache holds.
     sparse : SparsePrompt of block-sparse attention before the first gate (density < 1), or None.
+    later_sparse : the same after the first gate (a config's later_density < 1, set at each gate:
+        a row's filler slots lead it, like left padding), or None.
     """
 
     def __init__(self, adapter: PreNormAdapter, prompt: PromptInputs, padding_mask: torch.Tensor | None,
@@ -191,6 +193,7 @@ class PrefillState:
             raise ValueError("density < 1 (block-sparse attention) does not support Gemma-3 image blocks "
                              "(bidirectional attention): use density 1 with images")
         self.sparse = SparsePrompt.of(density, lengths, self.seq_len, device) if density < 1.0 else None
+        self.later_sparse: SparsePrompt | None = None
 
     def _rope_offset(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Generated tokens follow the largest rotary position (M-RoPE), else the sequence."""
@@ -222,6 +225,8 @@ class PrefillState:
             self.selection = local = gate.eligibility.select(self.scores)
         else:
             self.selection, local = select_among_survivors(context, gate.eligibility, self.selection, self.seq_len)
+        if gate.config.later_density < 1.0:
+            self.later_sparse = later_sparse(gate.config.later_density, local)
         if local.index.shape[1] == after.shape[1] and local.filled is None:
             return after  # nothing halts
         return self.compact(after, local, layer_idx)
@@ -282,7 +287,8 @@ class PrefillState:
             prompt_tokens=lengths, kept_tokens=kept, start_layer=start, num_layers=num_layers,
             kv_tokens_per_layer=kv_entries(self.cache),
             ideal_speedup=ideal_speedup(model.config, self.seq_len, *fractions[0], fractions[1:],
-                                        density=self.sparse.density if self.sparse else 1.0),
+                                        density=self.sparse.density if self.sparse else 1.0,
+                                        later_density=gates[0].config.later_density if gates else 1.0),
             plain_kv_tokens_per_layer=[batch * cached_tokens(self.seq_len, w) for w in self.adapter.windows],
         )
         return PrefillResult(
@@ -295,14 +301,26 @@ class PrefillState:
         )
 
 
+def later_sparse(density: float, selection: Selection) -> SparsePrompt:
+    """Block-sparse attention over the tokens a gate keeps: a row's filler slots are its first
+    (they stand at its left padding, since no row keeps more tokens than a longer one), so they
+    play the part of padding and a row's blocks hold the tokens it keeps alone."""
+    index = selection.index
+    if selection.filled is None:
+        return SparsePrompt(density, torch.zeros(index.shape[0], dtype=torch.long, device=index.device))
+    return SparsePrompt(density, (~selection.filled).sum(-1))
+
+
 def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> None:
     """The prefill loop: run ``layers`` on ``state``; at a gate's layer halt tokens and compact
     the sequence (once with one gate), so every later layer runs on the active tokens only.
-    Layers before the first gate attend block-sparse when ``state.sparse`` is set."""
+    Layers before the first gate attend block-sparse when ``state.sparse`` is set, the
+    full-attention layers after it that are not gates when ``state.later_sparse`` is."""
     adapter = state.adapter
     at = {gate.start_layer: gate for gate in gates}
     dense_from = gates[0].start_layer if gates else len(adapter.layers)  # the first gate is dense
-    with prefill_attention_for(adapter.config, state.sparse is not None):
+    later = any(gate.config.later_density < 1.0 for gate in gates)
+    with prefill_attention_for(adapter.config, state.sparse is not None or later):
         for idx in layers:
             layer = adapter.layers[idx]
             hidden = state.hidden.to(device_of(layer))  # (batch, seq or kept, hidden)
@@ -311,7 +329,10 @@ def run_layers(state: PrefillState, layers: range, gates: list[Gate] = ()) -> No
             if idx in at:
                 def halt(after, output, layer=layer, idx=idx, hidden=hidden, rotary=rotary, gate=at[idx]):
                     return state.halt(gate, layer, idx, hidden, after, output, rotary)
-            sparse = state.sparse if idx < dense_from else None
+            if idx < dense_from:
+                sparse = state.sparse
+            else:  # a sliding window spans original positions, not the kept tokens: those stay dense
+                sparse = None if idx in at or adapter.windows[idx] is not None else state.later_sparse
             state.hidden = layer_step(adapter, layer, hidden, rotary, mask, state.cache, halt, sparse)
             state.finish_layer(idx)
 

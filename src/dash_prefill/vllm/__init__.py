@@ -105,9 +105,10 @@ def check_engine(vllm_config) -> None:
 
 def check_setting(config: DashConfig) -> None:
     """ValueError saying what to change for a setting the vLLM engine does not run."""
-    if config.density < 1.0:
+    if config.density < 1.0 or config.later_density < 1.0:
+        sparse = config.label[config.label.index("~"):]
         raise ValueError(f"{config.label}: block-sparse attention (~DENSITY) runs in the Hugging Face engine "
-                         f"only; in vLLM drop the ~{config.density} (dense attention before the gate)")
+                         f"only; in vLLM drop the {sparse} (dense attention)")
 
 
 def engine_args(model: str | Path, setting: DashConfig | str | None = None) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from dash_prefill.core.config import DashConfig
 
 PROFILE_FIELDS = ("policy", "halt_ratio", "start_layer", "pool", "score", "protect_first", "pool_offset",
-                  "later_gates", "density")
+                  "later_gates", "density", "later_density")
 _SHIPPED = Path(__file__).parent
 logger = logging.getLogger(__name__)
 
