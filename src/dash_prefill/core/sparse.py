@@ -15,6 +15,9 @@ MInference's vertical lines):
   ``ceil(density x blocks)`` for every query block spent most of the budget on the question's
   own neighbours, in the future of most query blocks: decisions.md.)
 
+After a gate (``DashConfig.later_density``) the same holds over the tokens still computed, in their
+order: the compacted rows are the sequence, a row's filler slots its padding.
+
 Blocks are counted from the end of the prompt: with left padding (batches) a row's blocks hold
 the same tokens as when it runs alone, so a row's output does not depend on its batch. The
 grid is ``pad`` (< BLOCK) empty slots followed by the sequence.
