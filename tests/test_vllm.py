@@ -176,7 +176,7 @@ def test_a_request_in_a_mixed_batch_generates_what_it_generates_alone(served, pr
 
 @pytest.mark.parametrize("name, words", [
     ("chunked", "enable_chunked_prefill=False"), ("bad-ratio", "halt_ratio must be in [0, 1)"),
-    ("last-layer", "halts nothing"), ("bad-bound", '"max_prompt_tokens" must be a positive integer')])
+    ("last-layer", "halts nothing"), ("bad-bound", "max_prompt_tokens must be a positive integer of tokens; got")])
 def test_an_engine_dash_cannot_run_fails_at_start_up_saying_what_to_change(served, name, words):
     # vLLM wraps a config check's ValueError in its own validation report: the reason is one line of it
     assert [line for line in served[name]["error"].splitlines() if words in line]

@@ -36,5 +36,5 @@ def test_engine_args_carry_the_recommended_profiles_bound_and_a_bad_bound_is_ref
     assert engine_args(folder, ONE_GATE)["hf_overrides"]["dash"] == {"label": ONE_GATE.label}  # given: no bound
     for bad in ("4k", True, 0):
         profile.write_text(json.dumps({"setting": ONE_GATE.as_dict(), "max_prompt_tokens": bad}))
-        with pytest.raises(ValueError, match=f"max_prompt_tokens must be a positive integer, got {bad!r}"):
+        with pytest.raises(ValueError, match=f"max_prompt_tokens must be a positive integer of tokens; got {bad!r}"):
             engine_args(folder)

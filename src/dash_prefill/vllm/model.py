@@ -27,6 +27,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from vllm.v1.attention.backend import AttentionCGSupport, subclass_attention_backend  # noqa: E402
 
 from dash_prefill.core.config import DashConfig  # noqa: E402
+from dash_prefill.core.profiles import check_bound  # noqa: E402
 from dash_prefill.core.policy import Eligibility, ScoreContext, Selection, policy_scores, select_among_survivors  # noqa: E402
 from dash_prefill.vllm.plan import HaltedOffsets, layer_metadata, logical_slots, prompt_rows, step_plans  # noqa: E402
 
@@ -42,8 +43,7 @@ def setting_of(hf_config) -> tuple[DashConfig, list[tuple[int, float]], int | No
                          'DashConfig fields, or {} for the recommended one (dash_prefill.vllm.engine_args builds it)')
     fields = dict(fields)
     bound = fields.pop("max_prompt_tokens", None)
-    if bound is not None and (type(bound) is not int or bound < 1):
-        raise ValueError(f'"max_prompt_tokens" must be a positive integer of tokens; got {bound!r}')
+    check_bound(bound)
     if not fields:  # "dash": {} asks for the model's recommended setting
         from dash_prefill.vllm import recommended_for
 

@@ -47,13 +47,19 @@ def profile_path(name: str) -> Path:
     return cache_dir() / "profiles" / f"{name}.json"
 
 
+def check_bound(bound) -> None:
+    """ValueError for a ``max_prompt_tokens`` that is not a positive int (None: no bound); the
+    profiles' and vLLM's one check."""
+    if bound is not None and (type(bound) is not int or bound < 1):
+        raise ValueError(f"max_prompt_tokens must be a positive integer of tokens; got {bound!r}")
+
+
 def _read_profile(path: Path) -> tuple[DashConfig, int | None]:
     """A profile's setting and the longest prompt (tokens) it is recommended for (None: no bound)."""
     try:
         profile = json.loads(path.read_text())
         bound = profile.get("max_prompt_tokens")
-        if bound is not None and (type(bound) is not int or bound < 1):
-            raise ValueError(f"max_prompt_tokens must be a positive integer, got {bound!r}")
+        check_bound(bound)
         return DashConfig(**profile["setting"]), bound
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a valid calibration profile ({error}); "
