@@ -44,7 +44,7 @@ bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is 
   PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench --archs llama-3.1-8b --lengths 32k,128k \
     --labels "$BENCH" --repeats 2 > $long/bench_long.log 2>&1
   PYTHONPATH=src timeout 300 python3 scripts/bench_long.py $long/bench-qwen7b --archs qwen2.5-7b --lengths 32k,128k \
-    --labels "$BENCH_QWEN" --repeats 1 > $long/bench_qwen7b.log 2>    --labels "$BENCH_QWEN" --repeats 2 > $long/bench_qwen7b.log 2>&11
+    --labels "$BENCH_QWEN" --repeats 1 > $long/bench_qwen7b.log 2>&1
   sleep 5; [ -f /tmp/vb/env.sh ] || { echo "vLLM not installed: skipped"; touch $long/bench.done; return; }
   source /tmp/vb/env.sh
   meta=/tmp/site/dash_prefill-0.1.0.dist-info; mkdir -p "$meta"
