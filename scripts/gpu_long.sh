@@ -105,7 +105,8 @@ evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LI
     MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a32-$t 32k ${!tasks} '$SPARSE_A' 2 5" &
     MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b32-$t 32k ${!tasks} '$SPARSE_B' 2 5" &
   done
-  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job ab16 16k $T1,$T2,$T3 '$SPARSE_A,$SPARSE_B' 1 3" &
+  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a16 16k $T1,$T2,$T3 '$SPARSE_A' 1 3" &
+  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b16 16k $T1,$T2,$T3 '$SPARSE_B' 1 3" &
   [ -f $long/gemma3-270m.ready ] && \
     MODEL=gemma3-270m timeout $limit bash -c "job gemma32 32k $T1,$T2,$T3 '$GEMMA' 1 3 5" &
   # The new code's GPU tests, beside the evaluation (it is not timed): compiled FlexAttention, host syncs
