@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import FAMILIES, build_model, random_ids
+from vlms import build_vlm, vlm_inputs
 from dash_prefill import DashConfig, decode_step, prefill
 from dash_prefill.core.cost import ideal_speedup
 from dash_prefill.core.sparse import BLOCK, block_estimate, grid, select_blocks, sparse_fraction
@@ -236,6 +237,17 @@ def test_decoding_after_a_sparse_prefill_reads_the_whole_cache():
     logits = decode_step(model, result, result.logits.argmax(-1)[:, None])
     assert torch.isfinite(logits).all()
     assert result.cache.layers[0].keys.shape[2] == LONG + 1
+
+
+@pytest.mark.parametrize("label", ["plain~0.5", "attention@0.2/s1~1.0/0.5"])
+def test_sparse_attention_refuses_gemma3_image_blocks_it_would_attend_causally(label):
+    """Block-sparse attention ignores the mask, where an image's bidirectional block lives."""
+    model = build_vlm("gemma3")
+    inputs = dict(vlm_inputs(model, text_before=6, text_after=3))
+    ids = inputs.pop("input_ids")
+    field = "later_density" if "/" in label.split("~")[1] else "density"
+    with pytest.raises(ValueError, match=f"{field} < 1 .* does not support Gemma-3 image blocks"):
+        prefill(model, ids, DashConfig.from_label(label), **inputs)
 
 
 def test_sparse_attention_needs_sdpa_and_says_so():

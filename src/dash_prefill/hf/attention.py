@@ -156,7 +156,7 @@ def prefill_attention_for(config, sparse: bool):
         yield
         return
     if previous != "sdpa":
-        raise ValueError(f"density < 1 (block-sparse attention) needs attn_implementation='sdpa'; "
+        raise ValueError(f"block-sparse attention (density or later_density < 1) needs attn_implementation='sdpa'; "
                          f"this model uses {previous!r}: load it with attn_implementation='sdpa'")
     config._attn_implementation = PREFILL
     try:

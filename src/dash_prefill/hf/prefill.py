@@ -189,9 +189,8 @@ class PrefillState:
         self.cropped: dict[int, KeyLayout] = {}  # window -> the cropped layout, until the next compaction
         self.selection: Selection | None = None
         self.scores: torch.Tensor | None = None
-        if density < 1.0 and blocks is not None:
-            raise ValueError("density < 1 (block-sparse attention) does not support Gemma-3 image blocks "
-                             "(bidirectional attention): use density 1 with images")
+        if density < 1.0:
+            refuse_image_blocks(prompt, "density")
         self.sparse = SparsePrompt.of(density, lengths, self.seq_len, device) if density < 1.0 else None
         self.later_sparse: SparsePrompt | None = None
 
@@ -410,12 +409,21 @@ def _prepare(model, input_ids, attention_mask, multimodal: dict, vision_config: 
     return adapter, prompt, padding_mask, lengths
 
 
+def refuse_image_blocks(prompt: PromptInputs, field: str) -> None:
+    """Block-sparse attention ignores the mask, where Gemma-3's bidirectional image blocks live."""
+    if prompt.blocks is not None:
+        raise ValueError(f"{field} < 1 (block-sparse attention) does not support Gemma-3 image blocks "
+                         f"(bidirectional attention): use {field} 1 with images")
+
+
 def _gates(config: DashConfig, adapter: PreNormAdapter, prompt: PromptInputs,
            padding_mask: torch.Tensor | None, lengths: list[int]) -> list[Gate]:
     """The gates of ``config`` on this prompt, the start layer's first; none for plain prefill
     (policy "none")."""
     if not config.scores_tokens:
         return []
+    if config.later_density < 1.0:
+        refuse_image_blocks(prompt, "later_density")
     device = prompt.embeds.device
     padding = None if padding_mask is None else ~padding_mask.to(device)
     eligible = eligible_tokens(config, prompt, padding_mask)
