@@ -29,8 +29,8 @@ H=attention@0.5/d0.15/p47o16+0.85/d0.4  # halting alone at the sparse settings' 
 # this lease measures the block selection of 392c434 and sparse attention after the gate (~D/LATER).
 SPARSE_A=${SPARSE_A:-"plain~0.05,$G~0.05,$G~0.05/0.1"}
 SPARSE_B=${SPARSE_B:-"$P~0.05,$P~0.05/0.1"}
-BENCH=${BENCH:-"plain,$P,$G,$H,plain~0.05,$P~0.05,$P~0.05/0.1,$G~0.05,$G~0.05/0.1,$G~0.05/0.05"}
-BENCH_QWEN=${BENCH_QWEN:-"plain,$G,$G~0.05,$G~0.05/0.1"}
+BENCH=${BENCH:-"plain,$G,$H,plain~0.05,$P~0.05/0.1,$G~0.05,$G~0.05/0.1,$G~0.05/0.05"}
+BENCH_QWEN=${BENCH_QWEN:-}  # e.g. "plain,$G,$G~0.05,$G~0.05/0.1" (left out when failed starts leave little device time)
 GEMMA=${GEMMA:-"plain,attention@0.75/s11/p63,plain~0.1,attention@0.75/s11/p63~0.1"}  # its 16K CPU grid's
 T1=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2
 T2=niah_multikey_3,niah_multivalue,niah_multiquery,vt,passkey
@@ -43,7 +43,7 @@ bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is 
   mkdir -p $long/bench
   PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench --archs llama-3.1-8b --lengths 32k,128k \
     --labels "$BENCH" --repeats 2 > $long/bench_long.log 2>&1
-  PYTHONPATH=src timeout 300 python3 scripts/bench_long.py $long/bench-qwen7b --archs qwen2.5-7b --lengths 32k,128k \
+  [ -n "$BENCH_QWEN" ] && PYTHONPATH=src timeout 300 python3 scripts/bench_long.py $long/bench-qwen7b --archs qwen2.5-7b --lengths 32k,128k \
     --labels "$BENCH_QWEN" --repeats 1 > $long/bench_qwen7b.log 2>&1
   sleep 5; [ -f /tmp/vb/env.sh ] || { echo "vLLM not installed: skipped"; touch $long/bench.done; return; }
   source /tmp/vb/env.sh
@@ -98,7 +98,7 @@ evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LI
   mkdir -p $long/eval
   for _ in $(seq 150); do [ -f $long/bench.done ] && break; sleep 5; done
   cd $code
-  local limit=${EVAL_LIMIT:-420}
+  local limit=${EVAL_LIMIT:-360}
   export -f job; export long
   for t in 1 2 3; do
     tasks=T$t
