@@ -85,19 +85,41 @@ def test_flexattention_and_the_gathered_kernel_compute_the_same_attention():
     assert_close(flex[1, :, 300:], gathered[1, :, 300:], atol=1e-5, rtol=1e-4)  # padding rows are unused
 
 
-@torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)
-def test_compiled_flexattention_serves_many_prompt_lengths_without_hitting_the_recompile_limit():
-    """A server sees a new length per prompt: past dynamo's recompile limit the compiled function
-    would fall back to the unfused path, which holds the whole score matrix (tens of GB at 32K)."""
+def compiled_against_gathered(seq: int, dim: int, scale: float) -> None:
+    torch.manual_seed(seq)
+    q, k, v = torch.randn(1, 2, seq, dim), torch.randn(1, 1, seq, dim), torch.randn(1, 1, seq, dim)
+    start = torch.tensor([0])
+    keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, scale, torch.ones(1, seq, dtype=torch.bool)),
+                         start // BLOCK, 0.3)
+    compiled = flex_attention(q, k, v, keep, start, scale, compiled=True)
+    assert_close(compiled, gathered_attention(q, k, v, keep, start, scale), atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_flexattention_serves_many_prompt_lengths_with_two_compilations():
+    """A server sees a new length per prompt: one compilation per length would soon exhaust the
+    compiled entries (and dynamo would fall back to the unfused path, which holds the whole score
+    matrix: tens of GB at 32K)."""
     torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["frames"]["ok"]
     for seq in (1300, 1500, 1700, 2100):  # four 128-token grids
-        torch.manual_seed(seq)
-        q, k, v = torch.randn(1, 2, seq, 16), torch.randn(1, 1, seq, 16), torch.randn(1, 1, seq, 16)
-        start = torch.tensor([0])
-        keep = select_blocks(block_estimate(q[:, :, -BLOCK:], k, 0.25, torch.ones(1, seq, dtype=torch.bool)),
-                             start // BLOCK, 0.3)
-        compiled = flex_attention(q, k, v, keep, start, 0.25, compiled=True)
-        assert_close(compiled, gathered_attention(q, k, v, keep, start, 0.25), atol=1e-5, rtol=1e-4)
+        compiled_against_gathered(seq, 16, 0.25)
+    assert torch._dynamo.utils.counters["frames"]["ok"] - before <= 2
+    torch._dynamo.reset()
+
+
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_compiled_flexattention_compiles_past_dynamos_limit_and_says_when_it_must_stop(monkeypatch):
+    """Each model (scaling, head size) compiles its own entry: past dynamo's limit the compiled
+    function would silently fall back to the unfused path, which syncs and holds the whole score
+    matrix; up to FLEX_VARIANTS it compiles, past them it is one clear error."""
+    monkeypatch.setattr("dash_prefill.hf.attention.FLEX_VARIANTS", 3)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["frames"]["ok"]
+    for dim, scale in ((16, 0.25), (8, 0.35), (32, 0.2)):  # three models: past dynamo's limit of 1 here
+        compiled_against_gathered(1300, dim, scale)
+    assert torch._dynamo.utils.counters["frames"]["ok"] - before == 3
+    with pytest.raises(RuntimeError, match=r"compiled FlexAttention for 3 variants .* torch._dynamo.reset\(\)"):
+        compiled_against_gathered(1300, 16, 0.3)
     torch._dynamo.reset()
 
 

@@ -97,6 +97,24 @@ def gathered_attention(query, key, value, keep, start, scaling) -> torch.Tensor:
     return out.flatten(2, 3)[:, :, pad:]
 
 
+FLEX_VARIANTS = 64  # compiled FlexAttention entries a process may hold: a model needs two (its first
+# prompt length static, then symbolic lengths), each further model, dtype or scaling about one more
+
+
+def _run_compiled_flex(*args, **kwargs) -> torch.Tensor:
+    """The compiled FlexAttention, allowed ``FLEX_VARIANTS`` compiled entries: past dynamo's own
+    limit (8) it would silently fall back to the unfused path, which syncs and holds the whole
+    score matrix (tens of GB at 32K); past ours it says so."""
+    limit = max(torch._dynamo.config.recompile_limit, FLEX_VARIANTS)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            return _compiled_flex()(*args, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        raise RuntimeError(f"block-sparse attention compiled FlexAttention for {limit} variants (models, dtypes, "
+                           "scalings) in this process: call torch._dynamo.reset() between models, or run fewer "
+                           "models per process") from None
+
+
 @functools.cache
 def _compiled_flex():
     """FlexAttention compiled once per process. ``dynamic=None``: the first prompt length is
@@ -133,7 +151,7 @@ def flex_attention(query, key, value, keep, start, scaling, compiled: bool = Tru
     block_mask = BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
                                           seq_lengths=(seq_len + pad, seq_len + pad), **extra)
     padded = [torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in (query, key, value)]
-    run = _compiled_flex() if compiled else eager_flex
+    run = _run_compiled_flex if compiled else eager_flex
     output = run(*padded, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return output[:, :, pad:]
 
