@@ -536,5 +536,8 @@ def test_a_density_option_makes_the_setting_block_sparse_and_a_bad_one_is_one_li
     args = argparse.Namespace(halt_ratio=None, start_layer=None, score=None, density=0.1, protect_last=64)
     config, source = cli.setting(args, build_model("llama"))
     assert config.density == 0.1 and config.label.endswith("~0.1") and "--density as given" in source
+    args.later_density = 0.2
+    config, source = cli.setting(args, build_model("llama"))
+    assert config.label.endswith("~0.1/0.2") and "--density, --later-density as given" in source
     err = fails_cleanly(capsys, ["run", "--model", "m", "--prompt-file", "-", "--density", "0"])
     assert "density must be a number in (0, 1]" in err

@@ -128,6 +128,8 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protect-last", type=count_arg(0), default=64, help="final prompt tokens always kept")
     parser.add_argument("--density", type=density_arg,
                         help=f"attention kept before the first gate, block-sparse below 1 ({RECOMMENDED})")
+    parser.add_argument("--later-density", type=density_arg,
+                        help=f"the same after the first gate (full-attention layers, gates excepted) ({RECOMMENDED})")
     parser.add_argument("--score", choices=["absolute", "relative"],
                         help=f"||U|| (absolute) or ||U||/||h|| (relative) ({RECOMMENDED})")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
@@ -148,7 +150,7 @@ def setting(args, model, prompt_tokens: int | None = None) -> tuple[DashConfig, 
 
     from dash_prefill.core.profiles import recommendation
 
-    given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score", "density")
+    given = {name: getattr(args, name) for name in ("halt_ratio", "start_layer", "score", "density", "later_density")
              if getattr(args, name, None) is not None}
     found = recommendation(model, getattr(args, "policy", None), None if given else prompt_tokens)
     recommended, source = found.config, found.source
