@@ -21,6 +21,9 @@ dense anyway, excluded) and heads, per layer and overall, and the worst head. CP
 
   python scripts/estimator_recall.py --model qwen2.5-coder-1.5b --length 8k --layers 17 \
       --tasks niah_multikey_2,vt,qa_1 --densities 0.05,0.1 --out results/estimators/qwen-8k.json
+
+After a gate (``DashConfig.later_density``): ``--setting LABEL --first-layer N`` prefills under a dense
+halting setting and analyses layers N.. over the tokens they still compute (the compacted rows).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def recording_attention(module, query, key, value, attention_mask, **kwargs):
     layer = getattr(module, "layer_idx", None)
-    if layer is not None and layer < LAYERS:
+    if layer is not None and FIRST <= layer < LAYERS and query.shape[2] == key.shape[2]:
         RECORDED[layer] = (query[0].float(), key[0].float())
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -151,31 +154,36 @@ def analyse(q_all, k_all, scaling: float, densities) -> dict:
 
 
 def main(argv=None) -> int:
-    global LAYERS
+    global LAYERS, FIRST
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--length", default="8k")
-    parser.add_argument("--layers", type=int, default=17, help="layers 0..N-1 (before the gate)")
+    parser.add_argument("--layers", type=int, default=17, help="layers FIRST..N-1 (before the gate)")
+    parser.add_argument("--first-layer", type=int, default=0, help="the first layer analysed")
+    parser.add_argument("--setting", help="a dense halting label: layers after its gates see only the tokens kept")
     parser.add_argument("--tasks", default="niah_multikey_2,vt,qa_1")
     parser.add_argument("--densities", default="0.05,0.1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    LAYERS = args.layers
+    LAYERS, FIRST = args.layers, args.first_layer
     densities = [float(d) for d in args.densities.split(",")]
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model, dtype="bfloat16", device="cpu")
-    AttentionInterface.register("dash_record", recording_attention)
-    model.config._attn_implementation = "dash_record"
-    for sub in model.modules():
-        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
-            sub.config._attn_implementation = "dash_record"
+    # Every sdpa attention call of this process records its queries and keys (the DASH prefill accepts
+    # only the known implementations, so the recorder takes sdpa's name).
+    AttentionInterface.register("sdpa", recording_attention)
+    model.config._attn_implementation = "sdpa"
     length = parse_lengths(args.length)[0]
     rows = []
     for task in args.tasks.split(","):
         sample = generate_samples(task, token_counter(tokenizer), length, 1)[0]
         ids = torch.tensor([encode_sample(tokenizer, sample).ids])
         RECORDED.clear()
-        model.model(input_ids=ids)
+        if args.setting:
+            from dash_prefill import DashConfig, prefill
+            prefill(model, ids, DashConfig.from_label(args.setting))
+        else:
+            model.model(input_ids=ids)
         for layer in sorted(RECORDED):
             q, k = RECORDED[layer]
             scaling = model.model.layers[layer].self_attn.scaling
@@ -199,7 +207,7 @@ def main(argv=None) -> int:
     return 0
 
 
-LAYERS = 17
+LAYERS, FIRST = 17, 0
 
 if __name__ == "__main__":
     sys.exit(main())

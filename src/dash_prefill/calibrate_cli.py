@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"comma-separated (default {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--settings", default="",
                         help="more settings, as evaluation labels, measured besides the grid: later gates "
-                        "(attention@0.3/s8/p47o16+0.75/s14); --policies '' measures only these")
+                        "(attention@0.3/s8/p47o16+0.75/s14), sparse attention after the gate "
+                        "(attention@0.3/s8+0.75/s14~0.05/0.1); --policies '' measures only these")
     parser.add_argument("--starts", type=_starts, default=DEFAULT_STARTS,
                         help="start layers: layer indices (11) or fractions of depth (d0.4), comma-separated "
                         f"(default {','.join(map(start_text, DEFAULT_STARTS))})")
