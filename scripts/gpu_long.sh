@@ -10,6 +10,8 @@
 #   calls:  carry .xfer/cNN: scripts/gpu_long.sh chunk NN  (a warm call took about 4 s of device time);
 #           the last one runs setup per model, then eval (setsid, in the background)
 #   last:   sleep; scripts/gpu_long.sh collect  (everything under /tmp/long as $OUT/long.tgz)
+# To add samples to an earlier lease's cells: carry its results.jsonl (e.g. .xfer/seed.jsonl with the last
+# chunk), copy it to /tmp/long/seed.jsonl and run eval with SEED=/tmp/long/seed.jsonl and more ROUNDS.
 # MODEL (default qwen2.5-coder-1.5b; gemma3-270m with XFER=.xfer-gemma, PARTS_BYTES=253358080) and the
 # setting lists (SPARSE_A, SPARSE_B, BENCH, BENCH_QWEN, GEMMA) may be set in the environment.
 # vLLM's plain prefill runs after the HF bench only if ../shared/tools/vllm-gpu's two transfers were made.
@@ -87,6 +89,10 @@ setup() {  # join the parts, convert the GGUF once, put the CPU machine's tokeni
 
 job() {  # job NAME LENGTH TASKS POLICIES ROUNDS...: rounds of more samples each (resumable), one process
   local name=$1 length=$2 tasks=$3 policies=$4; shift 4
+  # SEED: an earlier lease's results.jsonl (carried, e.g. as .xfer/seed.jsonl): its cells are not run again
+  if [ -n "${SEED:-}" ] && [ ! -f $long/eval/$name/results.jsonl ]; then
+    mkdir -p $long/eval/$name && cp "$SEED" $long/eval/$name/results.jsonl
+  fi
   for n in "$@"; do
     python3 -m dash_prefill.cli eval --device cuda --dtype bfloat16 --model $MODEL --length $length \
       --samples $n --tasks $tasks --policies "$policies" --out $long/eval/$name >> $long/eval/$name.log 2>&1
@@ -99,7 +105,7 @@ evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LI
   for _ in $(seq 150); do [ -f $long/bench.done ] && break; sleep 5; done
   cd $code
   local limit=${EVAL_LIMIT:-360}
-  export -f job; export long
+  export -f job; export long SEED
   for t in 1 2 3; do
     tasks=T$t
     MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a32-$t 32k ${!tasks} '$SPARSE_A' 2 5" &
