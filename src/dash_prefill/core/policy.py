@@ -354,8 +354,9 @@ class Eligibility:
     def select(self, scores: torch.Tensor) -> Selection:
         """Keep the ``kept`` highest-scoring tokens of every row (protected ones first, padding
         never); rows keeping fewer than the widest row get filler slots (their earliest other
-        positions: left padding, before the kept tokens), so the batch stays rectangular. scores : (batch, seq), higher = more worth computing further, on the gate
-        layer's device, which may not be the one this record was built on (the embeddings').
+        positions: left padding, before the kept tokens), so the batch stays rectangular.
+        scores : (batch, seq), higher = more worth computing further, on the gate layer's
+        device, which may not be the one this record was built on (the embeddings').
         The selection is on the scores' device."""
         batch, seq_len = scores.shape
         device = scores.device

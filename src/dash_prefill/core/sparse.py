@@ -25,6 +25,7 @@ grid is ``pad`` (< BLOCK) empty slots followed by the sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -97,6 +98,7 @@ def select_blocks(estimate: torch.Tensor, first_block: torch.Tensor, density: fl
     return always[:, None] | chosen | (query == key)
 
 
+@functools.cache  # the cost model asks once per layer, every layer between two gates the same
 def sparse_fraction(seq_len: int, density: float) -> float:
     """The fraction of a prompt's causal (query, key) block pairs a layer keeps under
     :func:`select_blocks` (for the cost model; 1.0 at density 1)."""
