@@ -541,3 +541,5 @@ def test_a_density_option_makes_the_setting_block_sparse_and_a_bad_one_is_one_li
     assert config.label.endswith("~0.1/0.2") and "--density, --later-density as given" in source
     err = fails_cleanly(capsys, ["run", "--model", "m", "--prompt-file", "-", "--density", "0"])
     assert "density must be a number in (0, 1]" in err
+    err = fails_cleanly(capsys, ["run", "--model", "m", "--prompt-file", "-", "--later-density", "2"])
+    assert "argument --later-density: density must be a number in (0, 1]" in err
