@@ -33,6 +33,8 @@ SPARSE_A=${SPARSE_A:-"plain~0.05,$G~0.05,$G~0.05/0.1"}
 SPARSE_B=${SPARSE_B:-"$P~0.05,$P~0.05/0.1"}
 BENCH=${BENCH:-"plain,$G,$H,plain~0.05,$P~0.05/0.1,$G~0.05,$G~0.05/0.1,$G~0.05/0.05"}
 BENCH_QWEN=${BENCH_QWEN:-}  # e.g. "plain,$G,$G~0.05,$G~0.05/0.1" (left out when failed starts leave little device time)
+VLLM_ARCHS=${VLLM_ARCHS:-llama-3.1-8b}  # vLLM's plain prefill, per architecture
+ROUNDS32=${ROUNDS32:-"2 5"} ROUNDS16=${ROUNDS16:-"1 3"} GEMMA_ROUNDS=${GEMMA_ROUNDS:-"1 3 5"}  # samples per task
 GEMMA=${GEMMA:-"plain,attention@0.75/s11/p63,plain~0.1,attention@0.75/s11/p63~0.1"}  # its 16K CPU grid's
 T1=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2
 T2=niah_multikey_3,niah_multivalue,niah_multiquery,vt,passkey
@@ -43,17 +45,19 @@ snapshot() { [ -d $code ] || { mkdir -p $code && cp -r src scripts tests $code/;
 bench() {  # HF prefill of the 8B shape, then vLLM's plain prefill once vLLM is installed (call 2)
   snapshot; cd $code
   mkdir -p $long/bench
-  PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench --archs llama-3.1-8b --lengths 32k,128k \
+  [ -n "$BENCH" ] && PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench --archs llama-3.1-8b --lengths 32k,128k \
     --labels "$BENCH" --repeats 2 > $long/bench_long.log 2>&1
-  [ -n "$BENCH_QWEN" ] && PYTHONPATH=src timeout 300 python3 scripts/bench_long.py $long/bench-qwen7b --archs qwen2.5-7b --lengths 32k,128k \
-    --labels "$BENCH_QWEN" --repeats 1 > $long/bench_qwen7b.log 2>&1
+  [ -n "$BENCH_QWEN" ] && PYTHONPATH=src timeout 420 python3 scripts/bench_long.py $long/bench-qwen7b --archs qwen2.5-7b --lengths 32k,128k \
+    --labels "$BENCH_QWEN" --repeats 2 > $long/bench_qwen7b.log 2>&1
   sleep 5; [ -f /tmp/vb/env.sh ] || { echo "vLLM not installed: skipped"; touch $long/bench.done; return; }
   source /tmp/vb/env.sh
   meta=/tmp/site/dash_prefill-0.1.0.dist-info; mkdir -p "$meta"
   printf 'Metadata-Version: 2.1\nName: dash-prefill\nVersion: 0.1.0\n' > "$meta/METADATA"
   printf '[vllm.general_plugins]\ndash_prefill = dash_prefill.vllm:register\n' > "$meta/entry_points.txt"
-  PYTHONPATH="$PWD/src:$PYTHONPATH" timeout 400 python3 scripts/bench_vllm.py ttft --arch llama-3.1-8b \
-    --lengths 32768,131000 --settings plain --repeats 3 --out $long/vllm > $long/vllm.log 2>&1
+  for arch in $VLLM_ARCHS; do
+    PYTHONPATH="$PWD/src:$PYTHONPATH" timeout 400 python3 scripts/bench_vllm.py ttft --arch $arch \
+      --lengths 32768,131000 --settings plain --repeats 3 --out $long/vllm-$arch >> $long/vllm.log 2>&1
+  done
   touch $long/bench.done
 }
 
@@ -108,13 +112,14 @@ evaluate() {  # after the bench has left the GPU; every process stops at EVAL_LI
   export -f job; export long SEED
   for t in 1 2 3; do
     tasks=T$t
-    MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a32-$t 32k ${!tasks} '$SPARSE_A' 2 5" &
-    MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b32-$t 32k ${!tasks} '$SPARSE_B' 2 5" &
+    MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a32-$t 32k ${!tasks} '$SPARSE_A' $ROUNDS32" &
+    MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b32-$t 32k ${!tasks} '$SPARSE_B' $ROUNDS32" &
+    # Gemma-3-270M: its seed (GEMMA_SEED) is its own earlier cells
+    [ -f $long/gemma3-270m.ready ] && SEED=${GEMMA_SEED:-} MODEL=gemma3-270m \
+      timeout $limit bash -c "job gemma32-$t 32k ${!tasks} '$GEMMA' $GEMMA_ROUNDS" &
   done
-  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a16 16k $T1,$T2,$T3 '$SPARSE_A' 1 3" &
-  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b16 16k $T1,$T2,$T3 '$SPARSE_B' 1 3" &
-  [ -f $long/gemma3-270m.ready ] && \
-    MODEL=gemma3-270m timeout $limit bash -c "job gemma32 32k $T1,$T2,$T3 '$GEMMA' 1 3 5" &
+  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job a16 16k $T1,$T2,$T3 '$SPARSE_A' $ROUNDS16" &
+  MODEL=qwen2.5-coder-1.5b timeout $limit bash -c "job b16 16k $T1,$T2,$T3 '$SPARSE_B' $ROUNDS16" &
   # The new code's GPU tests, beside the evaluation (it is not timed): compiled FlexAttention, host syncs
   DASH_TEST_DEVICE=cuda PYTHONPATH=$code/src timeout $limit python3 -m pytest -q -p no:cacheprovider \
     tests/test_sparse.py tests/test_cuda_syncs.py > $long/cuda_tests.log 2>&1 &
@@ -126,8 +131,8 @@ collect() {
   nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   ls $long $long/eval 2>/dev/null | tr '\n' ' '; echo
   for f in $long/eval/*/results.jsonl; do echo "$f $(wc -l < $f)"; done
-  grep "^|" $long/bench_long.log | tail -24; grep "^|" $long/bench_qwen7b.log | tail -6
-  grep "^|" $long/vllm.log | tail -8; tail -2 $long/cuda_tests.log
+  grep "^|" $long/bench_long.log | tail -24; grep "^|" $long/bench_qwen7b.log | tail -16
+  grep "^|" $long/vllm.log | tail -12; tail -2 $long/cuda_tests.log
   grep -h -E "Error|error:" $long/*.log $long/eval/*.log 2>/dev/null | sort | uniq -c | tail -8
   tar czf $OUT/long.tgz --exclude=long/code -C /tmp long
 }
