@@ -31,7 +31,7 @@ H=attention@0.5/d0.15/p47o16+0.85/d0.4  # halting alone at the sparse settings' 
 # this lease measures the block selection of 392c434 and sparse attention after the gate (~D/LATER).
 SPARSE_A=${SPARSE_A:-"plain~0.05,$G~0.05,$G~0.05/0.1"}
 SPARSE_B=${SPARSE_B:-"$P~0.05,$P~0.05/0.1"}
-BENCH=${BENCH:-"plain,$G,$H,plain~0.05,$P~0.05/0.1,$G~0.05,$G~0.05/0.1,$G~0.05/0.05"}
+BENCH=${BENCH-"plain,$G,$H,plain~0.05,$P~0.05/0.1,$G~0.05,$G~0.05/0.1,$G~0.05/0.05"}  # empty: no Llama bench
 BENCH_QWEN=${BENCH_QWEN:-}  # e.g. "plain,$G,$G~0.05,$G~0.05/0.1" (left out when failed starts leave little device time)
 VLLM_ARCHS=${VLLM_ARCHS:-llama-3.1-8b}  # vLLM's plain prefill, per architecture
 ROUNDS32=${ROUNDS32:-"2 5"} ROUNDS16=${ROUNDS16:-"1 3"} GEMMA_ROUNDS=${GEMMA_ROUNDS:-"1 3 5"}  # samples per task
