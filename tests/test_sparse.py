@@ -115,7 +115,8 @@ def test_compiled_flexattention_compiles_past_dynamos_limit_and_says_when_it_mus
     monkeypatch.setattr("dash_prefill.hf.attention.FLEX_VARIANTS", 3)
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["frames"]["ok"]
-    for dim, scale in ((16, 0.25), (64, 0.35), (32, 0.2)):  # three models (GPU: head size >= 16): past dynamo's limit of 1 here
+    # three models, past dynamo's limit of 1 here (head sizes >= 16: the GPU's flex kernel needs them)
+    for dim, scale in ((16, 0.25), (64, 0.35), (32, 0.2)):
         compiled_against_gathered(1300, dim, scale)
     assert torch._dynamo.utils.counters["frames"]["ok"] - before == 3
     with pytest.raises(RuntimeError, match=r"compiled FlexAttention for 3 variants .* torch._dynamo.reset\(\)"):
